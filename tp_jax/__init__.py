@@ -1,0 +1,1 @@
+"""tp-jax: target propagation with analytical (TJMC) feedback in JAX."""

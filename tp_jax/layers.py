@@ -1,0 +1,479 @@
+"""Forward layers F and their analytical feedback G*, side by side.
+
+Every layer is a Flax Linen module with two methods:
+
+* ``fwd(x) -> (y, ctx)``: the forward map, plus the context the feedback needs
+  (max-pool argmax, LayerNorm's frozen variance, the input shape). ``ctx`` is an
+  explicit pytree returned to the caller, never module state: the PyTorch reference
+  kept pooling indices in a shared deque and broke on several GPUs.
+* ``feedback(t, ctx, mode) -> x``: the feedback map G(t), built in closed form from
+  the *same* parameter names as the forward. Calling it with the forward parameters
+  gives the TJMC solution G* (Jacobian of G* == transposed Jacobian of F); calling it
+  with a separate pytree of the same structure gives the learned (LDRL, DTP) or fixed
+  random (FWDTP) feedback of the reference methods.
+
+Closed forms (Bao et al. 2024, eqs. 16-35), with x the layer input and y = F(x):
+
+========================  =====================================================
+F                          G* (TJMC)
+========================  =====================================================
+conv W, stride s, pad p    conv with W rotated 180 deg and in/out swapped, lhs
+                           dilation s  (== the transposed convolution)
+dense  y = x W + b         t W^T  (the bias does not enter G)
+max-pool                   max-unpool: scatter-add t to the forward argmax
+activation sigma           varsigma(t) = int sigma'(sigma^-1(t)) dt, or the
+                           Hadamard form sigma'(x) * t with x frozen
+LayerNorm                  (I - 11^T/d) (gamma * t) / sqrt(s), s = var + eps frozen
+mean over an axis          broadcast t / d
+reshape / transpose        the inverse reshape / transpose
+f + id                     g* + id
+f2 . f1                    g1* . g2*
+========================  =====================================================
+
+IJMC (G = F^-1) and PJMC (G = J^+) are offered for the layers where they are
+closed-form (dense, invertible activations, reshapes); elsewhere they are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+
+Array = jax.Array
+Padding = str | Sequence[tuple[int, int]]
+
+# --------------------------------------------------------------------------------------
+# Feedback modes
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackMode:
+  """How a layer's feedback is formed. Hashable: it is a static argument under jit.
+
+  weights: 'transpose' (TJMC and the learned/fixed feedback of LDRL, DTP, FWDTP),
+    'inverse' (IJMC, W^-1) or 'pinv' (PJMC, W^+).
+  act: 'integral' (varsigma, TJMC), 'hadamard' (sigma'(x) * t, TJMC), 'inverse'
+    (sigma^-1, IJMC/PJMC) or 'forward' (sigma itself, as in the LDRL/FWDTP code).
+  """
+  weights: str = 'transpose'
+  act: str = 'integral'
+
+  def __post_init__(self):
+    if self.weights not in ('transpose', 'inverse', 'pinv'):
+      raise ValueError(f"FeedbackMode.weights must be 'transpose', 'inverse' or 'pinv', "
+                       f'got {self.weights!r}')
+    if self.act not in ('integral', 'hadamard', 'inverse', 'forward'):
+      raise ValueError(f"FeedbackMode.act must be 'integral', 'hadamard', 'inverse' or "
+                       f"'forward', got {self.act!r}")
+
+
+TJMC = FeedbackMode('transpose', 'integral')
+TJMC_HADAMARD = FeedbackMode('transpose', 'hadamard')
+IJMC = FeedbackMode('inverse', 'inverse')
+PJMC = FeedbackMode('pinv', 'inverse')
+LEARNED = FeedbackMode('transpose', 'forward')
+
+
+@struct.dataclass
+class Shape:
+  """A static shape carried inside a ctx pytree (no array leaves, survives jit)."""
+  dims: tuple[int, ...] = struct.field(pytree_node=False)
+
+
+class FeedbackError(ValueError):
+  """A feedback that is not defined for this layer, mode or input."""
+
+
+# --------------------------------------------------------------------------------------
+# Base class
+
+
+class Layer(nn.Module):
+  """A forward map with its feedback. Subclasses implement ``fwd`` and ``feedback``."""
+
+  def fwd(self, x: Array) -> tuple[Array, Any]:
+    raise NotImplementedError(f'{type(self).__name__} does not implement fwd')
+
+  def feedback(self, t: Array, ctx: Any, mode: FeedbackMode = TJMC) -> Array:
+    raise FeedbackError(f'{type(self).__name__} has no feedback defined')
+
+  def __call__(self, x: Array) -> Array:
+    return self.fwd(x)[0]
+
+  def _refuse(self, mode: FeedbackMode, what: str) -> FeedbackError:
+    return FeedbackError(f'{type(self).__name__} (name={self.name!r}) has no closed-form '
+                         f'{what} feedback (mode {mode}); use TJMC or a learned feedback')
+
+
+def _check_last_dim(layer: str, x: Array, expected: int, what: str) -> None:
+  if x.shape[-1] != expected:
+    raise ValueError(f'{layer}: input shape {x.shape} does not match {what} '
+                     f'(expected last dimension {expected})')
+
+
+# --------------------------------------------------------------------------------------
+# Dense
+
+
+class Dense(Layer):
+  """y = x W + b on the last axis; G*(t) = t W^T (IJMC: t W^-1, PJMC: t W^+)."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def fwd(self, x):
+    w_IxO = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+    _check_last_dim('Dense', x, w_IxO.shape[0], f'kernel {w_IxO.shape}')
+    y = x @ w_IxO
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return y, None
+
+  def feedback(self, t, ctx, mode=TJMC):
+    w_IxO = self.variables['params']['kernel']
+    _check_last_dim('Dense feedback', t, w_IxO.shape[1], f'kernel {w_IxO.shape}')
+    if mode.weights == 'transpose':
+      return t @ w_IxO.T
+    if mode.weights == 'pinv':
+      return t @ jnp.linalg.pinv(w_IxO)
+    if w_IxO.shape[0] != w_IxO.shape[1]:
+      raise FeedbackError(f'IJMC needs a square dense kernel; {self.name!r} has kernel '
+                          f'shape {w_IxO.shape} (use PJMC for non-square layers)')
+    return t @ jnp.linalg.inv(w_IxO)
+
+
+# --------------------------------------------------------------------------------------
+# Convolution
+
+
+def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding: Padding,
+                  in_hw: Sequence[int]) -> Array:
+  """The TJMC feedback of a convolution: the kernel rotated 180 deg with in/out swapped.
+
+  Equals the transposed convolution (the vjp of the forward w.r.t. its input) for any
+  stride and padding: the stride becomes an lhs dilation, a padding (lo, hi) becomes
+  (k-1-lo, k-1-hi+r) with r the rows the forward's floor division dropped.
+  """
+  kh, kw = w_HWIO.shape[:2]
+  pads = lax.padtype_to_pads(in_hw, (kh, kw), strides, padding) if isinstance(padding, str) \
+      else padding
+  out_hw = t_NHWO.shape[1:3]
+  tpads = []
+  for n, k, s, (lo, hi), o in zip(in_hw, (kh, kw), strides, pads, out_hw):
+    r = (n + lo + hi - k) - (o - 1) * s  # rows of the padded input no window reached
+    tpads.append((k - 1 - lo, k - 1 - hi + r))
+  w_rot_HWOI = jnp.flip(w_HWIO, (0, 1)).swapaxes(2, 3)
+  return lax.conv_general_dilated(t_NHWO, w_rot_HWOI, (1, 1), tpads, lhs_dilation=strides,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class Conv(Layer):
+  """2-D convolution, NHWC / HWIO, with bias; feedback in ``conv_feedback``."""
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: tuple[int, int] = (1, 1)
+  padding: Padding = 'SAME'
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def fwd(self, x):
+    if x.ndim != 4:
+      raise ValueError(f'Conv {self.name!r}: expected NHWC input, got shape {x.shape}')
+    w_HWIO = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    _check_last_dim('Conv', x, w_HWIO.shape[2], f'kernel {w_HWIO.shape}')
+    y = lax.conv_general_dilated(x, w_HWIO, self.strides, self.padding,
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return y, Shape(x.shape[1:3])
+
+  def feedback(self, t, ctx, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    w_HWIO = self.variables['params']['kernel']
+    _check_last_dim('Conv feedback', t, w_HWIO.shape[3], f'kernel {w_HWIO.shape}')
+    return conv_feedback(t, w_HWIO, self.strides, self.padding, ctx.dims)
+
+
+# --------------------------------------------------------------------------------------
+# Max-pooling
+
+
+def _pool_pads(in_hw, window, strides, padding):
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(in_hw, window, strides, padding))
+  return tuple(tuple(p) for p in padding)
+
+
+def _window_offsets(window):
+  return [(i, j) for i in range(window[0]) for j in range(window[1])]
+
+
+def max_pool_argmax(x_NHWC: Array, window, strides, padding) -> tuple[Array, Array]:
+  """Max-pooling that also returns the argmax (window offset index, first max wins).
+
+  y is the window value at the argmax, so autodiff's Jacobian of y routes each
+  output to exactly that input: the unpooling below is its exact transpose, ties and
+  overlapping windows included.
+  """
+  pads = _pool_pads(x_NHWC.shape[1:3], window, strides, padding)
+  xp = jnp.pad(x_NHWC, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  out_hw = [(xp.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(2)]
+  patches = jnp.stack([
+      xp[:, i:i + (out_hw[0] - 1) * strides[0] + 1:strides[0],
+         j:j + (out_hw[1] - 1) * strides[1] + 1:strides[1]]
+      for i, j in _window_offsets(window)], axis=-1)
+  argmax = jnp.argmax(patches, axis=-1)
+  hit = jax.lax.stop_gradient(argmax[..., None] == jnp.arange(patches.shape[-1]))
+  y = jnp.sum(jnp.where(hit, patches, 0.0), axis=-1)
+  return y, argmax
+
+
+def max_unpool(t_NHWC: Array, argmax: Array, in_hw, window, strides, padding) -> Array:
+  """Scatter-add each value of t to its forward argmax (transpose of max-pooling)."""
+  pads = _pool_pads(in_hw, window, strides, padding)
+  padded_hw = [in_hw[a] + pads[a][0] + pads[a][1] for a in range(2)]
+  out_hw = t_NHWC.shape[1:3]
+  total = 0.0
+  for k, (i, j) in enumerate(_window_offsets(window)):
+    part = jnp.where(argmax == k, t_NHWC, 0.0)
+    cfg = [(0, 0, 0)]
+    for a, off in enumerate((i, j)):
+      span = (out_hw[a] - 1) * strides[a] + 1
+      cfg.append((off, padded_hw[a] - off - span, strides[a] - 1))
+    total = total + lax.pad(part, jnp.zeros((), t_NHWC.dtype), cfg + [(0, 0, 0)])
+  (lo_h, _), (lo_w, _) = pads
+  return total[:, lo_h:lo_h + in_hw[0], lo_w:lo_w + in_hw[1]]
+
+
+class MaxPool(Layer):
+  """Max-pooling (e.g. 2x2/2, or LeNet's overlapping 3x3/2 with padding 1)."""
+  window: tuple[int, int] = (2, 2)
+  strides: tuple[int, int] = (2, 2)
+  padding: Padding = 'VALID'
+
+  def fwd(self, x):
+    if x.ndim != 4:
+      raise ValueError(f'MaxPool {self.name!r}: expected NHWC input, got shape {x.shape}')
+    y, argmax = max_pool_argmax(x, self.window, self.strides, self.padding)
+    return y, (argmax, Shape(x.shape[1:3]))
+
+  def feedback(self, t, ctx, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    argmax, in_shape = ctx
+    if t.shape != argmax.shape:
+      raise ValueError(f'MaxPool feedback: target shape {t.shape} does not match the '
+                       f'pooled shape {argmax.shape}')
+    return max_unpool(t, argmax, in_shape.dims, self.window, self.strides, self.padding)
+
+
+# --------------------------------------------------------------------------------------
+# Element-wise activations
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationFns:
+  """sigma, sigma', sigma^-1 and varsigma = int sigma'(sigma^-1(y)) dy (None: undefined)."""
+  f: Callable
+  df: Callable
+  inv: Callable | None
+  integral: Callable | None
+
+
+def _leaky(a):
+  return ActivationFns(
+      f=lambda x: jnp.where(x > 0, x, a * x),
+      df=lambda x: jnp.where(x > 0, 1.0, a),
+      inv=lambda y: jnp.where(y > 0, y, y / a),
+      integral=lambda y: jnp.where(y > 0, y, a * y),  # LeakyReLU maps to itself
+  )
+
+
+ACTIVATIONS: dict[str, Callable[[float], ActivationFns]] = {
+    'leaky_relu': _leaky,
+    # ELU: sigma'(sigma^-1(y)) = 1 + y for y <= 0, so varsigma(y) = y + y^2/2 there.
+    'elu': lambda a: ActivationFns(
+        f=jax.nn.elu,
+        df=lambda x: jnp.where(x > 0, 1.0, jnp.exp(jnp.minimum(x, 0.0))),
+        inv=lambda y: jnp.where(y > 0, y, jnp.log1p(jnp.minimum(y, 0.0))),
+        integral=lambda y: jnp.where(y > 0, y, y + 0.5 * y * y)),
+    # tanh: sigma'(sigma^-1(y)) = 1 - y^2, varsigma(y) = y - y^3/3.
+    'tanh': lambda a: ActivationFns(
+        f=jnp.tanh, df=lambda x: 1.0 - jnp.tanh(x) ** 2, inv=jnp.arctanh,
+        integral=lambda y: y - y ** 3 / 3.0),
+    # sigmoid: sigma'(sigma^-1(y)) = y (1 - y), varsigma(y) = y^2/2 - y^3/3.
+    'sigmoid': lambda a: ActivationFns(
+        f=jax.nn.sigmoid, df=lambda x: jax.nn.sigmoid(x) * (1.0 - jax.nn.sigmoid(x)),
+        inv=lambda y: jnp.log(y) - jnp.log1p(-y),
+        integral=lambda y: y * y / 2.0 - y ** 3 / 3.0),
+    # GELU is not invertible: only the Hadamard feedback is defined.
+    'gelu': lambda a: ActivationFns(
+        f=lambda x: jax.nn.gelu(x, approximate=False),
+        df=lambda x: jax.scipy.stats.norm.cdf(x) + x * jax.scipy.stats.norm.pdf(x),
+        inv=None, integral=None),
+}
+
+
+class Activation(Layer):
+  """Element-wise sigma. ``negative_slope`` is LeakyReLU's slope (unused otherwise)."""
+  fn: str = 'elu'
+  negative_slope: float = 0.01
+
+  def setup(self):
+    if self.fn not in ACTIVATIONS:
+      raise ValueError(f'unknown activation {self.fn!r}; valid: {sorted(ACTIVATIONS)}')
+
+  @property
+  def fns(self) -> ActivationFns:
+    return ACTIVATIONS[self.fn](self.negative_slope)
+
+  def fwd(self, x):
+    return self.fns.f(x), x
+
+  def feedback(self, t, x, mode=TJMC):
+    fns = self.fns
+    if mode.act == 'hadamard':
+      return fns.df(x) * t
+    if mode.act == 'forward':
+      return fns.f(t)
+    g = fns.integral if mode.act == 'integral' else fns.inv
+    if g is None:
+      raise FeedbackError(f'activation {self.fn!r} is not invertible, so its '
+                          f'{mode.act!r} feedback is undefined; use the Hadamard feedback '
+                          f'(FeedbackMode act="hadamard") or an invertible activation')
+    return g(t)
+
+
+# --------------------------------------------------------------------------------------
+# Normalisation and shape layers
+
+
+class LayerNorm(Layer):
+  """LayerNorm over the last axis with affine scale and shift.
+
+  G*(t) = (I - 11^T/d)(gamma * t) / sqrt(s) with s = var(x) + eps frozen from the
+  forward pass (eqs. 30-35). This drops the -x_hat x_hat^T / d term of the true
+  Jacobian, so TJML = 1/sqrt(s) per example (relative 1/sqrt(d - 2)): an
+  approximation, measured in the tests and in BUILD_NOTES.md.
+  """
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def fwd(self, x):
+    d = x.shape[-1]
+    gamma = self.param('scale', nn.initializers.ones, (d,))
+    beta = self.param('bias', nn.initializers.zeros, (d,))
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    s = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True) + self.epsilon
+    return (x - mu) * lax.rsqrt(s) * gamma + beta, s
+
+  def feedback(self, t, s, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    u = t * self.variables['params']['scale']
+    return (u - jnp.mean(u, axis=-1, keepdims=True)) * lax.rsqrt(s)
+
+
+class Mean(Layer):
+  """Mean over one non-batch axis (global average pooling / mean over tokens)."""
+  axis: int | tuple[int, ...] = 1
+
+  def fwd(self, x):
+    return jnp.mean(x, axis=self.axis), Shape(x.shape[1:])
+
+  def feedback(self, t, ctx, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    full = (t.shape[0], *ctx.dims)
+    axes = (self.axis,) if isinstance(self.axis, int) else self.axis
+    d = 1
+    for a in axes:
+      d *= full[a]
+    return jnp.broadcast_to(jnp.expand_dims(t, axes), full) / d
+
+
+class Reshape(Layer):
+  """Reshape of the non-batch axes (e.g. flatten: ``shape=(-1,)``); G = the inverse."""
+  shape: tuple[int, ...] = (-1,)
+
+  def fwd(self, x):
+    return x.reshape(x.shape[0], *self.shape), Shape(x.shape[1:])
+
+  def feedback(self, t, ctx, mode=TJMC):
+    return t.reshape(t.shape[0], *ctx.dims)
+
+
+def Flatten(name: str | None = None) -> Reshape:  # pylint: disable=invalid-name
+  return Reshape(shape=(-1,), name=name)
+
+
+class Transpose(Layer):
+  """Permutation of the non-batch axes (token mixing); G = the inverse permutation."""
+  perm: tuple[int, ...] = (2, 1)
+
+  def fwd(self, x):
+    return jnp.transpose(x, (0, *self.perm)), None
+
+  def feedback(self, t, ctx, mode=TJMC):
+    inv = [0] * len(self.perm)
+    for i, p in enumerate(self.perm):
+      inv[p - 1] = i + 1
+    return jnp.transpose(t, (0, *inv))
+
+
+# --------------------------------------------------------------------------------------
+# Composition
+
+
+class Sequential(Layer):
+  """f_k . ... . f_1, with feedback g_1 . ... . g_k (the reversed composition)."""
+  layers: Sequence[nn.Module]
+
+  def _checked(self):
+    for i, layer in enumerate(self.layers):
+      if not isinstance(layer, Layer):
+        raise FeedbackError(
+            f'layer {i} of {self.name or "Sequential"} is {type(layer).__module__}.'
+            f'{type(layer).__name__}, which has no feedback defined; build models '
+            f'from tp_jax.layers')
+    return self.layers
+
+  def fwd(self, x):
+    ctxs = []
+    for layer in self._checked():
+      x, ctx = layer.fwd(x)
+      ctxs.append(ctx)
+    return x, tuple(ctxs)
+
+  def feedback(self, t, ctx, mode=TJMC):
+    for layer, c in zip(reversed(self._checked()), reversed(ctx)):
+      t = layer.feedback(t, c, mode)
+    return t
+
+
+class Residual(Layer):
+  """F(x) = f(x) + x, G(t) = g*(t) + t (TJMC only: F's inverse is not closed-form)."""
+  inner: Layer
+
+  def fwd(self, x):
+    y, ctx = self.inner.fwd(x)
+    if y.shape != x.shape:
+      raise ValueError(f'Residual: inner output shape {y.shape} does not match input '
+                       f'shape {x.shape}')
+    return y + x, ctx
+
+  def feedback(self, t, ctx, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    return self.inner.feedback(t, ctx, mode) + t

@@ -1,0 +1,82 @@
+"""Models built from ``tp_jax.layers``, looked up by name. The DTP blocks are part of
+each definition; the feedback path is derived from it (``tp_jax.network``)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from tp_jax import layers as L
+from tp_jax.network import Net
+
+_POOL_3x3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+_PAD_2 = ((2, 2), (2, 2))
+
+
+def lenet(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01) -> Net:
+  """The reference TP LeNet (scalingDTP / Meulemans et al.): works on 28x28 and 32x32.
+
+  Blocks: (conv 5x5 32, act, pool 3x3/2 pad 1), (conv 5x5 64, act, pool),
+  (flatten, dense 512, act), (dense num_classes).
+  """
+  a = lambda: L.Activation(act, negative_slope)
+  return Net((
+      L.Sequential([L.Conv(32, (5, 5), padding=_PAD_2), a(), L.MaxPool(**_POOL_3x3)]),
+      L.Sequential([L.Conv(64, (5, 5), padding=_PAD_2), a(), L.MaxPool(**_POOL_3x3)]),
+      L.Sequential([L.Reshape((-1,)), L.Dense(512), a()]),
+      L.Sequential([L.Dense(num_classes)]),
+  ), name='lenet')
+
+
+def simple_vgg(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
+               channels: tuple[int, ...] = (128, 128, 256, 256, 512)) -> Net:
+  """Simplified VGG: blocks (conv 3x3 SAME, act, max-pool 2x2/2) then (flatten, dense)."""
+  blocks = tuple(
+      L.Sequential([L.Conv(c, (3, 3), padding='SAME'), L.Activation(act, negative_slope),
+                    L.MaxPool((2, 2), (2, 2), 'VALID')]) for c in channels)
+  head = L.Sequential([L.Reshape((-1,)), L.Dense(num_classes)])
+  return Net(blocks + (head,), name='simple_vgg')
+
+
+def mlp_mixer(num_classes: int = 10, act: str = 'leaky_relu', negative_slope: float = 0.01,
+              patch: int = 4, hidden: int = 128, channel_dim: int = 256,
+              num_blocks: int = 4, image_hw: tuple[int, int] = (32, 32)) -> Net:
+  """MLP-Mixer as in the paper: patch embedding, then per Mixer block a token unit
+  Act(FC(Norm(x)^T))^T + x (eq. 46) and a channel unit FC(Act(FC(Norm(x)))) + x
+  (eq. 44); then (Norm, mean over tokens) and a dense head. Each unit is a DTP block."""
+  tokens = (image_hw[0] // patch) * (image_hw[1] // patch)
+  a = lambda: L.Activation(act, negative_slope)
+  embed = L.Sequential([L.Conv(hidden, (patch, patch), (patch, patch), 'VALID'),
+                        L.Reshape((tokens, hidden))])
+  units = []
+  for _ in range(num_blocks):
+    units.append(L.Residual(L.Sequential([
+        L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens), a(), L.Transpose((2, 1))])))
+    units.append(L.Residual(L.Sequential([
+        L.LayerNorm(), L.Dense(channel_dim), a(), L.Dense(hidden)])))
+  pool = L.Sequential([L.LayerNorm(), L.Mean(axis=1)])
+  head = L.Sequential([L.Dense(num_classes)])
+  return Net((embed, *units, pool, head), name='mlp_mixer')
+
+
+def mlp(num_classes: int = 10, act: str = 'tanh', negative_slope: float = 0.01,
+        widths: tuple[int, ...] = (256, 256, 256, 256, 256)) -> Net:
+  """The FWDTP paper's MLP: (flatten, dense, act) blocks, then a dense head.
+
+  IJML-DTP needs every block after the first to be square (W^-1 must exist); set
+  ``widths`` equal to each other and to ``num_classes`` for that.
+  """
+  a = lambda: L.Activation(act, negative_slope)
+  first = L.Sequential([L.Reshape((-1,)), L.Dense(widths[0]), a()])
+  rest = tuple(L.Sequential([L.Dense(w), a()]) for w in widths[1:])
+  return Net((first, *rest, L.Sequential([L.Dense(num_classes)])), name='mlp')
+
+
+MODELS: dict[str, Callable[..., Net]] = {
+    'lenet': lenet, 'simple_vgg': simple_vgg, 'mlp_mixer': mlp_mixer, 'mlp': mlp,
+}
+
+
+def get(name: str, **kwargs) -> Net:
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid models: {sorted(MODELS)}')
+  return MODELS[name](**kwargs)

@@ -1,0 +1,112 @@
+"""A network as a sequence of DTP blocks, and its derived feedback path.
+
+``Net.blocks`` are the units that get their own target: F_1, ..., F_N with
+h_0 = x and h_n = F_n(h_{n-1}). Each block is a ``tp_jax.layers.Layer`` (usually a
+``Sequential``), so its feedback G_n is derived from its definition: no model has a
+hand-written feedback network.
+
+Parameters are an explicit tuple with one Flax ``params`` dict per block; feedback
+weights of the learned/fixed methods are a second tuple of the same structure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from tp_jax import layers
+
+Array = jax.Array
+Params = tuple[dict, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Net:
+  """An ordered tuple of DTP blocks. Hashable, so it can close over jitted steps."""
+  blocks: tuple[layers.Layer, ...]
+  name: str = 'net'
+
+  def __post_init__(self):
+    for i, block in enumerate(self.blocks):
+      if not isinstance(block, layers.Layer):
+        raise layers.FeedbackError(
+            f'{self.name}: block {i} is {type(block).__name__}, which has no feedback '
+            f'defined; build blocks from tp_jax.layers')
+
+  def __len__(self) -> int:
+    return len(self.blocks)
+
+
+def init(net: Net, key: Array, x: Array) -> Params:
+  """Initialises every block in order, propagating shapes through the forward pass."""
+  params = []
+  for block, k in zip(net.blocks, jax.random.split(key, len(net))):
+    p = block.init(k, x, method='fwd').get('params', {})
+    params.append(p)
+    x, _ = block.apply({'params': p}, x, method='fwd')
+  return tuple(params)
+
+
+def block_forward(net: Net, n: int, p: dict, h: Array) -> tuple[Array, Any]:
+  """F_n(h) and the ctx its feedback needs (n is 0-based)."""
+  return net.blocks[n].apply({'params': p}, h, method='fwd')
+
+
+def block_feedback(net: Net, n: int, p: dict, t: Array, ctx: Any,
+                   mode: layers.FeedbackMode = layers.TJMC) -> Array:
+  """G_n(t): pass the forward params for TJMC, or separate feedback weights."""
+  return net.blocks[n].apply({'params': p}, t, ctx, mode, method='feedback')
+
+
+def forward(net: Net, params: Params, x: Array, detach: bool = False
+            ) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
+  """All block outputs (h_1..h_N) and ctxs. ``detach`` stops gradients between blocks,
+  so that a sum of block-local losses trains each block on its own loss only."""
+  _check_params(net, params)
+  hs, ctxs = [], []
+  h = x
+  for n, p in enumerate(params):
+    h, ctx = block_forward(net, n, p, jax.lax.stop_gradient(h) if detach else h)
+    hs.append(h)
+    ctxs.append(ctx)
+  return tuple(hs), tuple(ctxs)
+
+
+def apply(net: Net, params: Params, x: Array) -> Array:
+  """The network's output (logits)."""
+  return forward(net, params, x)[0][-1]
+
+
+def init_feedback(params: Params, key: Array, scale: float | None = None) -> Params:
+  """Feedback weights of the same structure as ``params`` for learned/fixed feedback.
+
+  Kernels are drawn afresh: LeCun-normal w.r.t. the feedback's fan-in (the forward's
+  fan-out) when ``scale`` is None, else U(-scale, scale) as in FWDTP. Other leaves
+  (biases, LayerNorm scales) are copied; the feedback does not use biases.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(key, max(len(flat), 1))
+  out = []
+  for (path, leaf), k in zip(flat, keys):
+    if _leaf_name(path) != 'kernel':
+      out.append(leaf)
+    elif scale is None:
+      fan_in = leaf.shape[-1] * (leaf[..., 0, 0].size if leaf.ndim == 4 else 1)
+      out.append(jax.random.normal(k, leaf.shape, leaf.dtype) / jnp.sqrt(fan_in))
+    else:
+      out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, -scale, scale))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _leaf_name(path) -> str:
+  last = path[-1]
+  return str(getattr(last, 'key', getattr(last, 'name', last)))
+
+
+def _check_params(net: Net, params: Sequence[Any]) -> None:
+  if len(params) != len(net):
+    raise ValueError(f'{net.name} has {len(net)} blocks but params has {len(params)} '
+                     f'entries')
