@@ -37,11 +37,23 @@ What was tried (medians of interleaved runs in one process; see
   ``kh*kw*Cin`` (e.g. the 3-channel input layer) one im2col matrix per chunk
   ("im2col") is used instead, because a dot with 3 contraction rows is
   inefficient.
+* When the kernel is larger than the output (e.g. 3x3 SAME on the 2x2 maps
+  of SimpleVGG's last layer) XLA:CPU's convolution itself is pathologically
+  slow: 256->512 on 2x2, batch 128, forward 1660 ms vs 34 ms as im2col + one
+  dot (input-grad likewise).  In that regime the primitive lowers its forward
+  (and hence the flipped-kernel input-grad) to im2col + dot; elsewhere the
+  XLA convolution is kept (im2col + dot was 1.7-2.4x slower at 4x4 and 8x8).
 * Input-grad as a forward convolution of ``dY`` with the spatially flipped,
   I/O-swapped kernel (stride 1): on par with or slightly faster than XLA's
   own transposed convolution.  For stride > 1 ``dY`` is zero-upsampled
   (interior padding, materialised behind an ``optimization_barrier``) and
   convolved with stride 1.
+
+Net effect (``python experiments/bench_conv.py --batch 128 --repeats 7``,
+2-core Xeon, machine shared with other jobs, medians of interleaved runs):
+weight-grad 3x3 128->128 on 32x32 4.1x faster than impl='xla', forward and
+input-grad unchanged (0.94x / 0.99x, noise), whole SimpleVGG BP step 2.6x
+faster (PyTorch 2.13 CPU: 3.1x faster than impl='xla' in the same run).
 
 Mechanics
 ---------
