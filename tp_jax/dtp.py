@@ -45,8 +45,8 @@ def propagate_targets(net: network.Net, fb_params: network.Params,
   hs, ctxs, fb_params = sg(hs), sg(ctxs), sg(fb_params)
   targets = [sg(t_N)]
   for n in range(len(net) - 1, 0, -1):
-    g = lambda t, n=n: network.block_feedback(net, n, fb_params[n], t, ctxs[n], mode)
-    targets.append(g(targets[-1]) + hs[n - 1] - g(hs[n]))
+    targets.append(hs[n - 1] + network.block_feedback_difference(
+        net, n, fb_params[n], targets[-1], hs[n], ctxs[n], mode))
   return tuple(reversed(targets))
 
 
@@ -61,3 +61,28 @@ def local_loss(hs: tuple[Array, ...], targets: tuple[Array, ...]) -> tuple[Array
 def targets_finite(targets: tuple[Array, ...]) -> Array:
   """One bool per block: are all of its targets finite? (checked on the host)."""
   return jnp.stack([jnp.all(jnp.isfinite(t)) for t in targets])
+
+
+def local_grads(net: network.Net, params: network.Params, fb_params: network.Params,
+                mode: layers.FeedbackMode, beta: float, x: Array, labels: Array
+                ) -> tuple[network.Params, dict[str, Array]]:
+  """One DTP forward update's gradients: every block trained on its own local loss.
+
+  One forward pass (detached between blocks), the targets through the feedback, and
+  one backward pass of the summed block losses: each block's gradient is exactly the
+  gradient of its own loss, at BP's cost plus the feedback pass. ``fb_params`` is the
+  forward ``params`` for the analytical methods and the feedback weights otherwise.
+  """
+  def loss_fn(p):
+    hs, ctxs = network.forward(net, p, x, detach=True)
+    t_N = first_target(sg(hs[-1]), labels, beta)
+    fb = p if fb_params is None else fb_params
+    targets = propagate_targets(net, fb, hs, ctxs, t_N, mode)
+    total, per_block = local_loss(hs, targets)
+    return total, (hs[-1], per_block, targets_finite(targets))
+
+  (_, (logits, per_block, finite)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  ce = cross_entropy_sum(logits, labels) / labels.shape[0]
+  metrics = dict(loss=ce, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
+                 block_loss=per_block, targets_finite=finite)
+  return grads, metrics

@@ -45,6 +45,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from tp_jax import conv as conv_ops
+
 
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
@@ -104,6 +106,18 @@ class Layer(nn.Module):
   def feedback(self, t: Array, ctx: Any, mode: FeedbackMode = TJMC) -> Array:
     raise FeedbackError(f'{type(self).__name__} has no feedback defined')
 
+  def feedback_is_linear(self, mode: FeedbackMode) -> bool:
+    """Is t -> feedback(t, ctx, mode) linear (for a fixed ctx)?"""
+    return False
+
+  def feedback_difference(self, t: Array, h: Array, ctx: Any,
+                          mode: FeedbackMode = TJMC) -> Array:
+    """G(t) - G(h), the difference correction. A linear G is applied once, to t - h:
+    it halves the feedback cost of DTP for the linear layers (conv, dense, pooling)."""
+    if self.feedback_is_linear(mode):
+      return self.feedback(t - h, ctx, mode)
+    return self.feedback(t, ctx, mode) - self.feedback(h, ctx, mode)
+
   def __call__(self, x: Array) -> Array:
     return self.fwd(x)[0]
 
@@ -118,6 +132,10 @@ def _check_last_dim(layer: str, x: Array, expected: int, what: str) -> None:
                      f'(expected last dimension {expected})')
 
 
+# PyTorch's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+# the initialisation the reference TP code and its tuned learning rates assume.
+torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
 # --------------------------------------------------------------------------------------
 # Dense
 
@@ -126,7 +144,7 @@ class Dense(Layer):
   """y = x W + b on the last axis; G*(t) = t W^T (IJMC: t W^-1, PJMC: t W^+)."""
   features: int
   use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
+  kernel_init: Callable = torch_default_init
 
   @nn.compact
   def fwd(self, x):
@@ -148,6 +166,9 @@ class Dense(Layer):
       raise FeedbackError(f'IJMC needs a square dense kernel; {self.name!r} has kernel '
                           f'shape {w_IxO.shape} (use PJMC for non-square layers)')
     return t @ jnp.linalg.inv(w_IxO)
+
+  def feedback_is_linear(self, mode):
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -171,8 +192,10 @@ def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding:
     r = (n + lo + hi - k) - (o - 1) * s  # rows of the padded input no window reached
     tpads.append((k - 1 - lo, k - 1 - hi + r))
   w_rot_HWOI = jnp.flip(w_HWIO, (0, 1)).swapaxes(2, 3)
-  return lax.conv_general_dilated(t_NHWO, w_rot_HWOI, (1, 1), tpads, lhs_dilation=strides,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  if any(s > 1 for s in strides):  # the lhs dilation, as explicit zeros between pixels
+    zero = jnp.zeros((), t_NHWO.dtype)
+    t_NHWO = lax.pad(t_NHWO, zero, [(0, 0, 0), *((0, 0, s - 1) for s in strides), (0, 0, 0)])
+  return conv_ops.conv2d(t_NHWO, w_rot_HWOI, (1, 1), tpads)
 
 
 class Conv(Layer):
@@ -182,7 +205,7 @@ class Conv(Layer):
   strides: tuple[int, int] = (1, 1)
   padding: Padding = 'SAME'
   use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
+  kernel_init: Callable = torch_default_init
 
   @nn.compact
   def fwd(self, x):
@@ -191,8 +214,7 @@ class Conv(Layer):
     w_HWIO = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
     _check_last_dim('Conv', x, w_HWIO.shape[2], f'kernel {w_HWIO.shape}')
-    y = lax.conv_general_dilated(x, w_HWIO, self.strides, self.padding,
-                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv_ops.conv2d(x, w_HWIO, self.strides, self.padding)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y, Shape(x.shape[1:3])
@@ -203,6 +225,9 @@ class Conv(Layer):
     w_HWIO = self.variables['params']['kernel']
     _check_last_dim('Conv feedback', t, w_HWIO.shape[3], f'kernel {w_HWIO.shape}')
     return conv_feedback(t, w_HWIO, self.strides, self.padding, ctx.dims)
+
+  def feedback_is_linear(self, mode):
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -277,6 +302,9 @@ class MaxPool(Layer):
                        f'pooled shape {argmax.shape}')
     return max_unpool(t, argmax, in_shape.dims, self.window, self.strides, self.padding)
 
+  def feedback_is_linear(self, mode):
+    return True
+
 
 # --------------------------------------------------------------------------------------
 # Element-wise activations
@@ -341,6 +369,9 @@ class Activation(Layer):
   def fwd(self, x):
     return self.fns.f(x), x
 
+  def feedback_is_linear(self, mode):
+    return mode.act == 'hadamard'
+
   def feedback(self, t, x, mode=TJMC):
     fns = self.fns
     if mode.act == 'hadamard':
@@ -384,6 +415,9 @@ class LayerNorm(Layer):
     u = t * self.variables['params']['scale']
     return (u - jnp.mean(u, axis=-1, keepdims=True)) * lax.rsqrt(s)
 
+  def feedback_is_linear(self, mode):
+    return True
+
 
 class Mean(Layer):
   """Mean over one non-batch axis (global average pooling / mean over tokens)."""
@@ -402,6 +436,9 @@ class Mean(Layer):
       d *= full[a]
     return jnp.broadcast_to(jnp.expand_dims(t, axes), full) / d
 
+  def feedback_is_linear(self, mode):
+    return True
+
 
 class Reshape(Layer):
   """Reshape of the non-batch axes (e.g. flatten: ``shape=(-1,)``); G = the inverse."""
@@ -412,6 +449,9 @@ class Reshape(Layer):
 
   def feedback(self, t, ctx, mode=TJMC):
     return t.reshape(t.shape[0], *ctx.dims)
+
+  def feedback_is_linear(self, mode):
+    return True
 
 
 def Flatten(name: str | None = None) -> Reshape:  # pylint: disable=invalid-name
@@ -430,6 +470,9 @@ class Transpose(Layer):
     for i, p in enumerate(self.perm):
       inv[p - 1] = i + 1
     return jnp.transpose(t, (0, *inv))
+
+  def feedback_is_linear(self, mode):
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -461,6 +504,21 @@ class Sequential(Layer):
       t = layer.feedback(t, c, mode)
     return t
 
+  def feedback_is_linear(self, mode):
+    return all(layer.feedback_is_linear(mode) for layer in self._checked())
+
+  def feedback_difference(self, t, h, ctx, mode=TJMC):
+    """Propagates t and h through the nonlinear layers, then the difference alone
+    through the linear rest (g_1 . ... . g_k applies g_k first)."""
+    layers_, ctx = list(self._checked()), list(ctx)
+    while layers_ and not all(l.feedback_is_linear(mode) for l in layers_):
+      layer, c = layers_.pop(), ctx.pop()
+      t, h = layer.feedback(t, c, mode), layer.feedback(h, c, mode)
+    d = t - h
+    for layer, c in zip(reversed(layers_), reversed(ctx)):
+      d = layer.feedback(d, c, mode)
+    return d
+
 
 class Residual(Layer):
   """F(x) = f(x) + x, G(t) = g*(t) + t (TJMC only: F's inverse is not closed-form)."""
@@ -477,3 +535,11 @@ class Residual(Layer):
     if mode.weights != 'transpose':
       raise self._refuse(mode, mode.weights)
     return self.inner.feedback(t, ctx, mode) + t
+
+  def feedback_is_linear(self, mode):
+    return self.inner.feedback_is_linear(mode)
+
+  def feedback_difference(self, t, h, ctx, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    return self.inner.feedback_difference(t, h, ctx, mode) + (t - h)

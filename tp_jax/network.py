@@ -61,6 +61,12 @@ def block_feedback(net: Net, n: int, p: dict, t: Array, ctx: Any,
   return net.blocks[n].apply({'params': p}, t, ctx, mode, method='feedback')
 
 
+def block_feedback_difference(net: Net, n: int, p: dict, t: Array, h: Array, ctx: Any,
+                              mode: layers.FeedbackMode = layers.TJMC) -> Array:
+  """G_n(t) - G_n(h), each linear part of G_n applied once to a difference."""
+  return net.blocks[n].apply({'params': p}, t, h, ctx, mode, method='feedback_difference')
+
+
 def forward(net: Net, params: Params, x: Array, detach: bool = False
             ) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
   """All block outputs (h_1..h_N) and ctxs. ``detach`` stops gradients between blocks,
@@ -92,7 +98,7 @@ def init_feedback(params: Params, key: Array, scale: float | None = None) -> Par
   out = []
   for (path, leaf), k in zip(flat, keys):
     if _leaf_name(path) != 'kernel':
-      out.append(leaf)
+      out.append(jnp.array(leaf, copy=True))  # own buffers: states get donated
     elif scale is None:
       fan_in = leaf.shape[-1] * (leaf[..., 0, 0].size if leaf.ndim == 4 else 1)
       out.append(jax.random.normal(k, leaf.shape, leaf.dtype) / jnp.sqrt(fan_in))

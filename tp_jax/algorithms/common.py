@@ -1,0 +1,77 @@
+"""What every training algorithm shares: the state, the step signature, optimisers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from tp_jax import network
+
+Array = jax.Array
+Batch = tuple[Array, Array]  # (x_NHWC float32, labels int32)
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes. ``fb_*`` are () for methods without feedback weights."""
+  step: Array
+  params: network.Params
+  opt_state: Any
+  fb_params: Any = ()
+  fb_opt_state: Any = ()
+
+
+class Algorithm(NamedTuple):
+  """``init(key, x) -> state``; ``step(state, batch, key) -> (state, metrics)``, pure.
+
+  Metrics always hold scalar ``loss`` (mean cross-entropy of the forward pass before
+  the update), ``accuracy`` and ``finite`` (bool: loss, targets and new parameters
+  all finite); TP methods add per-block ``block_loss`` and ``targets_finite``.
+  """
+  init: Callable[[Array, Array], TrainState]
+  step: Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int
+                   ) -> optax.GradientTransformation:
+  """SGD with momentum (the reference TP code's choice) or Adam, L2 weight decay,
+  constant or cosine learning rate (cosine decays to ``lr * cosine_alpha``)."""
+  if opt.schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(opt.lr, max(total_steps, 1), alpha=opt.cosine_alpha)
+  else:
+    lr = opt.lr
+  if opt.name == 'sgd':
+    base = optax.sgd(lr, momentum=opt.momentum or None)
+  else:
+    base = optax.adam(lr)
+  return optax.chain(optax.add_decayed_weights(opt.weight_decay), base)
+
+
+def apply_grads(tx: optax.GradientTransformation, params, opt_state, grads):
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def all_finite(tree) -> Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves \
+      else jnp.array(True)
+
+
+def init_forward(net: network.Net, tx: optax.GradientTransformation, key: Array,
+                 x: Array) -> TrainState:
+  params = network.init(net, key, x)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def finish_tp_step(tx: optax.GradientTransformation, state: TrainState, grads,
+                   metrics: dict[str, Array], **changes) -> tuple[TrainState, dict]:
+  """Applies a TP method's forward gradients and completes its metrics."""
+  params, opt_state = apply_grads(tx, state.params, state.opt_state, grads)
+  metrics['finite'] = (jnp.isfinite(metrics['loss']) & jnp.all(metrics['targets_finite'])
+                       & all_finite(params))
+  return state._replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        **changes), metrics

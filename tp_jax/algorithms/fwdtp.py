@@ -1,0 +1,28 @@
+"""FWDTP (Shibuya et al. 2023): fixed random feedback weights, never trained, with
+DTP's difference correction. B ~ U(-s, s) (the reference's default s = 1e-3)."""
+
+from __future__ import annotations
+
+import jax
+
+from tp_jax import dtp
+from tp_jax import layers
+from tp_jax import network
+from tp_jax.algorithms import common
+
+
+def make(net, cfg, tx):
+  def init(key, x):
+    k_fwd, k_fb = jax.random.split(key)
+    state = common.init_forward(net, tx, k_fwd, x)
+    scale = cfg.feedback.init_scale or None
+    return state._replace(fb_params=network.init_feedback(state.params, k_fb, scale))
+
+  def step(state, batch, key):
+    del key
+    x, labels = batch
+    grads, metrics = dtp.local_grads(net, state.params, state.fb_params, layers.LEARNED,
+                                     cfg.beta, x, labels)
+    return common.finish_tp_step(tx, state, grads, metrics)
+
+  return common.Algorithm(init, step)

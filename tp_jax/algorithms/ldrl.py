@@ -1,0 +1,33 @@
+"""L-DRL (Ernoult et al. 2022): feedback trained with the local difference
+reconstruction loss for K_n noisy iterations per block per batch, then one DTP
+forward update through the learned feedback.
+
+  r = G(y),  dr = G(F(x + dx)) - r,  dr_y = G(y + dy) - r,  dx, dy ~ N(0, sigma^2)
+  LDRL = -2 <dx, dr> + ||dr_y||^2        (summed over features, batch mean)
+
+G(F(x + dx)) unpools at the noisy input's argmax, the other two at the clean one's,
+as in the reference code: the ctx travels with each forward call.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tp_jax import network
+from tp_jax.algorithms import feedback_training as fbt
+
+
+def ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
+  k_x, k_y = jax.random.split(key)
+  dx = sigma * jax.random.normal(k_x, x.shape, x.dtype)
+  dy = sigma * jax.random.normal(k_y, y.shape, y.dtype)
+  r = fbt.learned_feedback(net, n, b, y, ctx)
+  y_noisy, ctx_noisy = network.block_forward(net, n, p, x + dx)
+  dr = fbt.learned_feedback(net, n, b, y_noisy, ctx_noisy) - r
+  dr_y = fbt.learned_feedback(net, n, b, y + dy, ctx) - r
+  return (-2.0 * jnp.sum(dx * dr) + jnp.sum(jnp.square(dr_y))) / x.shape[0]
+
+
+def make(net, cfg, tx):
+  return fbt.make(net, cfg, tx, ldrl_loss)

@@ -1,0 +1,136 @@
+"""The training config: defaults, and a validator that refuses bad values up front.
+
+Experiment configs (``experiments/configs/*.py``) start from ``default()`` and state
+where each non-default hyper-parameter comes from.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tp_jax import models
+
+DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
+ACTIVATIONS = ('leaky_relu', 'elu', 'tanh', 'sigmoid', 'gelu')
+# Methods whose feedback has per-block hyper-parameter lists (one per trained block).
+FEEDBACK_TRAINED = ('ldrl', 'dtp')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot be right; the message names the field."""
+
+
+def default() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = 'lenet'
+  c.model_kwargs = ml_collections.ConfigDict({'act': 'elu'})
+  c.dataset = 'mnist'
+  c.data_dir = ''  # '' -> $TP_JAX_DATA, ./data, ../shared/data, ~/.cache/tp_jax/data
+  c.verify_checksums = True
+  c.augment = False  # random crop (4-pixel padding) + horizontal flip, in the jitted step
+  c.method = 'tjml_dtp'
+  c.feedback_act = 'integral'  # TJMC activation feedback: 'integral' (varsigma) | 'hadamard'
+  c.beta = 0.4655  # first-target step; scalingDTP LeNet config
+  c.seed = 0
+  c.epochs = 10
+  c.batch_size = 256
+  c.steps_per_epoch = 0  # 0 -> a full pass over the training set
+  c.check_every_steps = 50  # host sync: fetch metrics, stop on non-finite values; 0 -> per epoch
+  c.eval_batch_size = 1000
+  c.skip_nonfinite = False  # True: skip (and count) a step whose loss/targets/params are not finite
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'
+  c.optimizer.lr = 0.03618  # scalingDTP LeNet forward lr
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 1e-4
+  c.optimizer.schedule = 'constant'  # 'constant' | 'cosine'
+  c.optimizer.cosine_alpha = 0.0
+
+  # Learned / fixed feedback (LDRL, DTP, FWDTP): one entry per block whose feedback is
+  # trained, i.e. blocks 2..N (block 1's feedback is never used).
+  c.feedback = ml_collections.ConfigDict()
+  c.feedback.iterations = [41, 51, 24]  # K per block (scalingDTP LeNet)
+  c.feedback.noise = [0.4164, 0.3826, 0.1395]  # sigma per block
+  c.feedback.lr = [7.19e-4, 1.25e-4, 3.54e-2]  # SGD-momentum lr per block
+  c.feedback.momentum = 0.9
+  c.feedback.order = 'parallel'  # LDRL: 'parallel' (one scan over all blocks) | 'sequential'
+  c.feedback.init_scale = 1e-3  # FWDTP: B ~ U(-scale, scale); 0 -> LeCun normal
+
+  c.checkpoint_every_steps = 0  # 0 -> at the end of every epoch
+  c.keep_checkpoints = 2
+  c.log_every_steps = 0
+  c.num_processes = 1  # >1: jax.distributed.initialize() (multi-host)
+  return c
+
+
+def _positive(cfg, path: str, allow_zero: bool = False) -> None:
+  v = cfg
+  for p in path.split('.'):
+    v = v[p]
+  if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or \
+      (v < 0 if allow_zero else v <= 0):
+    need = 'non-negative' if allow_zero else 'positive'
+    raise ConfigError(f'{path} must be a {need} number, got {v!r}')
+
+
+def num_trained_feedback_blocks(cfg) -> int:
+  return len(models.get(cfg.model, **cfg.model_kwargs)) - 1
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ConfigError naming the first bad field. Cheap: builds the model only."""
+  from tp_jax import algorithms  # pylint: disable=g-import-not-at-top
+  if cfg.model not in models.MODELS:
+    raise ConfigError(f'unknown model {cfg.model!r}; valid models: {sorted(models.MODELS)}')
+  if cfg.dataset not in DATASETS:
+    raise ConfigError(f'unknown dataset {cfg.dataset!r}; valid datasets: {list(DATASETS)}')
+  if cfg.method not in algorithms.METHODS:
+    raise ConfigError(f'unknown method {cfg.method!r}; valid methods: '
+                      f'{list(algorithms.METHODS)}')
+  act = cfg.model_kwargs.get('act')
+  if act is not None and act not in ACTIVATIONS:
+    raise ConfigError(f'unknown activation model_kwargs.act={act!r}; valid: '
+                      f'{list(ACTIVATIONS)}')
+  if act == 'gelu' and cfg.method in ('tjml_dtp', 'ijml_dtp', 'pjml_dtp') and \
+      cfg.feedback_act != 'hadamard':
+    raise ConfigError('GELU is not invertible: its integral feedback is undefined; set '
+                      'feedback_act=hadamard (TJML-DTP) or use an invertible activation')
+  if cfg.feedback_act not in ('integral', 'hadamard'):
+    raise ConfigError(f"feedback_act must be 'integral' or 'hadamard', got "
+                      f'{cfg.feedback_act!r}')
+  for path in ('batch_size', 'epochs', 'beta', 'optimizer.lr', 'eval_batch_size'):
+    _positive(cfg, path)
+  for path in ('steps_per_epoch', 'check_every_steps', 'optimizer.weight_decay',
+               'optimizer.momentum', 'checkpoint_every_steps', 'keep_checkpoints'):
+    _positive(cfg, path, allow_zero=True)
+  if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool):
+    raise ConfigError(f'batch_size must be an integer, got {cfg.batch_size!r}')
+  if cfg.batch_size % num_devices:
+    raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the number of '
+                      f'devices ({num_devices}); the global batch is split evenly')
+  if cfg.optimizer.name not in ('sgd', 'adam'):
+    raise ConfigError(f"optimizer.name must be 'sgd' or 'adam', got {cfg.optimizer.name!r}")
+  if cfg.optimizer.schedule not in ('constant', 'cosine'):
+    raise ConfigError(f"optimizer.schedule must be 'constant' or 'cosine', got "
+                      f'{cfg.optimizer.schedule!r}')
+  if cfg.method in FEEDBACK_TRAINED:
+    n = num_trained_feedback_blocks(cfg)
+    for field in ('iterations', 'noise', 'lr'):
+      values = list(cfg.feedback[field])
+      if len(values) != n:
+        # The reference code silently truncated mismatched lists; we refuse.
+        raise ConfigError(
+            f'feedback.{field} has {len(values)} entries but {cfg.model} has {n} blocks '
+            f'whose feedback is trained (blocks 2..{n + 1}); give one value per block')
+      for i, v in enumerate(values):
+        ok = isinstance(v, int) and v >= 1 if field == 'iterations' else \
+            isinstance(v, (int, float)) and v > 0
+        if not ok or isinstance(v, bool):
+          raise ConfigError(f'feedback.{field}[{i}] must be a positive '
+                            f'{"integer" if field == "iterations" else "number"}, got {v!r}')
+    if cfg.feedback.order not in ('parallel', 'sequential'):
+      raise ConfigError(f"feedback.order must be 'parallel' or 'sequential', got "
+                        f'{cfg.feedback.order!r}')
+  if cfg.method == 'fwdtp':
+    _positive(cfg, 'feedback.init_scale', allow_zero=True)

@@ -1,0 +1,467 @@
+"""Jacobian matching losses (Bao et al. 2024, eqs. 12-14): exact and matrix-free.
+
+For a DTP block F_n with input h_n (dimension n_in, flattened per example) and output
+h_{n+1} = F_n(h_n) (dimension n_out), and a feedback G_n, let
+
+  J_F = dF/dh       at h_n       (n_out x n_in)
+  J_G = dG/dt       at t = h_{n+1}, with G's context (pool argmax, LayerNorm's s,
+                    the activation input of the Hadamard feedback) frozen from the
+                    forward pass at h_n                                (n_in x n_out)
+
+The three matching losses are Frobenius distances between J_G and a target matrix:
+
+  TJML = || J_G - J_F^T ||_F      (eq. 14; TJMC: G* is built so that this is 0)
+  IJML = || J_G - J_F^-1 ||_F     (eq. 12; square J_F only)
+  PJML = || J_G - J_F^+ ||_F      (eq. 13; Moore-Penrose pseudo-inverse)
+
+and their relative forms divide by the target's norm: ||J_F^T||_F = ||J_F||_F,
+||J_F^-1||_F, ||J_F^+||_F. Every quantity is per example; ``block_jml`` averages the
+absolute and the relative values over the batch (the mean of the per-example ratios).
+
+Exact values materialise both Jacobians per example (``jax.jacfwd`` or ``jax.jacrev``,
+whichever needs fewer passes). That costs O(n_in * n_out) memory per example, so
+``block_jml`` switches automatically to a matrix-free estimate when
+n_in * n_out > ``MAX_EXACT_SIZE`` (= 2**24, 64 MiB of float32 per Jacobian).
+
+Matrix-free TJML. With A = J_G - J_F^T (n_in x n_out) and probes v ~ N(0, I_{n_out}),
+
+  E_v ||A v||^2 = tr(A^T A) = ||A||_F^2,    A v = jvp(G, h_{n+1}; v) - vjp(F, h_n)(v),
+
+so neither matrix is formed: one forward-mode pass through G and one reverse-mode pass
+through F per probe. With K probes, q = mean_k ||A v_k||^2 estimates ||A||_F^2 with
+standard error sd_k(||A v_k||^2)/sqrt(K); the delta method gives
+se(sqrt(q)) = se(q) / (2 sqrt(q)). The same probes give p = mean_k ||J_F^T v_k||^2,
+an estimate of ||J_F||_F^2, and the relative value r = sqrt(q/p) has, by the delta
+method on log r = (log q - log p)/2,
+
+  se(r)^2 = r^2/4 * [var(q)/q^2 + var(p)/p^2 - 2 cov(q, p)/(q p)]
+
+(q and p share probes, hence the covariance). sqrt(q) is biased low by about
+var(q)/(8 q^{3/2}), which is second order in 1/K and ignored. The reported standard
+errors are Monte-Carlo errors of the probes for the given batch, combined over the
+batch as se(mean_i x_i) = sqrt(sum_i se_i^2) / B (independent probes per example);
+they do not include the sampling error of the batch itself.
+
+IJML and PJML are exact only: a matrix-free estimate would need J_F^-1 v or J_F^+ v,
+i.e. a linear solve per probe. Asking for them with ``exact=False`` raises. In
+``block_jml`` their inverses are taken on the host in float64 (``host_target``): the
+pseudo-inverse keeps singular values above 10 max(n_in, n_out) eps_float32 s_max, as
+``jnp.linalg.pinv`` does for float32 (the Jacobians themselves are float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tp_jax import layers
+from tp_jax import network
+
+Array = jax.Array
+
+MAX_EXACT_SIZE = 2 ** 24
+"""Largest n_in * n_out per example for which ``block_jml`` materialises Jacobians."""
+
+KINDS = ('tjml', 'ijml', 'pjml')
+
+
+class JMLError(ValueError):
+  """A Jacobian matching loss that is undefined for these shapes or this method."""
+
+
+# --------------------------------------------------------------------------------------
+# Matrix losses
+
+
+def _fro(m: Array) -> Array:
+  return jnp.sqrt(jnp.sum(jnp.square(m), axis=(-2, -1)))
+
+
+def _check_pair(J_F: Array, J_G: Array) -> None:
+  if J_F.ndim < 2 or J_G.ndim < 2 or J_F.shape[-2:] != J_G.shape[-2:][::-1] \
+      or J_F.shape[:-2] != J_G.shape[:-2]:
+    raise JMLError(f'J_F must be (..., n_out, n_in) and J_G (..., n_in, n_out); got '
+                   f'J_F {J_F.shape} and J_G {J_G.shape}')
+
+
+def target_matrix(J_F: Array, kind: str) -> Array:
+  """The matrix J_G is matched to: J_F^T (tjml), J_F^-1 (ijml) or J_F^+ (pjml)."""
+  if kind == 'tjml':
+    return jnp.swapaxes(J_F, -1, -2)
+  if kind == 'ijml':
+    if J_F.shape[-1] != J_F.shape[-2]:
+      raise JMLError(f'IJML needs a square Jacobian (J_F^-1 must exist); J_F has shape '
+                     f'{J_F.shape[-2:]} (n_out x n_in). Use PJML for non-square blocks')
+    return jnp.linalg.inv(J_F)
+  if kind == 'pjml':
+    return jnp.linalg.pinv(J_F)
+  raise JMLError(f'unknown JML kind {kind!r}; valid: {KINDS}')
+
+
+def jml(J_F: Array, J_G: Array, kind: str = 'tjml', relative: bool = False) -> Array:
+  """||J_G - T||_F with T = target_matrix(J_F, kind); divided by ||T||_F if relative.
+
+  Batched over leading axes: J_F (..., n_out, n_in), J_G (..., n_in, n_out).
+  """
+  _check_pair(J_F, J_G)
+  T = target_matrix(J_F, kind)
+  value = _fro(J_G - T)
+  return value / _fro(T) if relative else value
+
+
+def tjml(J_F: Array, J_G: Array, relative: bool = False) -> Array:
+  """||J_G - J_F^T||_F (relative: / ||J_F||_F)."""
+  return jml(J_F, J_G, 'tjml', relative)
+
+
+def ijml(J_F: Array, J_G: Array, relative: bool = False) -> Array:
+  """||J_G - J_F^-1||_F (relative: / ||J_F^-1||_F); J_F must be square."""
+  return jml(J_F, J_G, 'ijml', relative)
+
+
+def pjml(J_F: Array, J_G: Array, relative: bool = False) -> Array:
+  """||J_G - J_F^+||_F (relative: / ||J_F^+||_F)."""
+  return jml(J_F, J_G, 'pjml', relative)
+
+
+# --------------------------------------------------------------------------------------
+# Per-example Jacobians
+
+
+def _size(shape: Sequence[int]) -> int:
+  return int(np.prod(shape, dtype=np.int64))
+
+
+def _jac(fn: Callable, in_size: int, out_size: int) -> Callable:
+  """jacfwd when the input is no larger than the output (fewer pushes), else jacrev."""
+  return jax.jacfwd(fn) if in_size <= out_size else jax.jacrev(fn)
+
+
+def _per_example(fn_batched: Callable) -> Callable:
+  """A function of one example (no batch axis) from one acting on a batch per example."""
+  def fn(x, *rest):
+    rest = jax.tree_util.tree_map(lambda a: a[None], rest)
+    return fn_batched(x[None], *rest)[0]
+  return fn
+
+
+def example_jacobians(f: Callable, g: Callable, x1: Array, y1: Array,
+                      ctx1: Any = None) -> tuple[Array, Array]:
+  """J_F (n_out x n_in) at x1 and J_G (n_in x n_out) at y1 for ONE example.
+
+  ``f(x) -> y`` and ``g(t, ctx) -> x`` act on batches (leading axis) per example;
+  x1, y1 and the leaves of ctx1 are one example without the batch axis (a batch axis
+  of size 1 is added for the calls).
+  """
+  n_in, n_out = x1.size, y1.size
+  f1 = _per_example(f)
+  g1 = _per_example(g)
+  J_F = _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)
+  J_G = _jac(lambda t: g1(t, ctx1), n_out, n_in)(y1).reshape(n_in, n_out)
+  return J_F, J_G
+
+
+def jacobians(f: Callable, g: Callable, x: Array, y: Array | None = None,
+              ctx: Any = None) -> tuple[Array, Array]:
+  """Per-example Jacobians of F at x and of G at y = F(x) (default), vmapped over batch.
+
+  Args:
+    f: ``f(x_batch) -> y_batch``, acting per example (no mixing across the batch).
+    g: ``g(t_batch, ctx) -> x_batch``, acting per example; ``ctx`` is a pytree whose
+      array leaves all have the batch as leading axis (or None).
+    x: (B, ...) inputs. y: (B, ...) the points where J_G is taken (default f(x)).
+  Returns:
+    J_F of shape (B, n_out, n_in) and J_G of shape (B, n_in, n_out), the example's
+    input and output flattened in C order.
+  """
+  if y is None:
+    y = f(x)
+  return jax.vmap(lambda a, b, c: example_jacobians(f, g, a, b, c))(x, y, ctx)
+
+
+# --------------------------------------------------------------------------------------
+# DTP blocks
+
+
+def block_fns(net: network.Net, params: network.Params, fb_params: network.Params, n: int,
+              mode: layers.FeedbackMode) -> tuple[Callable, Callable]:
+  """(F_n, G_n) as batched functions: ``F(h) -> (y, ctx)`` and ``G(t, ctx) -> h``."""
+  def f(h):
+    return network.block_forward(net, n, params[n], h)
+
+  def g(t, ctx):
+    return network.block_feedback(net, n, fb_params[n], t, ctx, mode)
+  return f, g
+
+
+def block_jacobians(net: network.Net, params: network.Params, fb_params: network.Params,
+                    n: int, h_in: Array, mode: layers.FeedbackMode = layers.TJMC
+                    ) -> tuple[Array, Array]:
+  """Per-example (J_F, J_G) of DTP block n (0-based) at its input batch h_in."""
+  f, g = block_fns(net, params, fb_params, n, mode)
+  y, ctx = f(h_in)
+  return jacobians(lambda h: f(h)[0], g, h_in, y, ctx)
+
+
+@dataclasses.dataclass(frozen=True)
+class JMLResult:
+  """A matching loss of one block on one batch.
+
+  absolute / relative: batch means of ||J_G - T||_F and of ||J_G - T||_F / ||T||_F.
+  stderr_absolute / stderr_relative: Monte-Carlo standard errors of those means
+    (0.0 for exact values).
+  per_example_absolute / per_example_relative: numpy arrays of shape (B,).
+  """
+  kind: str
+  absolute: float
+  relative: float
+  exact: bool
+  stderr_absolute: float
+  stderr_relative: float
+  per_example_absolute: np.ndarray
+  per_example_relative: np.ndarray
+  num_probes: int
+  in_dim: int
+  out_dim: int
+
+
+def _example_norms(f, g, x1, y1, ctx1):
+  J_F, J_G = example_jacobians(f, g, x1, y1, ctx1)
+  diff = _fro(J_G - J_F.T)
+  return diff, diff / _fro(J_F)
+
+
+def _exact_tjml(f, g, h_in, y, ctx, chunk):
+  return jax.lax.map(lambda a: _example_norms(f, g, *a), (h_in, y, ctx), batch_size=chunk)
+
+
+def host_target(J_F: np.ndarray, kind: str) -> np.ndarray:
+  """J_F^-1 or J_F^+ of one example in float64 numpy (LAPACK; XLA's CPU SVD is slow).
+
+  The pseudo-inverse cuts singular values below 10 max(n_out, n_in) eps_float32 s_max,
+  the cutoff of ``jnp.linalg.pinv`` for float32: J_F is computed in float32, so its
+  numerically zero singular values are ~eps_float32 s_max, not 0.
+  """
+  if kind == 'ijml':
+    return np.linalg.inv(J_F)
+  rtol = 10 * max(J_F.shape) * np.finfo(np.float32).eps
+  return np.linalg.pinv(J_F, rcond=rtol)
+
+
+def _exact_host(f, g, h_in, y, ctx, kind, chunk):
+  """IJML / PJML: per-example Jacobians in chunks, inverses on the host in float64."""
+  jac = jax.jit(jax.vmap(lambda a, b, c: example_jacobians(f, g, a, b, c)))
+  absolute, relative = [], []
+  for i in range(0, h_in.shape[0], chunk):
+    sl = jax.tree_util.tree_map(lambda a: a[i:i + chunk], (h_in, y, ctx))
+    J_F, J_G = (np.asarray(m, np.float64) for m in jac(*sl))
+    for jf, jg in zip(J_F, J_G):
+      T = host_target(jf, kind)
+      absolute.append(np.linalg.norm(jg - T))
+      relative.append(absolute[-1] / np.linalg.norm(T))
+  return np.array(absolute), np.array(relative)
+
+
+def _probe_stats(f, g, h_in, y, ctx, key, num_probes, chunk):
+  """Per-example squared norms ||A v_k||^2 and ||J_F^T v_k||^2, shape (K, B) each."""
+  _, f_vjp = jax.vjp(f, h_in)
+  axes = tuple(range(1, y.ndim))
+
+  def one(k):
+    v = jax.random.normal(k, y.shape, y.dtype)
+    _, g_v = jax.jvp(lambda t: g(t, ctx), (y,), (v,))
+    (ft_v,) = f_vjp(v)
+    return (jnp.sum(jnp.square(g_v - ft_v), axis=axes),
+            jnp.sum(jnp.square(ft_v), axis=axes))
+  return jax.lax.map(one, jax.random.split(key, num_probes), batch_size=chunk)
+
+
+def _delta_method(a2: np.ndarray, t2: np.ndarray):
+  """Per-example sqrt(mean a2), sqrt(mean a2 / mean t2) and their standard errors."""
+  k = a2.shape[0]
+  q, p = a2.mean(0), t2.mean(0)
+  var_q = a2.var(0, ddof=1) / k
+  var_p = t2.var(0, ddof=1) / k
+  cov = ((a2 - q) * (t2 - p)).sum(0) / (k - 1) / k
+  absolute = np.sqrt(q)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    se_abs = np.where(q > 0, np.sqrt(var_q) / (2 * absolute), 0.0)
+    rel = np.sqrt(q / p)
+    var_log = (var_q / q ** 2 + var_p / p ** 2 - 2 * cov / (q * p)) / 4
+    se_rel = np.where(q > 0, rel * np.sqrt(np.maximum(var_log, 0.0)), 0.0)
+  return absolute, rel, se_abs, se_rel
+
+
+def block_jml(net: network.Net, params: network.Params, fb_params: network.Params, n: int,
+              h_in: Array, mode: layers.FeedbackMode = layers.TJMC, kind: str = 'tjml',
+              exact: bool | None = None, num_probes: int = 64, key: Array | None = None,
+              max_exact_size: int = MAX_EXACT_SIZE) -> JMLResult:
+  """A Jacobian matching loss of DTP block n (0-based) on the batch h_in (its input).
+
+  F_n uses ``params[n]``; G_n uses ``fb_params[n]`` with ``mode`` (pass ``params`` and
+  a TJMC mode for the analytical feedback). J_G is taken at h_{n+1} = F_n(h_in).
+
+  Args:
+    kind: 'tjml', 'ijml' or 'pjml'.
+    exact: True: materialise both Jacobians per example. False: matrix-free estimate
+      (TJML only). None: exact iff n_in * n_out <= max_exact_size (or kind != 'tjml').
+    num_probes: Gaussian probes per example for the estimate (>= 2).
+    key: PRNG key for the probes (default PRNGKey(0)).
+  Raises:
+    JMLError: unknown kind; IJML of a non-square block; IJML/PJML with exact=False.
+  """
+  if kind not in KINDS:
+    raise JMLError(f'unknown JML kind {kind!r}; valid: {KINDS}')
+  f, g = block_fns(net, params, fb_params, n, mode)
+  f0 = lambda h: f(h)[0]
+  y, ctx = jax.jit(f)(h_in)
+  n_in, n_out = _size(h_in.shape[1:]), _size(y.shape[1:])
+  if kind == 'ijml' and n_in != n_out:
+    raise JMLError(f'IJML is undefined for block {n}: J_F is {n_out} x {n_in}, not '
+                   f'square (J_F^-1 does not exist); use PJML')
+  if exact is None:
+    exact = kind != 'tjml' or n_in * n_out <= max_exact_size
+  if not exact and kind != 'tjml':
+    raise JMLError(f'{kind.upper()} has no matrix-free estimate (it needs J_F^-1 v or '
+                   f'J_F^+ v); only TJML does. Use exact=True')
+  B = h_in.shape[0]
+  if exact:
+    chunk = max(1, min(B, MAX_EXACT_SIZE // max(n_in * n_out, 1)))
+    if kind == 'tjml':
+      absolute, relative = jax.jit(lambda *a: _exact_tjml(f0, g, *a, chunk))(h_in, y, ctx)
+    else:
+      absolute, relative = _exact_host(f0, g, h_in, y, ctx, kind, chunk)
+    absolute, relative = np.asarray(absolute), np.asarray(relative)
+    return JMLResult(kind, float(absolute.mean()), float(relative.mean()), True, 0.0, 0.0,
+                     absolute, relative, 0, n_in, n_out)
+  if num_probes < 2:
+    raise JMLError(f'num_probes must be >= 2 for a standard error, got {num_probes}')
+  key = jax.random.PRNGKey(0) if key is None else key
+  # Probes per vmapped step: bounded memory, and a divisor of num_probes so that
+  # lax.map compiles a single body.
+  chunk = max(1, min(num_probes, 2 ** 22 // max(B * (n_in + n_out), 1)))
+  while num_probes % chunk:
+    chunk -= 1
+  a2, t2 = jax.jit(lambda *a: _probe_stats(f0, g, *a, num_probes, chunk))(h_in, y, ctx, key)
+  absolute, relative, se_abs, se_rel = _delta_method(np.asarray(a2, np.float64),
+                                                     np.asarray(t2, np.float64))
+  return JMLResult(kind, float(absolute.mean()), float(relative.mean()), False,
+                   float(np.sqrt(np.sum(se_abs ** 2)) / B),
+                   float(np.sqrt(np.sum(se_rel ** 2)) / B),
+                   absolute, relative, num_probes, n_in, n_out)
+
+
+# --------------------------------------------------------------------------------------
+# Report
+
+
+def describe(layer: Any) -> str:
+  """A short one-line description of a layer or block."""
+  name = type(layer).__name__
+  if isinstance(layer, layers.Sequential):
+    return '[' + ', '.join(describe(l) for l in layer.layers) + ']'
+  if isinstance(layer, layers.Residual):
+    return f'Residual({describe(layer.inner)})'
+  if isinstance(layer, layers.Conv):
+    kh, kw = layer.kernel_size
+    pad = layer.padding if isinstance(layer.padding, str) else \
+        'pad' + ''.join(str(tuple(p)) for p in layer.padding).replace(' ', '')
+    return f'Conv({layer.features},{kh}x{kw}/{layer.strides[0]},{pad})'
+  if isinstance(layer, layers.Dense):
+    return f'Dense({layer.features})'
+  if isinstance(layer, layers.MaxPool):
+    return f'MaxPool({layer.window[0]}x{layer.window[1]}/{layer.strides[0]})'
+  if isinstance(layer, layers.Activation):
+    return layer.fn
+  if isinstance(layer, layers.Reshape):
+    return f'Reshape{tuple(layer.shape)}'
+  if isinstance(layer, layers.Transpose):
+    return f'Transpose{tuple(layer.perm)}'
+  if isinstance(layer, layers.Mean):
+    return f'Mean(axis={layer.axis})'
+  return name
+
+
+def _fmt_shape(shape: Sequence[int]) -> str:
+  return 'x'.join(str(d) for d in shape)
+
+
+def report(net: network.Net, params: network.Params,
+           feedbacks: Mapping[str, tuple[network.Params, layers.FeedbackMode]], x: Array,
+           kinds: Sequence[str] = KINDS, blocks: Sequence[int] | None = None,
+           num_probes: int = 64, key: Array | None = None,
+           max_exact_size: int = MAX_EXACT_SIZE) -> list[dict]:
+  """One row per (block, feedback, kind) for which the loss is defined and computable.
+
+  Args:
+    feedbacks: name -> (feedback params, FeedbackMode), e.g.
+      ``{'tjmc_integral': (params, TJMC), 'fwdtp_random': (fb, LEARNED)}``.
+    x: the network input batch; block n's input is h_n from the forward pass.
+    kinds: subset of ('tjml', 'ijml', 'pjml'). IJML rows appear only for square
+      blocks; IJML/PJML rows only where the Jacobian fits (n_in * n_out <=
+      max_exact_size), since they have no matrix-free estimate. A feedback mode the
+      block refuses (e.g. IJMC on a conv) gives no row.
+    blocks: 0-based block indices (default all; the feedback of block 0 is never used
+      by DTP, which its ``used_by_dtp`` field says).
+  Returns:
+    dicts with keys block, description, shape, kind, feedback, mode, absolute,
+    relative, method ('exact'|'estimated'), stderr_absolute, stderr_relative,
+    num_probes, used_by_dtp.
+  """
+  key = jax.random.PRNGKey(0) if key is None else key
+  hs = [x]
+  for n in range(len(net)):
+    hs.append(jax.jit(lambda h, n=n: network.block_forward(net, n, params[n], h)[0])(hs[-1]))
+  rows = []
+  for n in (range(len(net)) if blocks is None else blocks):
+    h_in, h_out = hs[n], hs[n + 1]
+    n_in, n_out = _size(h_in.shape[1:]), _size(h_out.shape[1:])
+    fits = n_in * n_out <= max_exact_size
+    for fb_name, (fb_params, mode) in feedbacks.items():
+      for kind in kinds:
+        if kind == 'ijml' and n_in != n_out:
+          continue
+        if kind != 'tjml' and not fits:
+          continue
+        key, sub = jax.random.split(key)
+        start = time.perf_counter()
+        try:
+          r = block_jml(net, params, fb_params, n, h_in, mode, kind, exact=None,
+                        num_probes=num_probes, key=sub, max_exact_size=max_exact_size)
+        except layers.FeedbackError:
+          continue
+        rows.append(dict(
+            block=n, description=describe(net.blocks[n]),
+            shape=f'{_fmt_shape(h_in.shape[1:])} -> {_fmt_shape(h_out.shape[1:])}',
+            kind=kind, feedback=fb_name, mode=f'{mode.weights}/{mode.act}',
+            absolute=r.absolute, relative=r.relative,
+            method='exact' if r.exact else 'estimated',
+            stderr_absolute=r.stderr_absolute, stderr_relative=r.stderr_relative,
+            num_probes=r.num_probes, used_by_dtp=n > 0,
+            seconds=round(time.perf_counter() - start, 2)))
+  return rows
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+  """A fixed-width text table of ``report`` rows."""
+  head = (f'{"blk":>3} {"kind":<5} {"feedback":<16} {"absolute":>22} {"relative":>22} '
+          f'{"method":<9} block')
+  lines = [head, '-' * len(head)]
+  for r in rows:
+    def val(v, se):
+      return f'{v:.4e}' + (f' +- {se:.1e}' if r['method'] == 'estimated' else '')
+    lines.append(f'{r["block"]:>3} {r["kind"]:<5} {r["feedback"]:<16} '
+                 f'{val(r["absolute"], r["stderr_absolute"]):>22} '
+                 f'{val(r["relative"], r["stderr_relative"]):>22} {r["method"]:<9} '
+                 f'{r["description"]} {r["shape"]}')
+  return '\n'.join(lines)
+
+
+def is_finite_row(row: Mapping[str, Any]) -> bool:
+  return all(math.isfinite(row[k]) for k in ('absolute', 'relative'))
