@@ -33,94 +33,94 @@ DOWNLOAD_TIMEOUT_S = 60.0
 
 
 class DataError(ValueError):
-    """A dataset file is missing, corrupt, or malformed; the message names file and problem."""
+  """A dataset file is missing, corrupt, or malformed; the message names file and problem."""
 
 
 class DatasetInfo(NamedTuple):
-    """Static description of one dataset (read-only; lives in `DATASETS`)."""
+  """Static description of one dataset (read-only; lives in `DATASETS`)."""
 
-    name: str
-    files: Mapping[str, tuple[str, ...]]  # split -> paths relative to <data_dir>/<name>/
-    sha256: Mapping[str, str]  # relative path -> official sha256
-    image_shape: tuple[int, int, int]  # H, W, C
-    num_classes: int
-    num_examples: Mapping[str, int]  # split -> count (documentation / sanity checks)
-    mean: tuple[float, ...]  # per channel, on pixel/255
-    std: tuple[float, ...]
-    mirrors: tuple[str, ...]  # base URLs, tried in order
-    archive: str | None  # file under a mirror base holding all files (CIFAR), else None
+  name: str
+  files: Mapping[str, tuple[str, ...]]  # split -> paths relative to <data_dir>/<name>/
+  sha256: Mapping[str, str]  # relative path -> official sha256
+  image_shape: tuple[int, int, int]  # H, W, C
+  num_classes: int
+  num_examples: Mapping[str, int]  # split -> count (documentation / sanity checks)
+  mean: tuple[float, ...]  # per channel, on pixel/255
+  std: tuple[float, ...]
+  mirrors: tuple[str, ...]  # base URLs, tried in order
+  archive: str | None  # file under a mirror base holding all files (CIFAR), else None
 
 
 def _ro(d: dict) -> Mapping:
-    return types.MappingProxyType(d)
+  return types.MappingProxyType(d)
 
 
 _IDX_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _CIFAR_DIR = "cifar-10-batches-bin"
 
 DATASETS: Mapping[str, DatasetInfo] = _ro({
-    "mnist": DatasetInfo(
-        name="mnist",
-        files=_ro(_IDX_FILES),
-        sha256=_ro({
-            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-        }),
-        image_shape=(28, 28, 1),
-        num_classes=10,
-        num_examples=_ro({"train": 60000, "test": 10000}),
-        mean=(0.1307,),
-        std=(0.3081,),
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-        ),
-        archive=None,
+  "mnist": DatasetInfo(
+    name="mnist",
+    files=_ro(_IDX_FILES),
+    sha256=_ro({
+      "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+      "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+      "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+      "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    }),
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    num_examples=_ro({"train": 60000, "test": 10000}),
+    mean=(0.1307,),
+    std=(0.3081,),
+    mirrors=(
+      "https://ossci-datasets.s3.amazonaws.com/mnist/",
+      "https://storage.googleapis.com/cvdf-datasets/mnist/",
     ),
-    "fashion_mnist": DatasetInfo(
-        name="fashion_mnist",
-        files=_ro(_IDX_FILES),
-        sha256=_ro({
-            "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-            "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-            "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-            "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-        }),
-        image_shape=(28, 28, 1),
-        num_classes=10,
-        num_examples=_ro({"train": 60000, "test": 10000}),
-        mean=(0.2860,),
-        std=(0.3530,),
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-        archive=None,
-    ),
-    "cifar10": DatasetInfo(
-        name="cifar10",
-        files=_ro({
-            "train": tuple(f"{_CIFAR_DIR}/data_batch_{i}.bin" for i in range(1, 6)),
-            "test": (f"{_CIFAR_DIR}/test_batch.bin",),
-        }),
-        sha256=_ro({
-            f"{_CIFAR_DIR}/data_batch_1.bin": "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5",
-            f"{_CIFAR_DIR}/data_batch_2.bin": "a591ca11fa1708a91ee40f54b3da4784ccd871ecf2137de63f51ada8b3fa57ed",
-            f"{_CIFAR_DIR}/data_batch_3.bin": "bbe8596564c0f86427f876058170b84dac6670ddf06d79402899d93ceea26f67",
-            f"{_CIFAR_DIR}/data_batch_4.bin": "014e562d6e23c72197cc727519169a60359f5eccd8945ad5a09d710285ff4e48",
-            f"{_CIFAR_DIR}/data_batch_5.bin": "755304fc0b379caeae8c14f0dac912fbc7d6cd469eb67a1029a08a39453a9add",
-            f"{_CIFAR_DIR}/test_batch.bin": "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b",
-        }),
-        image_shape=(32, 32, 3),
-        num_classes=10,
-        num_examples=_ro({"train": 50000, "test": 10000}),
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        mirrors=("https://www.cs.toronto.edu/~kriz/",),
-        archive="cifar-10-binary.tar.gz",
-    ),
+    archive=None,
+  ),
+  "fashion_mnist": DatasetInfo(
+    name="fashion_mnist",
+    files=_ro(_IDX_FILES),
+    sha256=_ro({
+      "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+      "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+      "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+      "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    }),
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    num_examples=_ro({"train": 60000, "test": 10000}),
+    mean=(0.2860,),
+    std=(0.3530,),
+    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    archive=None,
+  ),
+  "cifar10": DatasetInfo(
+    name="cifar10",
+    files=_ro({
+      "train": tuple(f"{_CIFAR_DIR}/data_batch_{i}.bin" for i in range(1, 6)),
+      "test": (f"{_CIFAR_DIR}/test_batch.bin",),
+    }),
+    sha256=_ro({
+      f"{_CIFAR_DIR}/data_batch_1.bin": "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5",
+      f"{_CIFAR_DIR}/data_batch_2.bin": "a591ca11fa1708a91ee40f54b3da4784ccd871ecf2137de63f51ada8b3fa57ed",
+      f"{_CIFAR_DIR}/data_batch_3.bin": "bbe8596564c0f86427f876058170b84dac6670ddf06d79402899d93ceea26f67",
+      f"{_CIFAR_DIR}/data_batch_4.bin": "014e562d6e23c72197cc727519169a60359f5eccd8945ad5a09d710285ff4e48",
+      f"{_CIFAR_DIR}/data_batch_5.bin": "755304fc0b379caeae8c14f0dac912fbc7d6cd469eb67a1029a08a39453a9add",
+      f"{_CIFAR_DIR}/test_batch.bin": "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b",
+    }),
+    image_shape=(32, 32, 3),
+    num_classes=10,
+    num_examples=_ro({"train": 50000, "test": 10000}),
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    archive="cifar-10-binary.tar.gz",
+  ),
 })
 
 _CIFAR_RECORD_BYTES = 1 + 32 * 32 * 3
@@ -132,44 +132,44 @@ _IDX_LABELS_MAGIC = 0x801  # ubyte, 1 dim
 
 
 def info(name: str) -> DatasetInfo:
-    """Registry entry for `name`; unknown names raise DataError listing the valid ones."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
+  """Registry entry for `name`; unknown names raise DataError listing the valid ones."""
+  try:
+    return DATASETS[name]
+  except KeyError:
+    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Data root: argument, else $TP_JAX_DATA, else ./data or ../shared/data, else ~/.cache."""
-    if data_dir is not None:
-        return Path(data_dir).expanduser().absolute()
-    env = os.environ.get(DATA_ENV)
-    if env:
-        return Path(env).expanduser().absolute()
-    # Relative to the cwd, because that is where the files sit on dev and CI checkouts.
-    for candidate in (Path("data"), Path("..") / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate.absolute()
-    return (Path.home() / ".cache" / "tp_jax" / "data").absolute()
+  """Data root: argument, else $TP_JAX_DATA, else ./data or ../shared/data, else ~/.cache."""
+  if data_dir is not None:
+    return Path(data_dir).expanduser().absolute()
+  env = os.environ.get(DATA_ENV)
+  if env:
+    return Path(env).expanduser().absolute()
+  # Relative to the cwd, because that is where the files sit on dev and CI checkouts.
+  for candidate in (Path("data"), Path("..") / "shared" / "data"):
+    if candidate.is_dir():
+      return candidate.absolute()
+  return (Path.home() / ".cache" / "tp_jax" / "data").absolute()
 
 
 def mirror_urls(name: str, mirrors: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Mirror base URLs: argument, else $TP_JAX_MIRROR_<NAME> (comma separated), else official."""
-    ds = info(name)
-    if mirrors is None:
-        env = os.environ.get(MIRROR_ENV_PREFIX + name.upper(), "")
-        mirrors = [m.strip() for m in env.split(",") if m.strip()] or ds.mirrors
-    # Bases are joined by plain concatenation, so make sure each ends in a slash.
-    return tuple(m if m.endswith("/") else m + "/" for m in mirrors)
+  """Mirror base URLs: argument, else $TP_JAX_MIRROR_<NAME> (comma separated), else official."""
+  ds = info(name)
+  if mirrors is None:
+    env = os.environ.get(MIRROR_ENV_PREFIX + name.upper(), "")
+    mirrors = [m.strip() for m in env.split(",") if m.strip()] or ds.mirrors
+  # Bases are joined by plain concatenation, so make sure each ends in a slash.
+  return tuple(m if m.endswith("/") else m + "/" for m in mirrors)
 
 
 def expected_paths(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Absolute paths of the files `load(name, split)` reads."""
-    ds = info(name)
-    if split not in ds.files:
-        raise DataError(f"unknown split {split!r} for {name}; valid splits: {', '.join(ds.files)}")
-    root = resolve_data_dir(data_dir) / name
-    return [root / rel for rel in ds.files[split]]
+  """Absolute paths of the files `load(name, split)` reads."""
+  ds = info(name)
+  if split not in ds.files:
+    raise DataError(f"unknown split {split!r} for {name}; valid splits: {', '.join(ds.files)}")
+  root = resolve_data_dir(data_dir) / name
+  return [root / rel for rel in ds.files[split]]
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -177,332 +177,332 @@ def expected_paths(name: str, split: str, data_dir: str | os.PathLike | None = N
 
 @functools.lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    # Keyed on (size, mtime) so an edited file is re-hashed; only ever a cache, never a truth.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+  # Keyed on (size, mtime) so an edited file is re-hashed; only ever a cache, never a truth.
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (memoised per path, size and mtime within this process)."""
-    st = os.stat(path)
-    return _sha256_cached(str(Path(path).absolute()), st.st_size, st.st_mtime_ns)
+  """Hex sha256 of a file (memoised per path, size and mtime within this process)."""
+  st = os.stat(path)
+  return _sha256_cached(str(Path(path).absolute()), st.st_size, st.st_mtime_ns)
 
 
 def verify_file(path: str | os.PathLike, expected: str) -> None:
-    """Raise DataError naming the file and both hashes if its sha256 is not `expected`."""
-    actual = sha256_file(path)
-    if actual != expected:
-        raise DataError(
-            f"{path}: sha256 mismatch (expected {expected}, actual {actual}); the file is corrupt "
-            f"or a different version. Delete it to re-download, or pass verify=False to skip the check."
-        )
+  """Raise DataError naming the file and both hashes if its sha256 is not `expected`."""
+  actual = sha256_file(path)
+  if actual != expected:
+    raise DataError(
+      f"{path}: sha256 mismatch (expected {expected}, actual {actual}); the file is corrupt "
+      f"or a different version. Delete it to re-download, or pass verify=False to skip the check."
+    )
 
 
 # ----------------------------------------------------------------------------- parsing
 
 
 def _read_idx(path: Path) -> tuple[int, tuple[int, ...], bytes]:
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip stream ({e})") from e
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated idx file ({len(raw)} bytes, no header)")
-    magic = int.from_bytes(raw[:4], "big")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated idx header ({len(raw)} bytes, need {header})")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return magic, dims, raw[header:]
+  try:
+    with gzip.open(path, "rb") as f:
+      raw = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+    raise DataError(f"{path}: truncated or corrupt gzip stream ({e})") from e
+  if len(raw) < 4:
+    raise DataError(f"{path}: truncated idx file ({len(raw)} bytes, no header)")
+  magic = int.from_bytes(raw[:4], "big")
+  ndim = magic & 0xFF
+  header = 4 + 4 * ndim
+  if len(raw) < header:
+    raise DataError(f"{path}: truncated idx header ({len(raw)} bytes, need {header})")
+  dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+  return magic, dims, raw[header:]
 
 
 def parse_idx_images(path: str | os.PathLike, image_shape: tuple[int, int, int] = (28, 28, 1)) -> np.ndarray:
-    """Images from an idx3-ubyte .gz file as uint8 [N, H, W, 1]."""
-    path = Path(path)
-    magic, dims, body = _read_idx(path)
-    if magic != _IDX_IMAGES_MAGIC:
-        raise DataError(f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_IMAGES_MAGIC:x} (idx3 ubyte images)")
-    n, h, w = dims
-    if (h, w) != image_shape[:2]:
-        raise DataError(f"{path}: image dims {h}x{w}, expected {image_shape[0]}x{image_shape[1]}")
-    if len(body) != n * h * w:
-        what = "truncated" if len(body) < n * h * w else "trailing bytes"
-        raise DataError(f"{path}: {what}: header says {n} images = {n * h * w} bytes, file has {len(body)}")
-    return np.frombuffer(body, np.uint8).reshape(n, h, w, 1)
+  """Images from an idx3-ubyte .gz file as uint8 [N, H, W, 1]."""
+  path = Path(path)
+  magic, dims, body = _read_idx(path)
+  if magic != _IDX_IMAGES_MAGIC:
+    raise DataError(f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_IMAGES_MAGIC:x} (idx3 ubyte images)")
+  n, h, w = dims
+  if (h, w) != image_shape[:2]:
+    raise DataError(f"{path}: image dims {h}x{w}, expected {image_shape[0]}x{image_shape[1]}")
+  if len(body) != n * h * w:
+    what = "truncated" if len(body) < n * h * w else "trailing bytes"
+    raise DataError(f"{path}: {what}: header says {n} images = {n * h * w} bytes, file has {len(body)}")
+  return np.frombuffer(body, np.uint8).reshape(n, h, w, 1)
 
 
 def parse_idx_labels(path: str | os.PathLike, num_classes: int = 10) -> np.ndarray:
-    """Labels from an idx1-ubyte .gz file as int32 [N], checked to lie in [0, num_classes)."""
-    path = Path(path)
-    magic, dims, body = _read_idx(path)
-    if magic != _IDX_LABELS_MAGIC:
-        raise DataError(f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_LABELS_MAGIC:x} (idx1 ubyte labels)")
-    (n,) = dims
-    if len(body) != n:
-        what = "truncated" if len(body) < n else "trailing bytes"
-        raise DataError(f"{path}: {what}: header says {n} labels, file has {len(body)} bytes")
-    labels = np.frombuffer(body, np.uint8).astype(np.int32)
-    _check_labels(path, labels, num_classes)
-    return labels
+  """Labels from an idx1-ubyte .gz file as int32 [N], checked to lie in [0, num_classes)."""
+  path = Path(path)
+  magic, dims, body = _read_idx(path)
+  if magic != _IDX_LABELS_MAGIC:
+    raise DataError(f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_LABELS_MAGIC:x} (idx1 ubyte labels)")
+  (n,) = dims
+  if len(body) != n:
+    what = "truncated" if len(body) < n else "trailing bytes"
+    raise DataError(f"{path}: {what}: header says {n} labels, file has {len(body)} bytes")
+  labels = np.frombuffer(body, np.uint8).astype(np.int32)
+  _check_labels(path, labels, num_classes)
+  return labels
 
 
 def parse_cifar_batch(path: str | os.PathLike, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """CIFAR-10 binary batch (<label><1024 R><1024 G><1024 B> records) as uint8 NHWC, int32 labels."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if len(raw) == 0 or len(raw) % _CIFAR_RECORD_BYTES:
-        raise DataError(
-            f"{path}: truncated or malformed: size {len(raw)} is not a positive multiple of the "
-            f"{_CIFAR_RECORD_BYTES}-byte record"
-        )
-    rec = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
-    labels = rec[:, 0].astype(np.int32)
-    _check_labels(path, labels, num_classes)
-    # Stored planar (CHW); transpose once on the host so everything downstream is NHWC.
-    images = np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-    return images, labels
+  """CIFAR-10 binary batch (<label><1024 R><1024 G><1024 B> records) as uint8 NHWC, int32 labels."""
+  path = Path(path)
+  raw = path.read_bytes()
+  if len(raw) == 0 or len(raw) % _CIFAR_RECORD_BYTES:
+    raise DataError(
+      f"{path}: truncated or malformed: size {len(raw)} is not a positive multiple of the "
+      f"{_CIFAR_RECORD_BYTES}-byte record"
+    )
+  rec = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
+  labels = rec[:, 0].astype(np.int32)
+  _check_labels(path, labels, num_classes)
+  # Stored planar (CHW); transpose once on the host so everything downstream is NHWC.
+  images = np.ascontiguousarray(rec[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+  return images, labels
 
 
 def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-    if bad.size:
-        i = int(bad[0])
-        raise DataError(
-            f"{path}: label {labels[i]} out of range [0, {num_classes}) at index {i} ({bad.size} bad labels)"
-        )
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise DataError(
+      f"{path}: label {labels[i]} out of range [0, {num_classes}) at index {i} ({bad.size} bad labels)"
+    )
 
 
 # ----------------------------------------------------------------------------- download
 
 
 def _fetch(url: str, dest_dir: Path, expected_sha256: str | None) -> Path:
-    """Stream `url` into a temp file in `dest_dir` (same filesystem, so os.replace is atomic later)."""
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                h.update(chunk)
-                out.write(chunk)
-        if expected_sha256 is not None and h.hexdigest() != expected_sha256:
-            raise DataError(f"{url}: sha256 mismatch (expected {expected_sha256}, actual {h.hexdigest()})")
-        return Path(tmp)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+  """Stream `url` into a temp file in `dest_dir` (same filesystem, so os.replace is atomic later)."""
+  fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
+  try:
+    h = hashlib.sha256()
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+      for chunk in iter(lambda: resp.read(1 << 20), b""):
+        h.update(chunk)
+        out.write(chunk)
+    if expected_sha256 is not None and h.hexdigest() != expected_sha256:
+      raise DataError(f"{url}: sha256 mismatch (expected {expected_sha256}, actual {h.hexdigest()})")
+    return Path(tmp)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
 
 
 def _extract_archive(archive: Path, root: Path, ds: DatasetInfo, wanted: Sequence[str]) -> None:
-    """Copy the `wanted` members out of a tar.gz, each verified, via temp file + os.replace.
+  """Copy the `wanted` members out of a tar.gz, each verified, via temp file + os.replace.
 
-    Output paths come from the registry, never from member names, and only regular-file members
-    whose normalised name equals a wanted path are read: no path traversal, no links.
-    """
-    found = set()
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            rel = os.path.normpath(member.name).replace(os.sep, "/")
-            if rel not in wanted or rel in found or not member.isreg():
-                continue
-            dest = root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".extract-", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, tar.extractfile(member) as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-                verify_file(tmp, ds.sha256[rel])
-                os.replace(tmp, dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            found.add(rel)
-    missing = [w for w in wanted if w not in found]
-    if missing:
-        raise DataError(f"{archive.name}: archive lacks regular-file members {missing}")
+  Output paths come from the registry, never from member names, and only regular-file members
+  whose normalised name equals a wanted path are read: no path traversal, no links.
+  """
+  found = set()
+  with tarfile.open(archive, "r:gz") as tar:
+    for member in tar:
+      rel = os.path.normpath(member.name).replace(os.sep, "/")
+      if rel not in wanted or rel in found or not member.isreg():
+        continue
+      dest = root / rel
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".extract-", suffix=".part")
+      try:
+        with os.fdopen(fd, "wb") as out, tar.extractfile(member) as src:
+          shutil.copyfileobj(src, out, 1 << 20)
+        verify_file(tmp, ds.sha256[rel])
+        os.replace(tmp, dest)
+      except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+      found.add(rel)
+  missing = [w for w in wanted if w not in found]
+  if missing:
+    raise DataError(f"{archive.name}: archive lacks regular-file members {missing}")
 
 
 def download(
-    name: str, data_dir: str | os.PathLike | None = None, mirrors: Sequence[str] | None = None
+  name: str, data_dir: str | os.PathLike | None = None, mirrors: Sequence[str] | None = None
 ) -> Path:
-    """Fetch the dataset's missing files into <data_dir>/<name>/, verified; returns that dir.
+  """Fetch the dataset's missing files into <data_dir>/<name>/, verified; returns that dir.
 
-    Mirrors are tried in order (argument, $TP_JAX_MIRROR_<NAME>, official). Each file lands via a
-    temp file + os.replace, so a failed or mismatching download leaves nothing behind.
-    """
-    ds = info(name)
-    root = resolve_data_dir(data_dir) / name
-    missing = [rel for rel in ds.sha256 if not (root / rel).exists()]
-    if not missing:
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    bases = mirror_urls(name, mirrors)
-    # Archive datasets come as one file; otherwise each missing file is its own download.
-    jobs = [(ds.archive, missing)] if ds.archive else [(rel, [rel]) for rel in missing]
-    failures = []
-    for remote, targets in jobs:  # keep going after a failure, so one error names every problem
-        errors = []
-        for base in bases:
-            url = base + remote
-            try:
-                if ds.archive:
-                    tmp = _fetch(url, root, None)  # no official archive sha256; members are verified
-                    try:
-                        _extract_archive(tmp, root, ds, targets)
-                    finally:
-                        tmp.unlink(missing_ok=True)
-                else:
-                    tmp = _fetch(url, root, ds.sha256[remote])
-                    os.replace(tmp, root / remote)
-                break
-            except (OSError, DataError, tarfile.TarError, EOFError, zlib.error) as e:
-                errors.append(f"{url}: {e}")
-        else:
-            failures.append(f"could not download {name}/{remote}; tried:\n  " + "\n  ".join(errors))
-    if failures:
-        raise DataError("\n".join(failures))
+  Mirrors are tried in order (argument, $TP_JAX_MIRROR_<NAME>, official). Each file lands via a
+  temp file + os.replace, so a failed or mismatching download leaves nothing behind.
+  """
+  ds = info(name)
+  root = resolve_data_dir(data_dir) / name
+  missing = [rel for rel in ds.sha256 if not (root / rel).exists()]
+  if not missing:
     return root
+  root.mkdir(parents=True, exist_ok=True)
+  bases = mirror_urls(name, mirrors)
+  # Archive datasets come as one file; otherwise each missing file is its own download.
+  jobs = [(ds.archive, missing)] if ds.archive else [(rel, [rel]) for rel in missing]
+  failures = []
+  for remote, targets in jobs:  # keep going after a failure, so one error names every problem
+    errors = []
+    for base in bases:
+      url = base + remote
+      try:
+        if ds.archive:
+          tmp = _fetch(url, root, None)  # no official archive sha256; members are verified
+          try:
+            _extract_archive(tmp, root, ds, targets)
+          finally:
+            tmp.unlink(missing_ok=True)
+        else:
+          tmp = _fetch(url, root, ds.sha256[remote])
+          os.replace(tmp, root / remote)
+        break
+      except (OSError, DataError, tarfile.TarError, EOFError, zlib.error) as e:
+        errors.append(f"{url}: {e}")
+    else:
+      failures.append(f"could not download {name}/{remote}; tried:\n  " + "\n  ".join(errors))
+  if failures:
+    raise DataError("\n".join(failures))
+  return root
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def load(
-    name: str,
-    split: str,
-    data_dir: str | os.PathLike | None = None,
-    verify: bool = True,
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
+  name: str,
+  split: str,
+  data_dir: str | os.PathLike | None = None,
+  verify: bool = True,
+  download: bool = True,
+  mirrors: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images_NHWC uint8, labels int32) for one split, read from disk (downloaded if missing)."""
-    ds = info(name)
-    paths = expected_paths(name, split, data_dir)
-    if not all(p.exists() for p in paths):
-        _download_or_explain(ds, split, paths, data_dir, download, mirrors)
-    if verify:
-        for p, rel in zip(paths, ds.files[split]):
-            verify_file(p, ds.sha256[rel])
-    if ds.archive is None:
-        images = parse_idx_images(paths[0], ds.image_shape)
-        labels = parse_idx_labels(paths[1], ds.num_classes)
-        if len(images) != len(labels):
-            raise DataError(f"{paths[1]}: {len(labels)} labels but {paths[0].name} has {len(images)} images")
-        return images, labels
-    parts = [parse_cifar_batch(p, ds.num_classes) for p in paths]
-    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+  """(images_NHWC uint8, labels int32) for one split, read from disk (downloaded if missing)."""
+  ds = info(name)
+  paths = expected_paths(name, split, data_dir)
+  if not all(p.exists() for p in paths):
+    _download_or_explain(ds, split, paths, data_dir, download, mirrors)
+  if verify:
+    for p, rel in zip(paths, ds.files[split]):
+      verify_file(p, ds.sha256[rel])
+  if ds.archive is None:
+    images = parse_idx_images(paths[0], ds.image_shape)
+    labels = parse_idx_labels(paths[1], ds.num_classes)
+    if len(images) != len(labels):
+      raise DataError(f"{paths[1]}: {len(labels)} labels but {paths[0].name} has {len(images)} images")
+    return images, labels
+  parts = [parse_cifar_batch(p, ds.num_classes) for p in paths]
+  return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
 def _download_or_explain(ds: DatasetInfo, split: str, paths: list[Path], data_dir, allow: bool, mirrors) -> None:
-    """Download missing files if allowed, else raise a DataError saying where they were expected."""
-    # Lives outside `load` because there the bool argument `download` shadows the function.
-    reason = "download=False, so no download was attempted"
-    if allow:
-        try:
-            download(ds.name, data_dir, mirrors)
-            if all(p.exists() for p in paths):
-                return
-            reason = "download finished but files are still missing"
-        except DataError as e:
-            reason = f"download failed: {e}"
-    urls = [base + (ds.archive or rel) for base in mirror_urls(ds.name, mirrors) for rel in ds.files[split]]
-    urls = list(dict.fromkeys(urls))
-    missing = "\n  ".join(f"{p}{'' if p.exists() else '  (missing)'}" for p in paths)
-    raise DataError(
-        f"{ds.name}/{split}: data files not found. Expected under data dir {resolve_data_dir(data_dir)}:\n"
-        f"  {missing}\n"
-        f"Set ${DATA_ENV} or pass data_dir= to point elsewhere; mirrors "
-        f"(override with ${MIRROR_ENV_PREFIX}{ds.name.upper()}): {', '.join(urls)}\n{reason}"
-    )
+  """Download missing files if allowed, else raise a DataError saying where they were expected."""
+  # Lives outside `load` because there the bool argument `download` shadows the function.
+  reason = "download=False, so no download was attempted"
+  if allow:
+    try:
+      download(ds.name, data_dir, mirrors)
+      if all(p.exists() for p in paths):
+        return
+      reason = "download finished but files are still missing"
+    except DataError as e:
+      reason = f"download failed: {e}"
+  urls = [base + (ds.archive or rel) for base in mirror_urls(ds.name, mirrors) for rel in ds.files[split]]
+  urls = list(dict.fromkeys(urls))
+  missing = "\n  ".join(f"{p}{'' if p.exists() else '  (missing)'}" for p in paths)
+  raise DataError(
+    f"{ds.name}/{split}: data files not found. Expected under data dir {resolve_data_dir(data_dir)}:\n"
+    f"  {missing}\n"
+    f"Set ${DATA_ENV} or pass data_dir= to point elsewhere; mirrors "
+    f"(override with ${MIRROR_ENV_PREFIX}{ds.name.upper()}): {', '.join(urls)}\n{reason}"
+  )
 
 
 # ----------------------------------------------------------------------------- device pipeline
 
 
 class Dataset(NamedTuple):
-    """Normalised float32 images (NHWC) and int32 labels on device, plus the registry entry."""
+  """Normalised float32 images (NHWC) and int32 labels on device, plus the registry entry."""
 
-    x_train: jax.Array
-    y_train: jax.Array
-    x_test: jax.Array
-    y_test: jax.Array
-    info: DatasetInfo
+  x_train: jax.Array
+  y_train: jax.Array
+  x_test: jax.Array
+  y_test: jax.Array
+  info: DatasetInfo
 
 
 def normalise(x_uint8: jax.Array, name: str) -> jax.Array:
-    """uint8 NHWC -> float32 (x/255 - mean) / std with the dataset's per-channel statistics."""
-    ds = info(name)
-    mean = jnp.asarray(ds.mean, jnp.float32)
-    std = jnp.asarray(ds.std, jnp.float32)
-    return (jnp.asarray(x_uint8).astype(jnp.float32) / 255.0 - mean) / std
+  """uint8 NHWC -> float32 (x/255 - mean) / std with the dataset's per-channel statistics."""
+  ds = info(name)
+  mean = jnp.asarray(ds.mean, jnp.float32)
+  std = jnp.asarray(ds.std, jnp.float32)
+  return (jnp.asarray(x_uint8).astype(jnp.float32) / 255.0 - mean) / std
 
 
 def epoch_permutation(key: jax.Array, n: int) -> jax.Array:
-    """A random permutation of range(n) (int32)."""
-    return jax.random.permutation(key, n)
+  """A random permutation of range(n) (int32)."""
+  return jax.random.permutation(key, n)
 
 
 def batches(key: jax.Array, n: int, batch_size: int) -> jax.Array:
-    """Shuffled example indices [n // batch_size, batch_size]; the remainder is dropped."""
-    if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
-    num_batches = n // batch_size
-    return epoch_permutation(key, n)[: num_batches * batch_size].reshape(num_batches, batch_size)
+  """Shuffled example indices [n // batch_size, batch_size]; the remainder is dropped."""
+  if not 0 < batch_size <= n:
+    raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
+  num_batches = n // batch_size
+  return epoch_permutation(key, n)[: num_batches * batch_size].reshape(num_batches, batch_size)
 
 
 @functools.partial(jax.jit, static_argnames="pad")
 def augment(key: jax.Array, x_NHWC: jax.Array, pad: int = 4) -> jax.Array:
-    """Per-example random crop (zero padding of `pad` pixels) and random horizontal flip.
+  """Per-example random crop (zero padding of `pad` pixels) and random horizontal flip.
 
-    Zero padding applies in the input's space: after `normalise` a zero is the dataset mean.
-    Pure jax.random with fixed shapes; jitted here (pad static) and fine inside another jit.
-    """
-    n, h, w, c = x_NHWC.shape
-    k_y, k_x, k_f = jax.random.split(key, 3)
-    # Draw all offsets/flips at once: three random ops instead of three per example.
-    dy_N = jax.random.randint(k_y, (n,), 0, 2 * pad + 1)
-    dx_N = jax.random.randint(k_x, (n,), 0, 2 * pad + 1)
-    flip_N = jax.random.bernoulli(k_f, 0.5, (n,))
-    padded_NHWC = jnp.pad(x_NHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  Zero padding applies in the input's space: after `normalise` a zero is the dataset mean.
+  Pure jax.random with fixed shapes; jitted here (pad static) and fine inside another jit.
+  """
+  n, h, w, c = x_NHWC.shape
+  k_y, k_x, k_f = jax.random.split(key, 3)
+  # Draw all offsets/flips at once: three random ops instead of three per example.
+  dy_N = jax.random.randint(k_y, (n,), 0, 2 * pad + 1)
+  dx_N = jax.random.randint(k_x, (n,), 0, 2 * pad + 1)
+  flip_N = jax.random.bernoulli(k_f, 0.5, (n,))
+  padded_NHWC = jnp.pad(x_NHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
-    def crop(x_HWC, dy, dx):
-        return jax.lax.dynamic_slice(x_HWC, (dy, dx, 0), (h, w, c))
+  def crop(x_HWC, dy, dx):
+    return jax.lax.dynamic_slice(x_HWC, (dy, dx, 0), (h, w, c))
 
-    crops_NHWC = jax.vmap(crop)(padded_NHWC, dy_N, dx_N)
-    return jnp.where(flip_N[:, None, None, None], crops_NHWC[:, :, ::-1], crops_NHWC)
+  crops_NHWC = jax.vmap(crop)(padded_NHWC, dy_N, dx_N)
+  return jnp.where(flip_N[:, None, None, None], crops_NHWC[:, :, ::-1], crops_NHWC)
 
 
 def train_val_split(
-    key: jax.Array, x: jax.Array, y: jax.Array, num_val: int
+  key: jax.Array, x: jax.Array, y: jax.Array, num_val: int
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Random disjoint split: (x_train, y_train, x_val, y_val) with `num_val` validation examples."""
-    n = x.shape[0]
-    if not 0 <= num_val <= n or y.shape[0] != n:
-        raise ValueError(f"need 0 <= num_val <= n and len(y) == len(x); got num_val={num_val}, x {n}, y {y.shape[0]}")
-    perm = epoch_permutation(key, n)
-    tr, va = perm[num_val:], perm[:num_val]
-    return x[tr], y[tr], x[va], y[va]
+  """Random disjoint split: (x_train, y_train, x_val, y_val) with `num_val` validation examples."""
+  n = x.shape[0]
+  if not 0 <= num_val <= n or y.shape[0] != n:
+    raise ValueError(f"need 0 <= num_val <= n and len(y) == len(x); got num_val={num_val}, x {n}, y {y.shape[0]}")
+  perm = epoch_permutation(key, n)
+  tr, va = perm[num_val:], perm[:num_val]
+  return x[tr], y[tr], x[va], y[va]
 
 
 def load_dataset(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    verify: bool = True,
-    download: bool = True,
-    mirrors: Sequence[str] | None = None,
-    device: jax.Device | None = None,
+  name: str,
+  data_dir: str | os.PathLike | None = None,
+  *,
+  verify: bool = True,
+  download: bool = True,
+  mirrors: Sequence[str] | None = None,
+  device: jax.Device | None = None,
 ) -> Dataset:
-    """Both splits, normalised float32 NHWC and int32 labels, placed on `device` (default device)."""
-    ds = info(name)
-    norm = jax.jit(functools.partial(normalise, name=name))
-    out = []
-    for split in SPLITS:
-        x, y = load(name, split, data_dir, verify=verify, download=download, mirrors=mirrors)
-        # Ship uint8 and normalise on device: 4x less host->device traffic than float32.
-        out += [norm(jax.device_put(x, device)), jax.device_put(y, device)]
-    return Dataset(*out, info=ds)
+  """Both splits, normalised float32 NHWC and int32 labels, placed on `device` (default device)."""
+  ds = info(name)
+  norm = jax.jit(functools.partial(normalise, name=name))
+  out = []
+  for split in SPLITS:
+    x, y = load(name, split, data_dir, verify=verify, download=download, mirrors=mirrors)
+    # Ship uint8 and normalise on device: 4x less host->device traffic than float32.
+    out += [norm(jax.device_put(x, device)), jax.device_put(y, device)]
+  return Dataset(*out, info=ds)
