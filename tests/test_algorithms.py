@@ -44,13 +44,14 @@ def make_cfg(model: str, method: str, **overrides):
   cfg.dataset, kwargs = SMOKE_MODELS[model]
   cfg.model_kwargs = dict(kwargs)
   cfg.method = method
-  cfg.optimizer.lr = 0.02
+  # Untrained feedback sends lower blocks random targets: a smaller forward step keeps
+  # the few smoke steps stable for the learned/fixed-feedback methods.
+  cfg.optimizer.lr = 0.002 if method in ('ldrl', 'dtp', 'fwdtp') else 0.02
   cfg.update(overrides)
   n = config_lib.num_trained_feedback_blocks(cfg)
   cfg.feedback.iterations = [2] * n
   cfg.feedback.noise = [0.1] * n
-  cfg.feedback.lr = [1e-3] * n
-  cfg.feedback.init_scale = 0.0 if method == 'fwdtp' else cfg.feedback.init_scale
+  cfg.feedback.lr = [1e-5] * n
   config_lib.validate(cfg)
   return cfg
 
@@ -63,8 +64,8 @@ def build(cfg, x):
 
 
 def mean_ce(net, params, x, y):
-  return float(optax.softmax_cross_entropy_with_integer_labels(
-      network.apply(net, params, x), y).mean())
+  return float(jax.jit(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      network.apply(net, p, x), y).mean())(params))
 
 
 PAIRS = [(m, a) for m in ('lenet', 'simple_vgg', 'mlp_mixer')
@@ -76,16 +77,16 @@ PAIRS = [(m, a) for m in ('lenet', 'simple_vgg', 'mlp_mixer')
 @pytest.mark.parametrize('model,method', PAIRS)
 def test_loss_drops_on_a_fixed_real_batch(model, method):
   cfg = make_cfg(model, method)
-  x, y = real_batch(cfg.dataset, 32)
+  x, y = real_batch(cfg.dataset, 16)
   net, algo, state = build(cfg, x)
   before = mean_ce(net, state.params, x, y)
   step = jax.jit(algo.step)
-  for i in range(4):
+  for i in range(3):
     state, metrics = step(state, (x, y), jax.random.key(i))
     assert bool(metrics['finite'])
   after = mean_ce(net, state.params, x, y)
   assert after < before, f'{model}/{method}: loss {before:.4f} -> {after:.4f}'
-  assert int(state.step) == 4
+  assert int(state.step) == 3
 
 
 @needs_data

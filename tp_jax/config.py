@@ -55,7 +55,10 @@ def default() -> ml_collections.ConfigDict:
   c.feedback.lr = [7.19e-4, 1.25e-4, 3.54e-2]  # SGD-momentum lr per block
   c.feedback.momentum = 0.9
   c.feedback.order = 'parallel'  # LDRL: 'parallel' (one scan over all blocks) | 'sequential'
-  c.feedback.init_scale = 1e-3  # FWDTP: B ~ U(-scale, scale); 0 -> LeCun normal
+  # Initial feedback kernels B ~ U(-scale, scale) (FWDTP's default 1e-3); 0 -> LeCun
+  # normal. Small B keeps lower targets near h until LDRL/DTP have trained B: with
+  # LeCun-scale random B, LeNet's loss rose from the first steps (measured).
+  c.feedback.init_scale = 1e-3
 
   c.checkpoint_every_steps = 0  # 0 -> at the end of every epoch
   c.keep_checkpoints = 2
@@ -132,5 +135,5 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     if cfg.feedback.order not in ('parallel', 'sequential'):
       raise ConfigError(f"feedback.order must be 'parallel' or 'sequential', got "
                         f'{cfg.feedback.order!r}')
-  if cfg.method == 'fwdtp':
+  if cfg.method in FEEDBACK_TRAINED + ('fwdtp',):
     _positive(cfg, 'feedback.init_scale', allow_zero=True)

@@ -88,7 +88,7 @@ def make(net, cfg, tx, loss_fn: FeedbackLoss) -> common.Algorithm:
   def init(key, x):
     k_fwd, k_fb = jax.random.split(key)
     state = common.init_forward(net, tx, k_fwd, x)
-    fb_params = network.init_feedback(state.params, k_fb)
+    fb_params = network.init_feedback(state.params, k_fb, cfg.feedback.init_scale or None)
     return state._replace(fb_params=fb_params, fb_opt_state=init_state(fb_params, txs))
 
   def step(state, batch, key):
