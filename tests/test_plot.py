@@ -1,0 +1,73 @@
+"""experiments.plot: learning curves from metrics.jsonl as PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip('matplotlib')
+
+from experiments import plot  # pylint: disable=g-import-not-at-top
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(workdir: Path, method: str, blocks: int | None, epochs: int = 3) -> Path:
+  workdir.mkdir(parents=True)
+  rows = []
+  for e in range(1, epochs + 1):
+    row = dict(epoch=e, step=10 * e, train_loss=2.0 / e, train_accuracy=0.3 * e / epochs,
+               test_loss=2.1 / e, test_accuracy=0.28 * e / epochs)
+    if blocks:
+      row['block_loss'] = [0.1 * (b + 1) / e for b in range(blocks)]
+    rows.append(row)
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  (workdir / 'result.json').write_text(json.dumps(dict(config=dict(method=method,
+                                                                   model='lenet'))))
+  return workdir
+
+
+def _is_png(path: Path) -> bool:
+  return path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_one_and_two_runs(tmp_path):
+  tp = _run(tmp_path / 'tp', 'tjml_dtp', blocks=4)
+  bp = _run(tmp_path / 'bp', 'bp', blocks=None)
+  out = plot.plot_runs([tp])
+  assert out == tp / 'curves.png' and _is_png(out)
+  both = plot.plot_runs([tp, bp], tmp_path / 'both.png', title='TJML-DTP vs BP')
+  assert _is_png(both)
+  # With the per-block panel the figure is wider than without it.
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  w_tp = matplotlib.image.imread(out).shape[1]
+  w_bp = matplotlib.image.imread(plot.plot_runs([bp], tmp_path / 'bp.png')).shape[1]
+  assert w_tp > w_bp
+  assert plot.run_label(tp).startswith('tjml_dtp (lenet')
+
+
+def test_missing_or_empty_metrics_are_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='metrics.jsonl not found'):
+    plot.plot_runs([tmp_path])
+  (tmp_path / 'metrics.jsonl').write_text('')
+  with pytest.raises(ValueError, match='no rows yet'):
+    plot.plot_runs([tmp_path])
+
+
+def test_command_line(tmp_path):
+  tp = _run(tmp_path / 'tp', 'tjml_dtp', blocks=2)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  p = subprocess.run([sys.executable, '-m', 'experiments.plot', f'--workdir={tp}',
+                      f'--out={tmp_path / "x.png"}'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0, p.stderr
+  assert _is_png(tmp_path / 'x.png')
+  p = subprocess.run([sys.executable, '-m', 'experiments.plot',
+                      f'--workdir={tmp_path / "nothing"}'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode != 0 and 'metrics.jsonl not found' in p.stderr
