@@ -15,7 +15,8 @@ TJML = ||J_G - J_F^T||_F (and IJML = ||J_G - J_F^-1||_F for square blocks, PJML 
 with absolute and relative (/ ||target||_F) values, batch means of per-example values.
 Blocks whose n_in * n_out exceeds --max_exact_size use the matrix-free estimate
 (TJML only; the error bar is the Monte-Carlo standard error of the probes).
-``--dataset=synthetic`` uses a Gaussian batch of MNIST shape and needs no files.
+``--dataset=synthetic`` uses a Gaussian batch (``--synthetic_shape``, default MNIST's
+28,28,1) and needs no files.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tp_jax import network
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', 'lenet', f'one of {sorted(models.MODELS)}')
 flags.DEFINE_string('dataset', 'mnist', 'mnist, fashion_mnist, cifar10 or synthetic')
+flags.DEFINE_list('synthetic_shape', ['28', '28', '1'], 'H,W,C of --dataset=synthetic')
 flags.DEFINE_string('split', 'test', 'dataset split the batch is taken from')
 flags.DEFINE_integer('batch_size', 32, 'examples in the batch (the first ones of the split)')
 flags.DEFINE_string('data_dir', None, 'dataset root (default: tp_jax.data resolution)')
@@ -71,7 +73,8 @@ def _read_idx_images(path: Path, n: int) -> np.ndarray:
 
 
 def load_batch(dataset: str, batch_size: int, data_dir: str | None = None,
-               split: str = 'test', seed: int = 0) -> tuple[jax.Array, str]:
+               split: str = 'test', seed: int = 0,
+               synthetic_shape: tuple[int, int, int] = (28, 28, 1)) -> tuple[jax.Array, str]:
   """A normalised float32 NHWC batch and a note on where it came from.
 
   Uses ``tp_jax.data.load`` / ``normalise`` when that module is importable; otherwise
@@ -79,8 +82,9 @@ def load_batch(dataset: str, batch_size: int, data_dir: str | None = None,
   /work/shared/data) and normalises with the usual mean/std.
   """
   if dataset == 'synthetic':
-    x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch_size, 28, 28, 1))
-    return x, 'synthetic N(0, 1) batch of shape (B, 28, 28, 1)'
+    shape = (batch_size, *synthetic_shape)
+    x = np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
+    return jnp.asarray(x), f'synthetic N(0, 1) batch of shape {shape}'
   try:
     from tp_jax import data  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -113,7 +117,8 @@ def feedbacks(params: network.Params, key: jax.Array, fb_scale: float = 1e-3) ->
   return {
       'tjmc_integral': (params, layers.TJMC),
       'tjmc_hadamard': (params, layers.TJMC_HADAMARD),
-      'fwdtp_random': (network.init_feedback(params, key, scale=fb_scale), layers.LEARNED),
+      'fwdtp_random': (jax.jit(lambda p, k: network.init_feedback(p, k, scale=fb_scale))(
+          params, key), layers.LEARNED),
   }
 
 
@@ -123,7 +128,8 @@ def run(model: str, x: jax.Array, seed: int = 0, num_classes: int = 10,
   """Builds and initialises the model on x and returns ``jml.report`` rows."""
   net = build_model(model, x, num_classes, act)
   k_init, k_fb, k_probe = jax.random.split(jax.random.PRNGKey(seed), 3)
-  params = network.init(net, k_init, x)
+  # Jitted: one compile for all initialisers instead of one per kernel shape.
+  params = jax.jit(lambda k, h: network.init(net, k, h))(k_init, x)
   return jml.report(net, params, feedbacks(params, k_fb, fb_scale), x, kinds=tuple(kinds),
                     num_probes=num_probes, key=k_probe, max_exact_size=max_exact_size)
 
@@ -132,7 +138,7 @@ def main(argv):
   del argv
   start = time.time()
   x, source = load_batch(FLAGS.dataset, FLAGS.batch_size, FLAGS.data_dir, FLAGS.split,
-                         FLAGS.seed)
+                         FLAGS.seed, tuple(int(d) for d in FLAGS.synthetic_shape))
   rows = run(FLAGS.model, x, FLAGS.seed, NUM_CLASSES.get(FLAGS.dataset, 10), FLAGS.act,
              FLAGS.num_probes, FLAGS.max_exact_size, FLAGS.kinds, FLAGS.fb_scale)
   if FLAGS.json:

@@ -46,14 +46,14 @@ IJML and PJML are exact only: a matrix-free estimate would need J_F^-1 v or J_F^
 i.e. a linear solve per probe. Asking for them with ``exact=False`` raises. In
 ``block_jml`` their inverses are taken on the host in float64 (``host_target``): the
 pseudo-inverse keeps singular values above 10 max(n_in, n_out) eps_float32 s_max, as
-``jnp.linalg.pinv`` does for float32 (the Jacobians themselves are float32).
+``jnp.linalg.pinv`` does for float32 (the Jacobians themselves are float32). (The
+matrix functions ``pjml``/``target_matrix`` use ``jnp.linalg.pinv`` with that cutoff.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -231,55 +231,119 @@ class JMLResult:
   out_dim: int
 
 
-def _example_norms(f, g, x1, y1, ctx1):
-  J_F, J_G = example_jacobians(f, g, x1, y1, ctx1)
-  diff = _fro(J_G - J_F.T)
-  return diff, diff / _fro(J_F)
-
-
-def _exact_tjml(f, g, h_in, y, ctx, chunk):
-  return jax.lax.map(lambda a: _example_norms(f, g, *a), (h_in, y, ctx), batch_size=chunk)
-
-
 def host_target(J_F: np.ndarray, kind: str) -> np.ndarray:
-  """J_F^-1 or J_F^+ of one example in float64 numpy (LAPACK; XLA's CPU SVD is slow).
+  """J_F^T, J_F^-1 or J_F^+ of one example, in float64 numpy on the host.
 
-  The pseudo-inverse cuts singular values below 10 max(n_out, n_in) eps_float32 s_max,
-  the cutoff of ``jnp.linalg.pinv`` for float32: J_F is computed in float32, so its
-  numerically zero singular values are ~eps_float32 s_max, not 0.
+  The pseudo-inverse keeps singular values s > rtol s_max with rtol = 10 max(n_out,
+  n_in) eps_float32 (the cutoff of ``jnp.linalg.pinv`` for float32: J_F is computed in
+  float32, so its numerically zero singular values are ~eps_float32 s_max, not 0). It is
+  computed from the eigendecomposition of the smaller Gram matrix A A^T = U diag(lam) U^T
+  (A = J_F or J_F^T, whichever is wide): A^+ = A^T U diag(1/lam) U^T on the kept pairs
+  (lam = s^2). In float64 the squared condition number (<= rtol^-2 ~ 1e5) costs nothing,
+  and it is ~4x cheaper than an SVD (XLA's CPU SVD is slower still).
   """
+  if kind == 'tjml':
+    return J_F.T
+  m, n = J_F.shape
+  rtol = 10 * max(m, n) * np.finfo(np.float32).eps
   if kind == 'ijml':
+    s = np.linalg.svd(J_F, compute_uv=False)
+    if s[-1] <= rtol * s[0]:
+      raise JMLError(f'IJML is undefined: J_F ({m} x {n}) is singular to float32 precision '
+                     f'(s_min / s_max = {s[-1] / max(s[0], 1e-300):.1e} <= {rtol:.1e}); '
+                     f'use PJML')
     return np.linalg.inv(J_F)
-  rtol = 10 * max(J_F.shape) * np.finfo(np.float32).eps
-  return np.linalg.pinv(J_F, rcond=rtol)
+  A = J_F if m <= n else J_F.T
+  lam, U = np.linalg.eigh(A @ A.T)
+  keep = lam > rtol ** 2 * max(lam.max(), 0.0)
+  U = U[:, keep]
+  A_pinv = (A.T @ U) / lam[keep] @ U.T
+  return A_pinv if m <= n else A_pinv.T
 
 
-def _exact_host(f, g, h_in, y, ctx, kind, chunk):
-  """IJML / PJML: per-example Jacobians in chunks, inverses on the host in float64."""
-  jac = jax.jit(jax.vmap(lambda a, b, c: example_jacobians(f, g, a, b, c)))
-  absolute, relative = [], []
-  for i in range(0, h_in.shape[0], chunk):
-    sl = jax.tree_util.tree_map(lambda a: a[i:i + chunk], (h_in, y, ctx))
-    J_F, J_G = (np.asarray(m, np.float64) for m in jac(*sl))
-    for jf, jg in zip(J_F, J_G):
-      T = host_target(jf, kind)
-      absolute.append(np.linalg.norm(jg - T))
-      relative.append(absolute[-1] / np.linalg.norm(T))
-  return np.array(absolute), np.array(relative)
+def _exact_losses(net: network.Net, params: network.Params,
+                  feedbacks: Sequence[tuple[network.Params, layers.FeedbackMode]], n: int,
+                  h_in: Array, kinds: Sequence[str]) -> list[dict[str, Any]]:
+  """Exact per-example losses of block n for several feedbacks and kinds at once.
+
+  J_F is computed once per example and shared by every feedback; J_G once per feedback
+  and shared by every kind; J_F^-1 / J_F^+ once per example and kind. Examples go in
+  chunks (a divisor of B) so that at most ~MAX_EXACT_SIZE floats per Jacobian are live
+  and each Jacobian program is compiled once. Norms are taken on the host in float64.
+
+  Returns, per feedback, {kind: (absolute (B,), relative (B,))} or {kind: exception}
+  (a FeedbackError if the block refuses the mode, a JMLError for IJML of a singular J_F).
+  """
+  f0 = lambda h: network.block_forward(net, n, params[n], h)[0]
+  y, ctx = jax.jit(lambda h: network.block_forward(net, n, params[n], h))(h_in)
+  B, n_in, n_out = h_in.shape[0], _size(h_in.shape[1:]), _size(y.shape[1:])
+  chunk = max(1, min(B, MAX_EXACT_SIZE // max(n_in * n_out, 1)))
+  while B % chunk:
+    chunk -= 1
+  f1 = _per_example(f0)
+  jac_f = jax.jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
+  jac_gs = []
+  for fb_params, mode in feedbacks:
+    g1 = _per_example(lambda t, c, fb=fb_params, mode=mode:
+                      network.block_feedback(net, n, fb[n], t, c, mode))
+    jac_gs.append(jax.jit(jax.vmap(
+        lambda y1, c1, g1=g1: _jac(lambda t: g1(t, c1), n_out, n_in)(y1).reshape(n_in, n_out))))
+  out: list[dict[str, Any]] = [{} for _ in feedbacks]
+  sums: list[dict[str, tuple[list, list]]] = [{k: ([], []) for k in kinds} for _ in feedbacks]
+  for start in range(0, B, chunk):
+    xc, yc, cc = jax.tree_util.tree_map(lambda a: a[start:start + chunk], (h_in, y, ctx))
+    J_F = np.asarray(jac_f(xc), np.float64)
+    J_G = []
+    for i, jac_g in enumerate(jac_gs):
+      try:
+        J_G.append(None if out[i].get('*') else np.asarray(jac_g(yc, cc), np.float64))
+      except layers.FeedbackError as e:
+        out[i]['*'] = e
+        J_G.append(None)
+    for b in range(J_F.shape[0]):
+      for kind in kinds:
+        if any(kind in o for o in out):
+          continue
+        try:
+          T = host_target(J_F[b], kind)
+        except JMLError as e:
+          for o in out:
+            o.setdefault(kind, e)
+          continue
+        t_norm = np.linalg.norm(T)
+        for i in range(len(feedbacks)):
+          if J_G[i] is not None:
+            d = np.linalg.norm(J_G[i][b] - T)
+            sums[i][kind][0].append(d)
+            sums[i][kind][1].append(d / t_norm)
+  for i, o in enumerate(out):
+    err = o.pop('*', None)
+    for kind in kinds:
+      if err is not None:
+        o[kind] = err
+      elif kind not in o:
+        o[kind] = tuple(np.array(v) for v in sums[i][kind])
+  return out
 
 
-def _probe_stats(f, g, h_in, y, ctx, key, num_probes, chunk):
-  """Per-example squared norms ||A v_k||^2 and ||J_F^T v_k||^2, shape (K, B) each."""
+def _probe_stats(f, g, h_in, y, ctx, probes):
+  """Per-example squared norms ||A v_k||^2 and ||J_F^T v_k||^2, shape (K, B) each, for
+  probes v_k of shape (K, *y.shape)."""
   _, f_vjp = jax.vjp(f, h_in)
   axes = tuple(range(1, y.ndim))
 
-  def one(k):
-    v = jax.random.normal(k, y.shape, y.dtype)
+  def one(v):
     _, g_v = jax.jvp(lambda t: g(t, ctx), (y,), (v,))
     (ft_v,) = f_vjp(v)
     return (jnp.sum(jnp.square(g_v - ft_v), axis=axes),
             jnp.sum(jnp.square(ft_v), axis=axes))
-  return jax.lax.map(one, jax.random.split(key, num_probes), batch_size=chunk)
+  return jax.vmap(one)(probes)
+
+
+def _host_rng(key: Array) -> np.random.Generator:
+  """A numpy generator seeded from a JAX key. Probes are drawn on the host: XLA:CPU
+  takes seconds to compile a threefry normal of a large shape, numpy takes none."""
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
 def _delta_method(a2: np.ndarray, t2: np.ndarray):
@@ -298,6 +362,11 @@ def _delta_method(a2: np.ndarray, t2: np.ndarray):
   return absolute, rel, se_abs, se_rel
 
 
+def _exact_result(kind, absolute, relative, n_in, n_out) -> JMLResult:
+  return JMLResult(kind, float(absolute.mean()), float(relative.mean()), True, 0.0, 0.0,
+                   absolute, relative, 0, n_in, n_out)
+
+
 def block_jml(net: network.Net, params: network.Params, fb_params: network.Params, n: int,
               h_in: Array, mode: layers.FeedbackMode = layers.TJMC, kind: str = 'tjml',
               exact: bool | None = None, num_probes: int = 64, key: Array | None = None,
@@ -312,7 +381,7 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
     exact: True: materialise both Jacobians per example. False: matrix-free estimate
       (TJML only). None: exact iff n_in * n_out <= max_exact_size (or kind != 'tjml').
     num_probes: Gaussian probes per example for the estimate (>= 2).
-    key: PRNG key for the probes (default PRNGKey(0)).
+    key: PRNG key seeding the (host-side, numpy) probes (default PRNGKey(0)).
   Raises:
     JMLError: unknown kind; IJML of a non-square block; IJML/PJML with exact=False.
   """
@@ -320,8 +389,8 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
     raise JMLError(f'unknown JML kind {kind!r}; valid: {KINDS}')
   f, g = block_fns(net, params, fb_params, n, mode)
   f0 = lambda h: f(h)[0]
-  y, ctx = jax.jit(f)(h_in)
-  n_in, n_out = _size(h_in.shape[1:]), _size(y.shape[1:])
+  y_shape = jax.eval_shape(f0, h_in).shape
+  n_in, n_out = _size(h_in.shape[1:]), _size(y_shape[1:])
   if kind == 'ijml' and n_in != n_out:
     raise JMLError(f'IJML is undefined for block {n}: J_F is {n_out} x {n_in}, not '
                    f'square (J_F^-1 does not exist); use PJML')
@@ -332,25 +401,24 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
                    f'J_F^+ v); only TJML does. Use exact=True')
   B = h_in.shape[0]
   if exact:
-    chunk = max(1, min(B, MAX_EXACT_SIZE // max(n_in * n_out, 1)))
-    if kind == 'tjml':
-      absolute, relative = jax.jit(lambda *a: _exact_tjml(f0, g, *a, chunk))(h_in, y, ctx)
-    else:
-      absolute, relative = _exact_host(f0, g, h_in, y, ctx, kind, chunk)
-    absolute, relative = np.asarray(absolute), np.asarray(relative)
-    return JMLResult(kind, float(absolute.mean()), float(relative.mean()), True, 0.0, 0.0,
-                     absolute, relative, 0, n_in, n_out)
+    res = _exact_losses(net, params, [(fb_params, mode)], n, h_in, [kind])[0][kind]
+    if isinstance(res, Exception):
+      raise res
+    return _exact_result(kind, *res, n_in, n_out)
   if num_probes < 2:
     raise JMLError(f'num_probes must be >= 2 for a standard error, got {num_probes}')
-  key = jax.random.PRNGKey(0) if key is None else key
-  # Probes per vmapped step: bounded memory, and a divisor of num_probes so that
-  # lax.map compiles a single body.
+  y, ctx = jax.jit(f)(h_in)
+  rng = _host_rng(jax.random.PRNGKey(0) if key is None else key)
+  # Probes per vmapped step: bounded memory, and a divisor of num_probes so that a
+  # single program is compiled.
   chunk = max(1, min(num_probes, 2 ** 22 // max(B * (n_in + n_out), 1)))
   while num_probes % chunk:
     chunk -= 1
-  a2, t2 = jax.jit(lambda *a: _probe_stats(f0, g, *a, num_probes, chunk))(h_in, y, ctx, key)
-  absolute, relative, se_abs, se_rel = _delta_method(np.asarray(a2, np.float64),
-                                                     np.asarray(t2, np.float64))
+  stats = jax.jit(lambda *a: _probe_stats(f0, g, *a))
+  parts = [stats(h_in, y, ctx, rng.standard_normal((chunk, *y.shape), np.float32))
+           for _ in range(num_probes // chunk)]
+  a2, t2 = (np.concatenate([np.asarray(p[i], np.float64) for p in parts]) for i in (0, 1))
+  absolute, relative, se_abs, se_rel = _delta_method(a2, t2)
   return JMLResult(kind, float(absolute.mean()), float(relative.mean()), False,
                    float(np.sqrt(np.sum(se_abs ** 2)) / B),
                    float(np.sqrt(np.sum(se_rel ** 2)) / B),
@@ -406,9 +474,11 @@ def report(net: network.Net, params: network.Params,
     kinds: subset of ('tjml', 'ijml', 'pjml'). IJML rows appear only for square
       blocks; IJML/PJML rows only where the Jacobian fits (n_in * n_out <=
       max_exact_size), since they have no matrix-free estimate. A feedback mode the
-      block refuses (e.g. IJMC on a conv) gives no row.
+      block refuses (e.g. IJMC on a conv), or IJML of a singular J_F, gives no row.
     blocks: 0-based block indices (default all; the feedback of block 0 is never used
       by DTP, which its ``used_by_dtp`` field says).
+  Exact blocks share J_F across feedbacks and J_G across kinds (``_exact_losses``).
+
   Returns:
     dicts with keys block, description, shape, kind, feedback, mode, absolute,
     relative, method ('exact'|'estimated'), stderr_absolute, stderr_relative,
@@ -418,33 +488,40 @@ def report(net: network.Net, params: network.Params,
   hs = [x]
   for n in range(len(net)):
     hs.append(jax.jit(lambda h, n=n: network.block_forward(net, n, params[n], h)[0])(hs[-1]))
+  names = list(feedbacks)
   rows = []
-  for n in (range(len(net)) if blocks is None else blocks):
+
+  def row(n, fb_name, kind, r: JMLResult):
+    mode = feedbacks[fb_name][1]
     h_in, h_out = hs[n], hs[n + 1]
-    n_in, n_out = _size(h_in.shape[1:]), _size(h_out.shape[1:])
-    fits = n_in * n_out <= max_exact_size
-    for fb_name, (fb_params, mode) in feedbacks.items():
-      for kind in kinds:
-        if kind == 'ijml' and n_in != n_out:
-          continue
-        if kind != 'tjml' and not fits:
-          continue
+    return dict(
+        block=n, description=describe(net.blocks[n]),
+        shape=f'{_fmt_shape(h_in.shape[1:])} -> {_fmt_shape(h_out.shape[1:])}',
+        kind=kind, feedback=fb_name, mode=f'{mode.weights}/{mode.act}',
+        absolute=r.absolute, relative=r.relative,
+        method='exact' if r.exact else 'estimated',
+        stderr_absolute=r.stderr_absolute, stderr_relative=r.stderr_relative,
+        num_probes=r.num_probes, used_by_dtp=n > 0)
+
+  for n in (range(len(net)) if blocks is None else blocks):
+    n_in, n_out = _size(hs[n].shape[1:]), _size(hs[n + 1].shape[1:])
+    if n_in * n_out <= max_exact_size:
+      todo = [k for k in kinds if k != 'ijml' or n_in == n_out]
+      results = _exact_losses(net, params, [feedbacks[k] for k in names], n, hs[n], todo)
+      for fb_name, res in zip(names, results):
+        for kind in todo:
+          if not isinstance(res[kind], Exception):
+            rows.append(row(n, fb_name, kind, _exact_result(kind, *res[kind], n_in, n_out)))
+    elif 'tjml' in kinds:
+      for fb_name in names:
         key, sub = jax.random.split(key)
-        start = time.perf_counter()
+        fb_params, mode = feedbacks[fb_name]
         try:
-          r = block_jml(net, params, fb_params, n, h_in, mode, kind, exact=None,
-                        num_probes=num_probes, key=sub, max_exact_size=max_exact_size)
-        except layers.FeedbackError:
+          r = block_jml(net, params, fb_params, n, hs[n], mode, 'tjml', exact=False,
+                        num_probes=num_probes, key=sub)
+        except layers.FeedbackError:  # the block refuses this feedback mode
           continue
-        rows.append(dict(
-            block=n, description=describe(net.blocks[n]),
-            shape=f'{_fmt_shape(h_in.shape[1:])} -> {_fmt_shape(h_out.shape[1:])}',
-            kind=kind, feedback=fb_name, mode=f'{mode.weights}/{mode.act}',
-            absolute=r.absolute, relative=r.relative,
-            method='exact' if r.exact else 'estimated',
-            stderr_absolute=r.stderr_absolute, stderr_relative=r.stderr_relative,
-            num_probes=r.num_probes, used_by_dtp=n > 0,
-            seconds=round(time.perf_counter() - start, 2)))
+        rows.append(row(n, fb_name, 'tjml', r))
   return rows
 
 
