@@ -28,7 +28,9 @@ SMOKE_MODELS = {
     'simple_vgg': ('cifar10', {'channels': (8, 8, 16, 16, 16)}),
     'mlp_mixer': ('cifar10', {'hidden': 16, 'channel_dim': 32, 'num_blocks': 1,
                               'act': 'leaky_relu'}),
-    'mlp': ('mnist', {'widths': (32, 32), 'act': 'tanh'}),
+    # LeakyReLU: sigma^-1 (IJMC/PJMC) is defined on all of R, tanh's only on (-1, 1).
+    # (slope 0.2: its inverse scales negative targets by 5, not 100).
+    'mlp': ('mnist', {'widths': (32, 32), 'act': 'leaky_relu', 'negative_slope': 0.2}),
 }
 
 
@@ -44,9 +46,11 @@ def make_cfg(model: str, method: str, **overrides):
   cfg.dataset, kwargs = SMOKE_MODELS[model]
   cfg.model_kwargs = dict(kwargs)
   cfg.method = method
-  # Untrained feedback sends lower blocks random targets: a smaller forward step keeps
-  # the few smoke steps stable for the learned/fixed-feedback methods.
-  cfg.optimizer.lr = 0.002 if method in ('ldrl', 'dtp', 'fwdtp') else 0.02
+  # Untrained feedback sends lower blocks random targets, and PJMC's W^+ of a random
+  # layer amplifies targets: a smaller forward step keeps the smoke steps stable.
+  cfg.optimizer.lr = 0.002 if method in ('ldrl', 'dtp', 'fwdtp', 'pjml_dtp') else 0.02
+  if method == 'pjml_dtp':
+    cfg.beta = 0.01
   cfg.update(overrides)
   n = config_lib.num_trained_feedback_blocks(cfg)
   cfg.feedback.iterations = [2] * n
