@@ -1,0 +1,709 @@
+r"""Regenerates the paper's tables and Figure 2 (Bao et al., AAAI 2024), one command each.
+
+  python -m experiments.reproduce --table=1 --profile=cpu [--seeds=0,1,2] \
+      [--workdir=runs/reproduce] [--what=all|speed|accuracy|table]
+  python -m experiments.reproduce --figure=2 --profile=cpu
+
+Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column):
+  1  LeNet on MNIST, Fashion-MNIST, CIFAR-10
+  2  Simplified-VGG on CIFAR-10
+  3  MLP-Mixer on CIFAR-10
+  4  reversible MLP-Mixer vs TJML-DTP (not implemented yet: exits with an error)
+
+Each table has two independent parts:
+
+* accuracy: one ``tp_jax.train.train_and_evaluate`` run per (column, method, seed) in
+  its own directory ``<workdir>/<profile>/table<T>/<dataset>/<method>/seed<S>`` (its
+  ``result.json``, ``metrics.jsonl``, checkpoints). A finished run with the same config
+  is reused, an interrupted one resumes, one with a different config is refused.
+* speed: every method's jitted training step (as in the training loop: batch gather
+  from device-resident data, augmentation, the method's step) is compiled in this
+  process, warmed up, then timed in interleaved windows so that all methods see
+  the same machine load; the median ms/step times the steps of a full epoch is the
+  epoch time. LDRL's windows alternate with rounds of windows of the other methods
+  (its steps are ~100x longer). Written to ``speed_<dataset>.json``.
+
+Then ``<workdir>/<profile>/table<T>.md`` (header: profile, hardware, epochs, seeds,
+date, command; the paper's published numbers beside ours) and ``table<T>_curves.png``
+are generated from whatever results exist, so ``--what=speed`` and ``--what=accuracy``
+can run at different times and ``--what=table`` only regenerates the files.
+
+Profiles (config overrides; see ``PROFILES``):
+  smoke  seconds per method: 2 steps of batch 8 on 32 examples, LDRL K = 1; checks the
+         machinery (CI), not accuracy or speed.
+  cpu    the largest honest run for a few hours on 2 CPU cores: 1 seed, a few epochs
+         (LDRL: a fixed number of steps); speed from a few interleaved windows.
+  paper  the full protocol for a GPU: 5 seeds, the configs' epochs (the reference's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import figure2
+from experiments.configs import lenet_cifar10
+from experiments.configs import lenet_fashion_mnist
+from experiments.configs import lenet_mnist
+from experiments.configs import mixer_cifar10
+from experiments.configs import vgg_cifar10
+from tp_jax import algorithms
+from tp_jax import config as config_lib
+from tp_jax import data
+from tp_jax import models
+from tp_jax import train
+
+Log = Callable[[str], None]
+
+METHODS = ('ldrl', 'fwdtp', 'tjml_dtp', 'bp')
+METHOD_NAMES = {'ldrl': 'LDRL', 'fwdtp': 'FWDTP', 'tjml_dtp': 'TJML-DTP', 'bp': 'BP'}
+DATASET_NAMES = {'mnist': 'MNIST', 'fashion_mnist': 'F-MNIST', 'cifar10': 'CIFAR-10'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """One (model, dataset) column of a table."""
+  table: int
+  dataset: str
+  get_config: Callable[[], ml_collections.ConfigDict]
+  model_name: str
+  # Speed may be taken from another column of the same table whose step is the same
+  # computation (same model, shapes and config; only the dataset name differs).
+  same_step_as: str | None = None
+
+
+TABLES: dict[int, tuple[Column, ...]] = {
+    1: (Column(1, 'mnist', lenet_mnist.get_config, 'LeNet'),
+        Column(1, 'fashion_mnist', lenet_fashion_mnist.get_config, 'LeNet',
+               same_step_as='mnist'),
+        Column(1, 'cifar10', lenet_cifar10.get_config, 'LeNet')),
+    2: (Column(2, 'cifar10', vgg_cifar10.get_config, 'Simplified-VGG'),),
+    3: (Column(3, 'cifar10', mixer_cifar10.get_config, 'MLP-Mixer'),),
+}
+TABLE_TITLES = {1: 'Table 1: LeNet on MNIST, Fashion-MNIST and CIFAR-10',
+                2: 'Table 2: Simplified-VGG on CIFAR-10',
+                3: 'Table 3: MLP-Mixer on CIFAR-10',
+                4: 'Table 4: reversible MLP-Mixer vs TJML-DTP on CIFAR-10'}
+
+# Published test accuracies (%), Bao et al. (AAAI 2024). Only the TJML-DTP row is
+# filled in: the other methods' published cells are left blank rather than guessed.
+PAPER_TEST_ACC: dict[tuple[int, str, str], float] = {
+    (1, 'mnist', 'tjml_dtp'): 99.3,
+    (1, 'fashion_mnist', 'tjml_dtp'): 91.4,
+    (1, 'cifar10', 'tjml_dtp'): 76.7,
+    (2, 'cifar10', 'tjml_dtp'): 85.2,
+    (3, 'cifar10', 'tjml_dtp'): 56.9,
+}
+
+# Issue 4's performance targets: TJML-DTP time per step / BP's (at most), and TJML-DTP
+# speed-up per epoch over our LDRL (at least).
+TARGET_TJML_OVER_BP = {1: 1.15, 2: 1.15, 3: 1.3}
+TARGET_SPEEDUP_OVER_LDRL = {1: 5.0, 2: 5.0}
+
+
+# --------------------------------------------------------------------------------------
+# Profiles
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedPlan:
+  """Interleaved timing: ``rounds`` x (one LDRL window of ``ldrl_steps`` steps, then
+  ``inner`` windows of ``steps`` steps of each other method, in rotating order), after
+  ``warmup`` steps of every method (LDRL: ``min(warmup, 1)``)."""
+  warmup: int
+  rounds: int
+  inner: int
+  steps: int
+  ldrl_steps: int
+
+  def describe(self) -> str:
+    return (f'{self.rounds} rounds, each one LDRL window of {self.ldrl_steps} step(s) '
+            f'then {self.inner} window(s) of {self.steps} step(s) per other method in '
+            f'rotating order, after {self.warmup} warm-up step(s) per method '
+            f'(LDRL {min(self.warmup, 1)}); median ms/step over windows')
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  name: str
+  description: str
+  seeds: tuple[int, ...]
+  # (column, method, config) -> {dotted field: value}, applied on top of the config.
+  overrides: Callable[[Column, str, ml_collections.ConfigDict], dict[str, Any]]
+  speed: SpeedPlan
+  share_speed: bool  # reuse a column's speed for a column with the same step
+  train_examples: int | None = None  # a subset of the data (smoke)
+  test_examples: int | None = None
+  figure_sizes: tuple[int, ...] = figure2.DEFAULT_SIZES
+  figure_repeats: int = 11
+  figure_max_seconds: float = 30.0
+  # Compile with most XLA optimisations off (jax_disable_most_optimizations): ~3x
+  # faster compilation, slower steps. Only for the smoke profile, whose numbers mean
+  # nothing anyway.
+  fast_compile: bool = False
+
+
+def _n_feedback(cfg) -> int:
+  return config_lib.num_trained_feedback_blocks(cfg)
+
+
+def _smoke_overrides(col, method, cfg):
+  o = {'epochs': 1, 'steps_per_epoch': 2, 'batch_size': 8, 'eval_batch_size': 32,
+       'check_every_steps': 0, 'keep_checkpoints': 1}
+  if method in config_lib.FEEDBACK_TRAINED:
+    o['feedback.iterations'] = [1] * _n_feedback(cfg)
+  return o
+
+
+# cpu profile: what fits a few hours on 2 shared CPU cores. LDRL's step costs 30-100x
+# BP's here, so LDRL trains for a fixed number of steps (stated in the table).
+_CPU_EPOCHS = {1: 3, 2: 1, 3: 2}
+_CPU_LDRL_STEPS = {1: 20, 2: 10, 3: 10}
+
+
+def _cpu_overrides(col, method, cfg):
+  if method == 'ldrl':
+    return {'epochs': 1, 'steps_per_epoch': _CPU_LDRL_STEPS[col.table]}
+  return {'epochs': _CPU_EPOCHS[col.table]}
+
+
+PROFILES: dict[str, Profile] = {
+    'smoke': Profile(
+        'smoke', 'machinery check only (CI): 1 epoch of 2 steps at batch 8 on 32 '
+        'training / 32 test examples, LDRL K = 1 per block; numbers mean nothing',
+        seeds=(0,), overrides=_smoke_overrides,
+        speed=SpeedPlan(warmup=1, rounds=1, inner=1, steps=1, ldrl_steps=1),
+        share_speed=True, train_examples=32, test_examples=32,
+        figure_sizes=(8, 16), figure_repeats=3, figure_max_seconds=1.0,
+        fast_compile=True),
+    'cpu': Profile(
+        'cpu', 'a few hours on 2 CPU cores: 1 seed; LeNet 3 epochs, VGG 1 epoch, Mixer '
+        '2 epochs; LDRL trained for a fixed number of steps only (LeNet 20, VGG 10, '
+        'Mixer 10); all other hyper-parameters as the configs (LDRL K as the reference)',
+        seeds=(0,), overrides=_cpu_overrides,
+        speed=SpeedPlan(warmup=2, rounds=2, inner=2, steps=3, ldrl_steps=1),
+        share_speed=True, figure_repeats=7, figure_max_seconds=20.0),
+    'paper': Profile(
+        'paper', 'the full protocol (for a GPU): 5 seeds, the configs\' epochs and '
+        'hyper-parameters (the reference code\'s)',
+        seeds=(0, 1, 2, 3, 4), overrides=lambda col, method, cfg: {},
+        speed=SpeedPlan(warmup=5, rounds=5, inner=4, steps=20, ldrl_steps=3),
+        share_speed=False, figure_repeats=21),
+}
+
+
+def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
+  *parents, leaf = dotted.split('.')
+  node = cfg
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def make_config(col: Column, method: str, profile: Profile, seed: int
+                ) -> ml_collections.ConfigDict:
+  cfg = col.get_config()
+  cfg.method = method
+  cfg.seed = seed
+  for k, v in profile.overrides(col, method, cfg).items():
+    _set(cfg, k, v)
+  config_lib.validate(cfg)
+  return cfg
+
+
+# --------------------------------------------------------------------------------------
+# Data
+
+
+_DATA_CACHE: dict[tuple, data.Dataset] = {}
+
+
+def synthetic_dataset(name: str, n_train: int = 256, n_test: int = 128, seed: int = 0
+                      ) -> data.Dataset:
+  """Random normalised images and labels of the dataset's shape (tests, no files)."""
+  info = data.info(name)
+  k = jax.random.split(jax.random.key(seed), 4)
+  return data.Dataset(
+      jax.random.normal(k[0], (n_train, *info.image_shape)),
+      jax.random.randint(k[1], (n_train,), 0, info.num_classes, jnp.int32),
+      jax.random.normal(k[2], (n_test, *info.image_shape)),
+      jax.random.randint(k[3], (n_test,), 0, info.num_classes, jnp.int32), info)
+
+
+def get_dataset(name: str, profile: Profile, source: str) -> data.Dataset:
+  key = (name, profile.train_examples, profile.test_examples, source)
+  if key not in _DATA_CACHE:
+    if source == 'synthetic':
+      ds = synthetic_dataset(name, profile.train_examples or 256, profile.test_examples or 128)
+    elif source == 'real':
+      ds = data.load_dataset(name)
+      if profile.train_examples or profile.test_examples:
+        ntr, nte = profile.train_examples, profile.test_examples
+        ds = ds._replace(x_train=ds.x_train[:ntr], y_train=ds.y_train[:ntr],
+                         x_test=ds.x_test[:nte], y_test=ds.y_test[:nte])
+    else:
+      raise ValueError(f"data source must be 'real' or 'synthetic', got {source!r}")
+    _DATA_CACHE[key] = ds
+  return _DATA_CACHE[key]
+
+
+def full_epoch_steps(dataset: str, batch_size: int) -> int:
+  """Steps of one full epoch over the real training set (what the paper times)."""
+  return data.info(dataset).num_examples['train'] // batch_size
+
+
+# --------------------------------------------------------------------------------------
+# Accuracy runs
+
+
+def _jsonable(cfg) -> dict:
+  return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
+def run_dir(root: Path, col: Column, method: str, seed: int) -> Path:
+  return root / col.dataset / method / f'seed{seed}'
+
+
+def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
+  """One training run in its own directory; reuses a finished run with the same config,
+  resumes an interrupted one, refuses a directory that holds another config."""
+  want = _jsonable(cfg)
+  cfg_file = workdir / 'reproduce_config.json'
+  if cfg_file.exists():
+    have = json.loads(cfg_file.read_text())
+    if have != want:
+      diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+      raise RuntimeError(f'{workdir} holds a run with another config (fields {diff}); '
+                         f'use a fresh --workdir or delete that directory')
+    result_file = workdir / 'result.json'
+    if result_file.exists():
+      log(f'reusing finished run {workdir}')
+      return json.loads(result_file.read_text())
+  workdir.mkdir(parents=True, exist_ok=True)
+  cfg_file.write_text(json.dumps(want, indent=1))
+  return train.train_and_evaluate(cfg, workdir, dataset=dataset,
+                                  log=lambda s: log(f'  [{workdir}] {s}'))
+
+
+def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
+                 source: str, log: Log) -> None:
+  for col in TABLES[table]:
+    ds = get_dataset(col.dataset, profile, source)
+    for method in METHODS:
+      for seed in seeds:
+        cfg = make_config(col, method, profile, seed)
+        log(f'table {table}: training {col.model_name}/{col.dataset} {method} seed {seed}')
+        t0 = time.perf_counter()
+        r = train_one(cfg, run_dir(root, col, method, seed), ds, log)
+        log(f'  -> train {100 * r["train_accuracy"]:.2f}%  test '
+            f'{100 * r["test_accuracy"]:.2f}%  ({time.perf_counter() - t0:.0f} s)')
+
+
+# --------------------------------------------------------------------------------------
+# Speed
+
+
+def make_timed_step(algo: algorithms.Algorithm, cfg) -> Callable:
+  """The training loop's step: gather the batch from device-resident data, augment it
+  (when the config does), take one step of the method. Jitted, state donated."""
+
+  def step(state, x_all, y_all, idx_B, key):
+    x, y = x_all[idx_B], y_all[idx_B]
+    k_aug, k_step = jax.random.split(jax.random.fold_in(key, state.step))
+    if cfg.augment:
+      x = data.augment(k_aug, x)
+    return algo.step(state, (x, y), k_step)
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Dataset,
+                  plan: SpeedPlan, log: Log) -> dict[str, Any]:
+  """Median ms per training step of each method, from interleaved timing windows.
+
+  Every method's step (``make_timed_step``) is compiled ahead of time (compilation is
+  timed apart) and runs on the same device-resident data.
+  """
+  x_all, y_all = dataset.x_train, dataset.y_train.astype(jnp.int32)
+  n = x_all.shape[0]
+  runners = {}
+  for method, cfg in cfgs.items():
+    if cfg.batch_size > n:
+      raise ValueError(f'batch {cfg.batch_size} > {n} examples')
+    net = models.get(cfg.model, **cfg.model_kwargs)
+    steps_per_epoch = full_epoch_steps(cfg.dataset, cfg.batch_size)
+    tx = algorithms.make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
+    algo = algorithms.make(net, cfg, tx)
+    k_init, k_data, k_steps = jax.random.split(jax.random.key(cfg.seed), 3)
+    state = jax.jit(algo.init)(k_init, x_all[:cfg.batch_size])
+    idx = data.batches(k_data, n, cfg.batch_size)
+    t0 = time.perf_counter()
+    step = make_timed_step(algo, cfg).lower(state, x_all, y_all, idx[0], k_steps).compile()
+    compile_s = time.perf_counter() - t0
+    log(f'  compiled {method} step in {compile_s:.1f} s')
+    runners[method] = dict(step=step, state=state, idx=idx, key=k_steps, i=0,
+                           compile_s=compile_s, windows=[])
+
+  def run(method: str, k: int) -> float:
+    r = runners[method]
+    jax.block_until_ready(r['state'])
+    t0 = time.perf_counter()
+    state = r['state']
+    for _ in range(k):
+      state, _ = r['step'](state, x_all, y_all, r['idx'][r['i'] % len(r['idx'])], r['key'])
+      r['i'] += 1
+    jax.block_until_ready(state)
+    r['state'] = state
+    return 1e3 * (time.perf_counter() - t0) / k
+
+  load_before = os.getloadavg()
+  for method in runners:
+    w = min(plan.warmup, 1) if method == 'ldrl' else plan.warmup
+    if w:
+      ms = run(method, w)
+      log(f'  warm-up {method}: {ms:.1f} ms/step')
+  others = [m for m in runners if m != 'ldrl']
+  rot = 0
+  for rnd in range(plan.rounds):
+    if 'ldrl' in runners:
+      runners['ldrl']['windows'].append(run('ldrl', plan.ldrl_steps))
+    for _ in range(plan.inner):
+      order = others[rot % len(others):] + others[:rot % len(others)] if others else []
+      rot += 1
+      for m in order:
+        runners[m]['windows'].append(run(m, plan.steps))
+    log(f'  round {rnd + 1}/{plan.rounds}: ' + ', '.join(
+        f'{m} {r["windows"][-1]:.1f}' for m, r in runners.items() if r['windows']) +
+        ' ms/step')
+  load_after = os.getloadavg()
+  out = {}
+  for method, r in runners.items():
+    cfg = cfgs[method]
+    ms = statistics.median(r['windows'])
+    steps = full_epoch_steps(cfg.dataset, cfg.batch_size)
+    out[method] = dict(ms_per_step=ms, windows_ms=r['windows'], compile_s=r['compile_s'],
+                       batch_size=cfg.batch_size, full_epoch_steps=steps,
+                       epoch_s=ms * steps / 1e3,
+                       steps_per_window=plan.ldrl_steps if method == 'ldrl' else plan.steps)
+  return dict(methods=out, plan=dataclasses.asdict(plan), hardware=train.hardware(),
+              loadavg_before=load_before, loadavg_after=load_after,
+              date=datetime.datetime.now().isoformat(timespec='seconds'))
+
+
+def run_speed(table: int, profile: Profile, root: Path, source: str, log: Log) -> None:
+  measured: dict[str, Path] = {}
+  for col in TABLES[table]:
+    out = root / f'speed_{col.dataset}.json'
+    if profile.share_speed and col.same_step_as in measured:
+      src = json.loads(measured[col.same_step_as].read_text())
+      src['same_step_as'] = col.same_step_as
+      out.write_text(json.dumps(src, indent=1))
+      log(f'table {table}: {col.dataset} speed = {col.same_step_as} speed (same step)')
+      continue
+    log(f'table {table}: timing {col.model_name}/{col.dataset} '
+        f'({", ".join(METHODS)}), interleaved')
+    cfgs = {m: make_config(col, m, profile, profile.seeds[0]) for m in METHODS}
+    res = measure_speed(cfgs, get_dataset(col.dataset, profile, source), profile.speed, log)
+    root.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    measured[col.dataset] = out
+
+
+# --------------------------------------------------------------------------------------
+# The generated table
+
+
+def _fmt_acc(values: list[float]) -> str:
+  if not values:
+    return ''
+  pct = [100 * v for v in values]
+  if len(pct) == 1:
+    return f'{pct[0]:.2f}'
+  return f'{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}'
+
+
+def _results(root: Path, col: Column, method: str, seeds: Sequence[int]) -> list[dict]:
+  out = []
+  for s in seeds:
+    f = run_dir(root, col, method, s) / 'result.json'
+    if f.exists():
+      out.append(json.loads(f.read_text()))
+  return out
+
+
+def _trained(results: list[dict], col: Column) -> str:
+  """How much training the accuracy reflects: epochs, or steps when partial."""
+  if not results:
+    return ''
+  r = results[0]
+  steps = r['steps_per_epoch'] * r['epochs']
+  full = full_epoch_steps(col.dataset, r['config']['batch_size'])
+  if r['steps_per_epoch'] >= full:
+    return f'{r["epochs"]} ep'
+  return f'{steps} steps ({steps / full:.2f} ep)'
+
+
+def _hardware_line(hw: dict) -> str:
+  return (f'{hw["backend"]} ({", ".join(sorted(set(hw["devices"])))} x{hw["num_devices"]}), '
+          f'{hw["cpu_count"]} CPU cores visible, {hw["platform"]}, jax {hw["jax"]}')
+
+
+def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
+                command: str, log: Log) -> Path:
+  cols = TABLES[table]
+  lines_rows = []
+  curves: dict[str, dict[str, list[dict]]] = {}
+  speed_notes, targets = [], []
+  hardware = train.hardware()
+  for col in cols:
+    speed_file = root / f'speed_{col.dataset}.json'
+    speed = json.loads(speed_file.read_text()) if speed_file.exists() else None
+    sm = speed['methods'] if speed else {}
+    if speed:
+      hardware = speed['hardware']
+      note = (f'{DATASET_NAMES[col.dataset]}: measured {speed["date"]}, load average '
+              f'{speed["loadavg_before"][0]:.1f} before / {speed["loadavg_after"][0]:.1f} '
+              f'after')
+      if speed.get('same_step_as'):
+        note = (f'{DATASET_NAMES[col.dataset]}: the same step as '
+                f'{DATASET_NAMES[speed["same_step_as"]]} (same model, shapes and config), '
+                f'so its measurement is reused')
+      speed_notes.append(note)
+    curves[col.dataset] = {}
+    for method in METHODS:
+      res = _results(root, col, method, seeds)
+      curves[col.dataset][method] = res
+      paper = PAPER_TEST_ACC.get((table, col.dataset, method))
+      row = [f'{col.model_name} / {DATASET_NAMES[col.dataset]}', METHOD_NAMES[method],
+             _trained(res, col), _fmt_acc([r['train_accuracy'] for r in res]),
+             _fmt_acc([r['test_accuracy'] for r in res]),
+             f'{paper:.1f}' if paper is not None else '']
+      if method in sm:
+        ms = sm[method]['ms_per_step']
+        row += [f'{ms:.1f}', f'{sm[method]["epoch_s"]:.1f}',
+                f'×{sm["ldrl"]["ms_per_step"] / ms:.2f}' if 'ldrl' in sm else '',
+                f'×{sm["bp"]["ms_per_step"] / ms:.2f}' if 'bp' in sm else '']
+      else:
+        row += [''] * 4
+      lines_rows.append('| ' + ' | '.join(row) + ' |')
+    if 'tjml_dtp' in sm and 'bp' in sm:
+      ratio = sm['tjml_dtp']['ms_per_step'] / sm['bp']['ms_per_step']
+      lim = TARGET_TJML_OVER_BP[table]
+      targets.append(f'- {DATASET_NAMES[col.dataset]}: TJML-DTP time per step / BP = '
+                     f'{ratio:.2f} (target ≤ {lim}: {"met" if ratio <= lim else "NOT met"})')
+    if table in TARGET_SPEEDUP_OVER_LDRL and 'tjml_dtp' in sm and 'ldrl' in sm:
+      up = sm['ldrl']['epoch_s'] / sm['tjml_dtp']['epoch_s']
+      lim = TARGET_SPEEDUP_OVER_LDRL[table]
+      targets.append(f'- {DATASET_NAMES[col.dataset]}: TJML-DTP speed per epoch vs LDRL = '
+                     f'×{up:.1f} (target ≥ ×{lim:g}: {"met" if up >= lim else "NOT met"})')
+
+  epochs_desc = []
+  for col in cols:
+    for method in METHODS:
+      cfg = make_config(col, method, profile, seeds[0])
+      spe = full_epoch_steps(col.dataset, cfg.batch_size)
+      steps = min(cfg.steps_per_epoch or spe, spe)
+      what = f'{cfg.epochs} ep' if steps == spe else f'{cfg.epochs} × {steps} steps'
+      epochs_desc.append(f'{METHOD_NAMES[method]} {what}')
+    if table == 1:
+      break  # the same for the three datasets
+  plan = profile.speed
+  head = [
+      f'# {TABLE_TITLES[table]} ({profile.name} profile)', '',
+      f'- profile: `{profile.name}`: {profile.description}',
+      f'- command: `{command}`',
+      f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
+      f'- hardware: {_hardware_line(hardware)}',
+      f'- seeds: {", ".join(map(str, seeds))} (accuracy: mean ± sample std over seeds '
+      f'when more than one)',
+      f'- training (accuracy columns, planned): {"; ".join(epochs_desc)}; the "Trained" '
+      f'column says what each finished run did. Train accuracy is evaluated on the whole '
+      f'training set after training, test accuracy on the test set'
+      + (f' (subsets: {profile.train_examples} train / {profile.test_examples} test '
+         f'examples)' if profile.train_examples else '') + '.',
+      f'- speed: every method\'s full jitted training step in one process, '
+      f'{plan.describe()}; s/epoch = ms/step × steps of one full epoch (training set / '
+      f'batch), excluding evaluation and compilation; speed vs X = X\'s time per epoch / '
+      f'the method\'s (LDRL ×1.00, BP ×1.00 in their columns).'
+      + (' ' + '; '.join(speed_notes) + '.' if speed_notes else ''),
+      '- paper: published test accuracy of Bao et al. (AAAI 2024) for TJML-DTP; the '
+      'other methods\' published cells are left blank, not guessed.',
+      '',
+      '| Model / data | Method | Trained | Train acc (%) | Test acc (%) | Paper test acc '
+      '(%) | ms/step | s/epoch | Speed vs LDRL | Speed vs BP |',
+      '|---|---|---|---|---|---|---|---|---|---|',
+  ]
+  text = '\n'.join(head + lines_rows)
+  if targets:
+    text += '\n\nPerformance targets (issue 4):\n\n' + '\n'.join(targets)
+  text += '\n'
+  out = root.parent / f'table{table}.md'
+  out.write_text(text)
+  plot_curves(table, curves, root.parent / f'table{table}_curves.png')
+  log(f'wrote {out}')
+  return out
+
+
+def plot_curves(table: int, curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
+  """Test accuracy and training loss against epochs of data seen, per column."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  cols = list(curves)
+  fig, axes = plt.subplots(2, len(cols), figsize=(5 * len(cols), 7), squeeze=False)
+  for j, dataset in enumerate(cols):
+    n_train = data.info(dataset).num_examples['train']
+    for method, results in curves[dataset].items():
+      if not results:
+        continue
+      by_step: dict[int, list[dict]] = {}
+      for r in results:
+        bs = r['config']['batch_size']
+        for row in r['history']:
+          by_step.setdefault(row['step'], []).append(row)
+      steps = sorted(by_step)
+      x = [s * bs / n_train for s in steps]
+      for i, key in enumerate(('test_accuracy', 'train_loss')):
+        y = [statistics.mean(row[key] for row in by_step[s]) for s in steps]
+        if key == 'test_accuracy':
+          y = [100 * v for v in y]
+        axes[i, j].plot(x, y, marker='o', label=METHOD_NAMES[method])
+    axes[0, j].set_title(f'{DATASET_NAMES[dataset]}')
+    axes[0, j].set_ylabel('test accuracy (%)')
+    axes[1, j].set_ylabel('training loss (epoch mean)')
+    for i in range(2):
+      axes[i, j].set_xlabel('epochs of training data seen')
+      axes[i, j].grid(alpha=0.3)
+      if axes[i, j].lines:
+        axes[i, j].legend()
+  fig.suptitle(TABLE_TITLES[table])
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Entry points
+
+class NotImplementedYet(NotImplementedError):
+  pass
+
+
+@contextlib.contextmanager
+def _compile_mode(profile: Profile):
+  old = bool(jax.config.values.get('jax_disable_most_optimizations', False))
+  jax.config.update('jax_disable_most_optimizations', profile.fast_compile or old)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', old)
+
+
+def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
+              seeds: Sequence[int] | None = None, what: str = 'all', source: str = 'real',
+              command: str = '', log: Log = print) -> Path:
+  """Runs (parts of) one table and writes ``<workdir>/<profile>/table<T>.md``."""
+  profile = PROFILES[profile] if isinstance(profile, str) else profile
+  if table == 4:
+    raise NotImplementedYet(
+        'Table 4 (reversible MLP-Mixer with additive coupling vs TJML-DTP) is not '
+        'implemented yet: tp-jax has no reversible Mixer model (tp_jax/reversible.py)')
+  if table not in TABLES:
+    raise ValueError(f'unknown table {table}; valid: {sorted(TABLES) + [4]}')
+  if what not in ('all', 'speed', 'accuracy', 'table'):
+    raise ValueError(f"what must be 'all', 'speed', 'accuracy' or 'table', got {what!r}")
+  seeds = tuple(seeds) if seeds else profile.seeds
+  root = Path(workdir) / profile.name / f'table{table}'
+  root.mkdir(parents=True, exist_ok=True)
+  command = command or f'python -m experiments.reproduce --table={table} ' \
+      f'--profile={profile.name}'
+  with _compile_mode(profile):
+    if what in ('all', 'speed'):
+      run_speed(table, profile, root, source, log)
+    if what in ('all', 'accuracy'):
+      run_accuracy(table, profile, root, seeds, source, log)
+  return write_table(table, profile, root, seeds, command, log)
+
+
+def run_figure(figure: int, profile: str | Profile, workdir: str | os.PathLike,
+               sizes: Sequence[int] | None = None, command: str = '',
+               log: Log = print) -> Path:
+  profile = PROFILES[profile] if isinstance(profile, str) else profile
+  if figure != 2:
+    raise ValueError(f'unknown figure {figure}; valid: [2]')
+  out = Path(workdir) / profile.name
+  header = '\n'.join([
+      f'# Figure 2: inverse, pseudo-inverse and transpose of n x n float32 matrices '
+      f'({profile.name} profile)', '',
+      f'- command: `{command or "python -m experiments.reproduce --figure=2"}`',
+      f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
+      f'- hardware: {_hardware_line(train.hardware())}',
+      f'- method: jitted jnp.linalg.inv / jnp.linalg.pinv / transpose (materialised), '
+      f'one warm-up call, then the median of up to {profile.figure_repeats} calls with '
+      f'block_until_ready (at least 3; fewer than the maximum when a point passed '
+      f'{profile.figure_max_seconds:g} s)'])
+  with _compile_mode(profile):
+    figure2.run(out, sizes or profile.figure_sizes, profile.figure_repeats,
+                profile.figure_max_seconds, log=log, header=header)
+  log(f'wrote {out / "figure2.csv"}, {out / "figure2.png"}, {out / "figure2.md"}')
+  return out / 'figure2.csv'
+
+
+def main(argv):
+  f = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not f.table and not f.figure:
+    raise app.UsageError('give --table=1|2|3|4 or --figure=2')
+  command = 'python -m experiments.reproduce ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+  seeds = [int(s) for s in f.seeds] if f.seeds else None
+  if f.table:
+    try:
+      path = run_table(f.table, f.profile, f.workdir, seeds, f.what, f.data, command)
+    except NotImplementedYet as e:
+      print(f'error: {e}', file=sys.stderr)
+      return 2
+    print(Path(path).read_text())
+  if f.figure:
+    sizes = [int(s) for s in f.figure_sizes] if f.figure_sizes else None
+    run_figure(f.figure, f.profile, f.workdir, sizes, command)
+  return 0
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so that importing this module (tests) never
+  collides with another binary's flags of the same name."""
+  flags.DEFINE_integer('table', None, 'Table to reproduce: 1, 2, 3 or 4.')
+  flags.DEFINE_integer('figure', None, 'Figure to reproduce: 2.')
+  flags.DEFINE_enum('profile', 'smoke', list(PROFILES), 'Run size.')
+  flags.DEFINE_list('seeds', None, 'Seeds (default: the profile\'s).')
+  flags.DEFINE_string('workdir', 'runs/reproduce', 'Output root; <workdir>/<profile>/...')
+  flags.DEFINE_enum('what', 'all', ['all', 'speed', 'accuracy', 'table'],
+                    'Which part of a table to run; the table file is always regenerated.')
+  flags.DEFINE_enum('data', 'real', ['real', 'synthetic'],
+                    'Real datasets, or random images of the same shapes (machinery only).')
+  flags.DEFINE_list('figure_sizes', None, 'Matrix sizes for Figure 2 (default: the '
+                    'profile\'s: 100..500, 1024, 2048, 4096).')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,179 @@
+"""experiments/reproduce.py and experiments/figure2.py: the smoke profile of every table
+and a tiny Figure 2, in-process on synthetic data of the real shapes (no dataset files).
+
+Checks the machinery, not accuracy or speed: every output file exists, each generated
+table has one row per (column, method), the expected columns and finite numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import figure2
+from experiments import reproduce as R
+
+REPO = Path(__file__).resolve().parents[1]
+HEADER = ['Model / data', 'Method', 'Trained', 'Train acc (%)', 'Test acc (%)',
+          'Paper test acc (%)', 'ms/step', 's/epoch', 'Speed vs LDRL', 'Speed vs BP']
+NUMERIC = ['Train acc (%)', 'Test acc (%)', 'ms/step', 's/epoch', 'Speed vs LDRL',
+           'Speed vs BP']
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+  """The markdown table's rows as dicts keyed by the header's cells."""
+  lines = [l for l in text.splitlines() if l.startswith('|')]
+  assert len(lines) >= 3, text
+  cells = lambda l: [c.strip() for c in l.strip().strip('|').split('|')]
+  header = cells(lines[0])
+  assert header == HEADER
+  assert set(lines[1].replace('|', '').strip()) == {'-'}
+  rows = [dict(zip(header, cells(l))) for l in lines[2:]]
+  for r in rows:
+    assert len(r) == len(header)
+  return rows
+
+
+def number(cell: str) -> float:
+  m = re.match(r'^×?(-?[0-9.]+(?:e[-+]?\d+)?)', cell)
+  assert m, f'not a number: {cell!r}'
+  return float(m.group(1))
+
+
+@pytest.fixture(scope='module')
+def smoke_tables(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reproduce')
+  paths = {t: R.run_table(t, 'smoke', workdir, source='synthetic', log=lambda s: None)
+           for t in (1, 2, 3)}
+  return workdir, paths
+
+
+@pytest.mark.parametrize('table', [1, 2, 3])
+def test_smoke_table(smoke_tables, table):
+  workdir, paths = smoke_tables
+  path = paths[table]
+  assert path == workdir / 'smoke' / f'table{table}.md'
+  text = path.read_text()
+  assert text.startswith(f'# Table {table}')
+  for what in ('profile: `smoke`', 'command:', 'date:', 'hardware:', 'seeds: 0', 'speed:',
+               'paper:'):
+    assert what in text
+  assert (workdir / 'smoke' / f'table{table}_curves.png').stat().st_size > 1000
+
+  cols = R.TABLES[table]
+  rows = parse_table(text)
+  assert len(rows) == 4 * len(cols)
+  names = [R.METHOD_NAMES[m] for m in R.METHODS]
+  for i, col in enumerate(cols):
+    block = rows[4 * i: 4 * i + 4]
+    assert [r['Method'] for r in block] == names
+    assert {r['Model / data'] for r in block} == {
+        f'{col.model_name} / {R.DATASET_NAMES[col.dataset]}'}
+    for r in block:
+      for c in NUMERIC:
+        v = number(r[c])
+        assert math.isfinite(v) and v >= 0, (r, c)
+      assert 0 <= number(r['Train acc (%)']) <= 100
+      assert r['Trained'] == '2 steps (0.00 ep)'
+    by = {r['Method']: r for r in block}
+    assert by['LDRL']['Speed vs LDRL'] == '×1.00'
+    assert by['BP']['Speed vs BP'] == '×1.00'
+    # speed vs LDRL = LDRL's ms/step / the method's (same full-epoch step count)
+    ldrl_ms = number(by['LDRL']['ms/step'])
+    for r in block:
+      assert number(r['Speed vs LDRL']) == pytest.approx(
+          ldrl_ms / number(r['ms/step']), rel=0.02, abs=0.01)
+    assert number(by['TJML-DTP']['Paper test acc (%)']) == \
+        R.PAPER_TEST_ACC[(table, col.dataset, 'tjml_dtp')]
+    for m in ('LDRL', 'FWDTP', 'BP'):
+      assert by[m]['Paper test acc (%)'] == ''
+
+    root = workdir / 'smoke' / f'table{table}'
+    speed = json.loads((root / f'speed_{col.dataset}.json').read_text())
+    assert set(speed['methods']) == set(R.METHODS)
+    for m in R.METHODS:
+      res = json.loads((R.run_dir(root, col, m, 0) / 'result.json').read_text())
+      assert res['config']['method'] == m and res['config']['dataset'] == col.dataset
+      assert res['steps_per_epoch'] == 2 and res['epochs'] == 1
+      assert 0 <= res['test_accuracy'] <= 1
+  assert 'Performance targets' in text
+
+
+def test_table_regenerates_and_reuses_runs(smoke_tables):
+  """--what=table rebuilds the table from the files alone; finished runs are reused."""
+  workdir, paths = smoke_tables
+  before = parse_table(paths[2].read_text())
+  logs = []
+  R.run_table(2, 'smoke', workdir, what='accuracy', source='synthetic', log=logs.append)
+  assert sum('reusing finished run' in l for l in logs) == 4
+  after = parse_table(R.run_table(2, 'smoke', workdir, what='table',
+                                  log=logs.append).read_text())
+  assert after == before
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path):
+  col = R.TABLES[2][0]
+  cfg = R.make_config(col, 'bp', R.PROFILES['smoke'], 0)
+  d = tmp_path / 'run'
+  d.mkdir()
+  other = R._jsonable(cfg)
+  other['batch_size'] = 9
+  (d / 'reproduce_config.json').write_text(json.dumps(other))
+  with pytest.raises(RuntimeError, match='another config'):
+    R.train_one(cfg, d, None, log=lambda s: None)
+
+
+def test_profiles_are_config_overrides():
+  col = R.TABLES[1][0]
+  paper = R.make_config(col, 'ldrl', R.PROFILES['paper'], 3)
+  ref = col.get_config()
+  assert paper.seed == 3 and paper.method == 'ldrl'
+  assert paper.epochs == ref.epochs and list(paper.feedback.iterations) == [41, 51, 24]
+  cpu = R.make_config(col, 'ldrl', R.PROFILES['cpu'], 0)
+  assert list(cpu.feedback.iterations) == [41, 51, 24]  # LDRL's K is never cut in cpu
+  assert cpu.steps_per_epoch == R._CPU_LDRL_STEPS[1]
+  smoke = R.make_config(R.TABLES[3][0], 'ldrl', R.PROFILES['smoke'], 0)
+  assert list(smoke.feedback.iterations) == [1] * 10
+  assert R.PROFILES['paper'].seeds == (0, 1, 2, 3, 4)
+
+
+def test_table4_not_implemented(tmp_path):
+  with pytest.raises(R.NotImplementedYet, match='not implemented yet'):
+    R.run_table(4, 'smoke', tmp_path)
+  p = subprocess.run([sys.executable, '-m', 'experiments.reproduce', '--table=4',
+                      f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert p.returncode == 2
+  assert 'not implemented yet' in p.stderr
+
+
+def test_figure2(tmp_path):
+  csv_path = R.run_figure(2, 'smoke', tmp_path, sizes=(4, 8), log=lambda s: None)
+  assert csv_path == tmp_path / 'smoke' / 'figure2.csv'
+  with open(csv_path) as f:
+    rows = list(csv.DictReader(f))
+  assert [(int(r['n']), r['op']) for r in rows] == [
+      (n, op) for n in (4, 8) for op in figure2.OPS]
+  for r in rows:
+    assert math.isfinite(float(r['median_ms'])) and float(r['median_ms']) > 0
+    assert float(r['min_ms']) <= float(r['median_ms'])
+    assert int(r['repeats']) >= 3
+  assert (tmp_path / 'smoke' / 'figure2.png').stat().st_size > 1000
+  md = (tmp_path / 'smoke' / 'figure2.md').read_text()
+  assert md.startswith('# Figure 2') and '| 8 |' in md
+
+
+def test_figure2_ops_are_what_they_claim():
+  import jax.numpy as jnp
+  import numpy as np
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(5, 5)) + 5 * np.eye(5), jnp.float32)
+  np.testing.assert_allclose(figure2.OPS['inverse'](a) @ a, np.eye(5), atol=1e-4)
+  np.testing.assert_allclose(figure2.OPS['pseudo-inverse'](a) @ a, np.eye(5), atol=1e-4)
+  np.testing.assert_array_equal(figure2.OPS['transpose'](a), np.asarray(a).T)
