@@ -91,6 +91,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.method not in algorithms.METHODS:
     raise ConfigError(f'unknown method {cfg.method!r}; valid methods: '
                       f'{list(algorithms.METHODS)}')
+  try:  # unknown, mistyped or empty keyword arguments of the model
+    models.get(cfg.model, **cfg.model_kwargs)
+  except (TypeError, ValueError, IndexError) as e:
+    kw = cfg.model_kwargs.to_dict() if hasattr(cfg.model_kwargs, 'to_dict') else \
+        cfg.model_kwargs
+    raise ConfigError(f'model_kwargs={kw!r} do not fit model {cfg.model!r}: {e}') from None
+  if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or \
+      not 0 <= cfg.seed < 2 ** 32:
+    # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.
+    raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
   act = cfg.model_kwargs.get('act')
   if act is not None and act not in ACTIVATIONS:
     raise ConfigError(f'unknown activation model_kwargs.act={act!r}; valid: '
@@ -120,6 +130,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.method in FEEDBACK_TRAINED:
     n = num_trained_feedback_blocks(cfg)
     for field in ('iterations', 'noise', 'lr'):
+      if not isinstance(cfg.feedback[field], (list, tuple)):
+        raise ConfigError(f'feedback.{field} must be a list with one value per block '
+                          f'whose feedback is trained ({n}), got {cfg.feedback[field]!r}')
       values = list(cfg.feedback[field])
       if len(values) != n:
         # The reference code silently truncated mismatched lists; we refuse.

@@ -1,16 +1,43 @@
 """The training loop shared by every method: data on device, fused jitted steps,
 data-parallel sharding, evaluation, metrics, checkpoints and resume.
 
-One epoch = ``steps_per_epoch`` steps over a permutation drawn from (seed, epoch); a
-step's PRNG key is folded from (seed, global step). So the data order and noise of
-any step are functions of the config alone, and a resumed run repeats them exactly.
+Reproducibility. One epoch = ``steps_per_epoch`` steps over a permutation drawn from
+(seed, epoch); a step's PRNG key is folded from (seed, global step). So the data order
+and noise of any step are functions of the config alone, the checkpoint needs to hold
+only the ``TrainState`` (forward and feedback parameters, optimiser states, step) and
+the metrics of the epoch in progress, and a resumed run repeats the uninterrupted one
+exactly: same parameters, same metrics.jsonl (timing fields aside).
+
+Data parallelism. All devices form a 1-D ``Mesh`` with axis ``'data'``. The state and
+the dataset are replicated; the jitted step gathers its global batch (``batch_size``
+examples, whatever the device count) from the on-device dataset with the index array
+sharded over ``'data'``, so each device gathers and processes only its
+``batch_size / num_devices`` examples, and XLA all-reduces the gradients (and the
+feedback-training gradients of LDRL/DTP). Random numbers are partitionable
+(``jax_threefry_partitionable``), so 1 and 8 devices draw the same noise and reach the
+same parameters up to float32 summation order.
+
+Multi-host. With ``num_processes > 1`` the loop first calls
+``jax.distributed.initialize(num_processes=..., process_id=$TP_JAX_PROCESS_ID)``: on
+Cloud TPU, SLURM, Open MPI or Kubernetes the coordinator and process id are detected;
+elsewhere set ``JAX_COORDINATOR_ADDRESS=host:port`` and ``TP_JAX_PROCESS_ID`` on every
+process (CPU processes talk over gloo). The mesh then spans every process's devices
+in process order. Each host loads the dataset and feeds its own devices: a device
+gathers only its shard of each global batch, so host p supplies exactly examples
+``[p B/P, (p+1) B/P)`` of every batch, and the results equal a single-host run's.
+Every process must run the same command with the same workdir (a shared file
+system): Orbax coordinates the checkpoint writes; only process 0 writes
+metrics.jsonl, result.json and the TensorBoard events.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,56 +51,143 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tp_jax import algorithms
 from tp_jax import config as config_lib
 from tp_jax import data
+from tp_jax import metrics_writer
 from tp_jax import models
 from tp_jax import network
+from tp_jax.algorithms import common
 
 Array = jax.Array
 
+# Fields of a metrics.jsonl row that measure time: they differ between runs.
+TIMING_KEYS = ('epoch_train_s', 'ms_per_step', 'steps')
+
+# Config fields that may differ between a run and its resumption: none of them changes
+# what is computed (``epochs`` extends or shortens the run).
+RESUMABLE_CHANGES = ('epochs', 'check_every_steps', 'log_every_steps', 'keep_checkpoints',
+                     'checkpoint_every_steps', 'data_dir', 'verify_checksums',
+                     'skip_nonfinite', 'eval_batch_size', 'num_processes')
+
 
 class DivergenceError(RuntimeError):
-  """A non-finite loss, target or parameter; the message names step and block."""
+  """A non-finite loss, target or parameter; the message names step, block, quantity."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot hold the run's results (unwritable, or too little space)."""
+
+
+# --------------------------------------------------------------------------------------
+# Multi-host
+
+
+def maybe_initialize_distributed(cfg) -> None:
+  """``jax.distributed.initialize`` when ``cfg.num_processes > 1`` (see module doc).
+
+  Must run before anything touches a JAX backend; idempotent.
+  """
+  n = cfg.num_processes
+  if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    raise config_lib.ConfigError(f'num_processes must be a positive integer, got {n!r}')
+  if n == 1:
+    return
+  if not jax.distributed.is_initialized():
+    pid = os.environ.get('TP_JAX_PROCESS_ID')
+    jax.distributed.initialize(num_processes=n,
+                               process_id=int(pid) if pid is not None else None)
+  if jax.process_count() != n:
+    raise config_lib.ConfigError(f'num_processes={n} but JAX runs {jax.process_count()} '
+                                 f'processes')
+
+
+def _put(x, sharding: NamedSharding) -> Array:
+  """A global array with ``sharding`` from a value every process holds in full."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+def _fetch(tree):
+  """Host copies of replicated (possibly multi-process) arrays."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))
+                      if isinstance(a, jax.Array) else np.asarray(a), tree)
 
 
 # --------------------------------------------------------------------------------------
 # Jitted pieces
 
 
-def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh) -> Callable:
-  """(state, x_all, y_all, idx_B, key) -> (state, metrics), jitted.
+def _keys(seed: int):
+  """(init, data order, step noise) keys of a run."""
+  return jax.random.split(jax.random.key(seed), 3)
 
-  The dataset stays on device; the step gathers its batch, shards it over the mesh's
-  data axis, augments it and takes one step. The host loop dispatches steps
-  asynchronously and syncs only every ``check_every_steps``.
+
+def _key_data(key, sharding: NamedSharding) -> Array:
+  """A key as a replicated uint32 array: jitted functions take the seed as an input, so
+  one executable serves every seed (and works across processes)."""
+  return _put(np.asarray(jax.random.key_data(key)), sharding)
+
+
+def make_init(algo: algorithms.Algorithm, mesh: Mesh) -> Callable:
+  """(init key data, x_example) -> state, replicated over ``mesh``."""
+  return jax.jit(lambda k, x: algo.init(jax.random.wrap_key_data(k), x),
+                 out_shardings=NamedSharding(mesh, P()))
+
+
+def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
+                    steps_per_epoch: int) -> Callable:
+  """(state, x_all, y_all, idx_epoch, step_key) -> (state, metrics), jitted.
+
+  ``idx_epoch`` [steps_per_epoch, batch_size] holds the epoch's example indices; the
+  step takes row ``state.step % steps_per_epoch``, so the host passes nothing per step
+  and the loop dispatches steps asynchronously, syncing every ``check_every_steps``.
+  The index row is sharded over the mesh's data axis before the gather: each device
+  gathers and processes its own slice of the global batch. The step's key is folded
+  from (``step_key``, step); ``step_key`` is the raw data of the run's step key. Metrics add ``params_finite`` (one bool per block, after the
+  update) to the algorithm's.
   """
-  batch_sharding = NamedSharding(mesh, P('data'))
+  batch = NamedSharding(mesh, P('data'))
+  replicated = NamedSharding(mesh, P())
 
-  def train_step(state, x_all, y_all, idx_B, key):
-    k_aug, k_step = jax.random.split(jax.random.fold_in(key, state.step))
-    x = jax.lax.with_sharding_constraint(x_all[idx_B], batch_sharding)
-    y = jax.lax.with_sharding_constraint(y_all[idx_B], batch_sharding)
+  def train_step(state, x_all, y_all, idx_epoch, step_key):
+    k_step_root = jax.random.wrap_key_data(step_key)
+    idx_B = jax.lax.with_sharding_constraint(idx_epoch[state.step % steps_per_epoch], batch)
+    x = jax.lax.with_sharding_constraint(x_all[idx_B], batch)
+    y = jax.lax.with_sharding_constraint(y_all[idx_B], batch)
+    k_aug, k_step = jax.random.split(jax.random.fold_in(k_step_root, state.step))
     if cfg.augment:
       x = data.augment(k_aug, x)
     new_state, metrics = algo.step(state, (x, y), k_step)
+    metrics['params_finite'] = jnp.stack([common.all_finite(p) for p in new_state.params])
     if cfg.skip_nonfinite:  # keep the old state, but count the step
       new_state = jax.tree.map(lambda n, o: jnp.where(metrics['finite'], n, o),
                                new_state, state._replace(step=state.step + 1))
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=replicated, out_shardings=replicated,
+                 donate_argnums=(0,))
 
 
-def make_evaluate(net: network.Net, batch_size: int) -> Callable:
-  """(params, x, y) -> (mean loss, accuracy) over all examples, in fixed-size batches."""
+def make_evaluate(net: network.Net, batch_size: int, mesh: Mesh | None = None) -> Callable:
+  """(params, x, y) -> (mean loss, accuracy) over all examples, in fixed-size batches.
+
+  Batches are ``min(batch_size, n)`` rounded up to a multiple of the device count and
+  sharded over the mesh's data axis (padding is masked out).
+  """
+  ndev = 1 if mesh is None else mesh.devices.size
+  shard = None if mesh is None else NamedSharding(mesh, P(None, 'data'))
 
   @jax.jit
   def evaluate(params, x, y):
     n = x.shape[0]
-    num = -(-n // batch_size)
-    pad = num * batch_size - n
-    xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num, batch_size,
-                                                                      *x.shape[1:])
-    yb = jnp.pad(y, (0, pad)).reshape(num, batch_size)
-    mask = (jnp.arange(num * batch_size) < n).reshape(num, batch_size)
+    bs = -(-min(batch_size, n) // ndev) * ndev
+    num = -(-n // bs)
+    pad = num * bs - n
+    xb = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(num, bs, *x.shape[1:])
+    yb = jnp.pad(y, (0, pad)).reshape(num, bs)
+    mask = (jnp.arange(num * bs) < n).reshape(num, bs)
+    if shard is not None:
+      xb, yb, mask = (jax.lax.with_sharding_constraint(a, shard) for a in (xb, yb, mask))
 
     def body(acc, b):
       xi, yi, mi = b
@@ -87,80 +201,206 @@ def make_evaluate(net: network.Net, batch_size: int) -> Callable:
   return evaluate
 
 
+# Config fields the compiled functions do not depend on.
+NOT_COMPILED = ('check_every_steps', 'log_every_steps', 'keep_checkpoints',
+                'checkpoint_every_steps', 'data_dir', 'verify_checksums', 'num_processes',
+                'seed')
+
+# Compiled steps of recent configs: re-running a config in the same process (a
+# notebook cell, a resumed run, a test) does not compile again. The key holds
+# everything the executable depends on.
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 4
+
+
+def clear_compile_cache() -> None:
+  _CACHE.clear()
+
+
+def _compiled(cfg, net, steps_per_epoch: int, mesh: Mesh, shapes: tuple,
+              before_compile: Callable[[Any], None] = lambda spec: None) -> tuple:
+  """(init, compiled step, evaluate, compile seconds); ``before_compile`` gets the
+  state's shapes first (cheap checks that should not wait for a compile)."""
+  fields = {k: v for k, v in json.loads(cfg.to_json_best_effort()).items()
+            if k not in NOT_COMPILED}
+  key = (json.dumps(fields, sort_keys=True), steps_per_epoch,
+         tuple(d.id for d in mesh.devices.flat), shapes)
+  if key in _CACHE:
+    _CACHE.move_to_end(key)
+    before_compile(_CACHE[key][3])
+    return _CACHE[key][:3] + (0.0,)
+  tx = algorithms.make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
+  algo = algorithms.make(net, cfg, tx)
+  init = make_init(algo, mesh)
+  replicated = NamedSharding(mesh, P())
+  (x_shape, x_dtype), (y_shape, y_dtype) = shapes
+  x_spec = jax.ShapeDtypeStruct(x_shape, x_dtype, sharding=replicated)
+  y_spec = jax.ShapeDtypeStruct(y_shape, y_dtype, sharding=replicated)
+  key_spec = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32,
+                                  sharding=replicated)
+  state_spec = jax.eval_shape(init, key_spec, jax.ShapeDtypeStruct(
+      (cfg.batch_size, *x_shape[1:]), x_dtype, sharding=replicated))
+  state_spec = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec)
+  idx_spec = jax.ShapeDtypeStruct((steps_per_epoch, cfg.batch_size), jnp.int32,
+                                  sharding=replicated)
+  before_compile(state_spec)
+  t0 = time.perf_counter()
+  step = make_train_step(algo, cfg, mesh, steps_per_epoch).lower(
+      state_spec, x_spec, y_spec, idx_spec, key_spec).compile()
+  compile_s = time.perf_counter() - t0
+  entry = (init, step, make_evaluate(net, cfg.eval_batch_size, mesh), state_spec)
+  _CACHE[key] = entry
+  while len(_CACHE) > _CACHE_SIZE:
+    _CACHE.popitem(last=False)
+  return entry[:3] + (compile_s,)
+
+
 # --------------------------------------------------------------------------------------
 # Checkpoints
 
 
 class Checkpointer:
-  """Orbax checkpoints of the full training state under ``workdir/checkpoints``.
+  """Orbax checkpoints under ``workdir/checkpoints``: item ``state`` holds the flat
+  list of the ``TrainState``'s leaves (the tree structure comes from the config, so no
+  container type has to survive the round trip), item ``meta`` (JSON) the config and
+  the metrics of the epoch in progress.
 
-  Orbax writes into a temporary directory and renames it when complete, so a run
-  killed mid-write leaves a checkpoint that is never listed, let alone loaded.
+  Orbax writes a checkpoint into a temporary directory and renames it when complete,
+  so a run killed mid-write leaves a directory that is never listed, let alone
+  loaded; it is deleted when the next run opens the manager.
   """
 
   def __init__(self, workdir: Path, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
+    self.directory = (Path(workdir) / 'checkpoints').absolute()
     self._mngr = ocp.CheckpointManager(
-        (workdir / 'checkpoints').absolute(),
+        self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
-                                             enable_async_checkpointing=False))
+                                             enable_async_checkpointing=False,
+                                             cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
-  # The state is stored as its flat list of leaves: the tree structure comes from the
-  # code (the config), so no container type has to survive the round trip.
-  def save(self, step: int, state: algorithms.TrainState) -> None:
-    self._mngr.save(step, args=self._ocp.args.StandardSave(jax.tree.leaves(state)))
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: algorithms.TrainState, meta: dict) -> None:
+    ocp = self._ocp
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.tree.leaves(state)), meta=ocp.args.JsonSave(meta)))
     self._mngr.wait_until_finished()
 
+  def restore_meta(self, step: int) -> dict:
+    out = self._mngr.restore(step, args=self._ocp.args.Composite(
+        meta=self._ocp.args.JsonRestore()))
+    return dict(out['meta'])
+
   def restore(self, step: int, like: algorithms.TrainState) -> algorithms.TrainState:
-    leaves = self._mngr.restore(
-        step, args=self._ocp.args.StandardRestore(jax.tree.leaves(like)))
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+    out = self._mngr.restore(step, args=self._ocp.args.Composite(
+        state=self._ocp.args.StandardRestore(jax.tree.leaves(like))))
+    return jax.tree.unflatten(jax.tree.structure(like), out['state'])
 
   def close(self) -> None:
     self._mngr.close()
 
 
+def _encode_metrics(chunks: list[dict[str, np.ndarray]]) -> dict:
+  """Per-step metrics of the epoch in progress, bit-exact and JSON-safe (NaN too)."""
+  if not chunks:
+    return {}
+  out = {}
+  for k in chunks[0]:
+    a = np.ascontiguousarray(np.concatenate([c[k] for c in chunks]))
+    out[k] = dict(dtype=a.dtype.str, shape=list(a.shape),
+                  data=base64.b64encode(a.tobytes()).decode())
+  return out
+
+
+def _decode_metrics(enc: dict) -> list[dict[str, np.ndarray]]:
+  if not enc:
+    return []
+  return [{k: np.frombuffer(base64.b64decode(v['data']), np.dtype(v['dtype'])
+                            ).reshape(v['shape']).copy() for k, v in enc.items()}]
+
+
+def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = list(v) if isinstance(v, (list, tuple)) else v
+  return out
+
+
+def _check_resumable(saved: dict, cfg, workdir: Path, step: int) -> None:
+  now = _flat(json.loads(cfg.to_json_best_effort()))
+  saved = _flat(saved)
+  diff = sorted(k for k in set(now) | set(saved)
+                if now.get(k) != saved.get(k) and k.split('.')[0] not in RESUMABLE_CHANGES)
+  if diff:
+    what = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff)
+    raise config_lib.ConfigError(
+        f'{workdir} holds a checkpoint (step {step}) of a different config ({what}); '
+        f'resuming would mix two experiments. Use a new --workdir, or the original '
+        f'values. Fields that may change on resume: {list(RESUMABLE_CHANGES)}')
+
+
 # --------------------------------------------------------------------------------------
-# The loop
+# Checks
 
 
 def hardware() -> dict[str, Any]:
   devs = jax.devices()
   return dict(backend=jax.default_backend(), devices=[d.device_kind for d in devs],
-              num_devices=len(devs), cpu_count=os.cpu_count(), platform=platform.platform(),
-              jax=jax.__version__)
+              num_devices=len(devs), num_processes=jax.process_count(),
+              cpu_count=os.cpu_count(), platform=platform.platform(), jax=jax.__version__)
 
 
-def _check_finite(metrics: dict[str, np.ndarray], first_step: int) -> None:
+def divergence_message(metrics: dict[str, np.ndarray], first_step: int) -> str | None:
+  """None if every step of the chunk is finite, else what went wrong where (1-based
+  steps and blocks)."""
   bad = np.flatnonzero(~metrics['finite'])
   if not bad.size:
-    return
+    return None
   i = int(bad[0])
-  what = f'loss={float(metrics["loss"][i])}'
-  if 'targets_finite' in metrics:
-    blocks = np.flatnonzero(~metrics['targets_finite'][i])
-    if blocks.size:
-      what = f'non-finite targets at block(s) {[int(b) + 1 for b in blocks]} (1-based)'
-  raise DivergenceError(f'training diverged at step {first_step + i + 1}: {what} '
-                        f'(or non-finite parameters after the update); the last good '
-                        f'checkpoint is kept. Lower the learning rate or beta, or set '
-                        f'skip_nonfinite=True to skip such steps.')
+  what = []
+  if not np.isfinite(metrics['loss'][i]):
+    what.append(f'loss = {float(metrics["loss"][i])}')
+  for key, name in (('targets_finite', 'targets'), ('params_finite', 'parameters')):
+    if key in metrics:
+      blocks = np.flatnonzero(~metrics[key][i])
+      if blocks.size:
+        what.append(f'non-finite {name} at block(s) {[int(b) + 1 for b in blocks]}')
+  if not what:
+    what.append('non-finite values')
+  return f'training diverged at step {first_step + i + 1}: {"; ".join(what)}'
 
 
 def _check_workdir(workdir: Path) -> None:
   """Fail before training, not after an hour, when results cannot be written."""
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / '.write_probe'
+    probe = workdir / f'.write_probe.{jax.process_index()}'
     probe.write_bytes(b'\0' * 4096)
     probe.unlink()
   except OSError as e:
-    raise OSError(f'workdir {workdir} is not writable ({e.strerror}); results and '
-                  f'checkpoints could not be saved') from e
+    raise WorkdirError(f'workdir {workdir} is not writable ({e.strerror or e}); results '
+                       f'and checkpoints could not be saved') from e
+
+
+def _check_disk_space(workdir: Path, state, keep: int) -> None:
+  """Room for ``keep`` checkpoints plus the one being written, and a margin."""
+  state_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(state))
+  need = state_bytes * ((keep or 2) + 1) + (16 << 20)
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise WorkdirError(f'workdir {workdir} has {free / 2**20:.1f} MiB free but the '
+                       f'checkpoints need about {need / 2**20:.1f} MiB '
+                       f'({(keep or 2) + 1} x {state_bytes / 2**20:.1f} MiB + margin)')
 
 
 def check_input_shape(cfg, net: network.Net, image_shape: tuple[int, ...]) -> None:
@@ -174,19 +414,42 @@ def check_input_shape(cfg, net: network.Net, image_shape: tuple[int, ...]) -> No
                    jax.random.key(0))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'{cfg.model} cannot take {cfg.dataset} images of shape '
-                     f'{image_shape}: {e}') from e
+                     f'{image_shape}: {type(e).__name__}: {e}') from e
+
+
+# --------------------------------------------------------------------------------------
+# The loop
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
                        dataset: data.Dataset | None = None,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Trains ``cfg.model`` with ``cfg.method``; writes metrics.jsonl and result.json.
+                       log: Callable[[str], None] = print, *,
+                       until_step: int | None = None,
+                       progress: bool | None = None) -> dict[str, Any]:
+  """Trains ``cfg.model`` with ``cfg.method``; writes into ``workdir``:
 
-  Resumes automatically from the newest complete checkpoint in ``workdir``.
+    metrics.jsonl        one row per epoch (rewritten atomically)
+    result.json          the final summary (when the run completes)
+    events.out.tfevents.*  the same metrics for TensorBoard
+    checkpoints/         Orbax checkpoints (every ``checkpoint_every_steps`` and epoch)
+
+  Resumes automatically from the newest complete checkpoint in ``workdir`` (refusing
+  one of a different config). ``until_step`` stops early, after checkpointing that
+  step; calling again resumes. ``progress``: a ``\\r`` progress line with ETA on
+  stderr (default: when stderr is a terminal or in Jupyter).
+
+  Returns the result dict (as in result.json, plus ``complete`` and the final
+  ``state``, a ``TrainState``).
+  Raises:
+    ConfigError / ValueError: a bad config or a dataset the model cannot take.
+    WorkdirError: the workdir is unwritable or too full (before any training).
+    DivergenceError: a non-finite loss, target or parameter (unless ``skip_nonfinite``).
   """
+  maybe_initialize_distributed(cfg)
   workdir = Path(workdir)
   devices = jax.devices()
   config_lib.validate(cfg, num_devices=len(devices))
+  primary = jax.process_index() == 0
   _check_workdir(workdir)
   if dataset is None:
     dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None,
@@ -201,88 +464,174 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
   steps_per_epoch = n_train // cfg.batch_size
   if cfg.steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+  total_steps = steps_per_epoch * cfg.epochs
+  stop_step = total_steps if until_step is None else min(until_step, total_steps)
   chunk = cfg.check_every_steps or steps_per_epoch
-  tx = algorithms.make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
-  algo = algorithms.make(net, cfg, tx)
+  save_every = cfg.checkpoint_every_steps or steps_per_epoch
 
   mesh = Mesh(np.array(devices), ('data',))
   replicated = NamedSharding(mesh, P())
-  x_train, y_train, x_test, y_test = jax.device_put(
-      (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test), replicated)
-
-  root = jax.random.key(cfg.seed)
-  k_init, k_data, k_steps = jax.random.split(root, 3)
-  state = jax.device_put(algo.init(k_init, x_train[:cfg.batch_size]), replicated)
-
+  x_train, y_train, x_test, y_test = (
+      _put(a, replicated) for a in (dataset.x_train, dataset.y_train.astype(jnp.int32),
+                                    dataset.x_test, dataset.y_test.astype(jnp.int32)))
   ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    state = jax.device_put(ckpt.restore(start, state), replicated)
-    log(f'resumed from checkpoint at step {start}')
-  train_step = make_train_step(algo, cfg, mesh)
-  evaluate = make_evaluate(net, cfg.eval_batch_size)
-
-  history = _read_history(workdir / 'metrics.jsonl', start)
-  _write_history(workdir / 'metrics.jsonl', history)  # drops rows a killed run left
-  save_every = cfg.checkpoint_every_steps or steps_per_epoch
-  t0 = time.perf_counter()  # compile outside the timed region
-  train_step = train_step.lower(state, x_train, y_train, jnp.zeros(cfg.batch_size, jnp.int32),
-                                k_steps).compile()
-  compile_s = time.perf_counter() - t0
+  writer = None
+  bar = metrics_writer.Progress(progress if primary else False)
   try:
+    start = ckpt.latest_step() or 0
+    partial: list[dict[str, np.ndarray]] = []
+    partial_s = 0.0
+    if start:  # refuse a checkpoint of another config before compiling anything
+      try:
+        meta = ckpt.restore_meta(start)
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuntimeError(f'could not read the checkpoint at step {start} in '
+                           f'{ckpt.directory}: {type(e).__name__}: {e}') from e
+      _check_resumable(meta.get('config', {}), cfg, workdir, start)
+      partial = _decode_metrics(meta.get('epoch_metrics', {}))
+      partial_s = meta.get('epoch_train_s', 0.0)
+
+    shapes = ((x_train.shape, x_train.dtype), (y_train.shape, y_train.dtype))
+    init, train_step, evaluate, compile_s = _compiled(
+        cfg, net, steps_per_epoch, mesh, shapes,
+        lambda spec: _check_disk_space(workdir, spec, cfg.keep_checkpoints))
+    k_init, k_data, k_steps = _keys(cfg.seed)
+    k_steps = _key_data(k_steps, replicated)
+    state = init(_key_data(k_init, replicated), x_train[:cfg.batch_size])
+    if start:
+      try:
+        state = ckpt.restore(start, state)
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuntimeError(f'could not restore the checkpoint at step {start} in '
+                           f'{ckpt.directory}: {type(e).__name__}: {e}') from e
+      log(f'resumed from checkpoint at step {start}')
+    step = start
+    history = _read_history(workdir / 'metrics.jsonl', start)
+    if primary:
+      _write_history(workdir / 'metrics.jsonl', history)  # drops rows a killed run left
+      writer = metrics_writer.EventWriter(workdir, start_step=start)
+    config_json = json.loads(cfg.to_json_best_effort())
+    last_saved = start or None
+
+    def save(chunks, train_s):
+      nonlocal last_saved
+      meta = dict(config=config_json, step=step, epoch_metrics=_encode_metrics(chunks),
+                  epoch_train_s=train_s)
+      ckpt.save(step, state, meta)
+      last_saved = step
+
     for epoch in range(start // steps_per_epoch, cfg.epochs):
-      idx = data.batches(jax.random.fold_in(k_data, epoch), n_train,
-                         cfg.batch_size)[:steps_per_epoch]
-      done = int(state.step) - epoch * steps_per_epoch
-      first, train_s, chunks = done, 0.0, []
-      while done < steps_per_epoch:
-        next_save = (int(state.step) // save_every + 1) * save_every - epoch * steps_per_epoch
-        stop = min(steps_per_epoch, done + chunk, next_save)
+      if step >= stop_step:
+        break
+      idx = np.asarray(data.batches(jax.random.fold_in(k_data, epoch), n_train,
+                                    cfg.batch_size))[:steps_per_epoch].astype(np.int32)
+      idx = _put(idx, replicated)
+      done = step - epoch * steps_per_epoch
+      first, chunks, train_s = done, (partial if done else []), (partial_s if done else 0.0)
+      this_s = 0.0
+      while done < steps_per_epoch and step < stop_step:
+        next_save = (step // save_every + 1) * save_every
+        stop = min((epoch + 1) * steps_per_epoch, step + chunk, next_save, stop_step)
         t0 = time.perf_counter()
         ms = []
-        for i in range(done, stop):
-          state, m = train_step(state, x_train, y_train, idx[i], k_steps)
+        for _ in range(step, stop):
+          state, m = train_step(state, x_train, y_train, idx, k_steps)
           ms.append(m)
-        m = jax.device_get(jax.tree.map(lambda *a: jnp.stack(a), *ms))
-        train_s += time.perf_counter() - t0
-        if not cfg.skip_nonfinite:
-          _check_finite(m, epoch * steps_per_epoch + done)
+        ms = _fetch(ms)
+        dt = time.perf_counter() - t0
+        train_s, this_s = train_s + dt, this_s + dt
+        m = {k: np.stack([s[k] for s in ms]) for k in ms[0]}
+        msg = divergence_message(m, step)
+        if msg and not cfg.skip_nonfinite:
+          bar.clear()
+          where = (f'the last good checkpoint (step {last_saved}) is kept in '
+                   f'{ckpt.directory}' if last_saved else 'no checkpoint was saved yet')
+          raise DivergenceError(f'{msg}; {where}. Lower the learning rate or beta, or set '
+                                f'skip_nonfinite=True to skip (and count) such steps.')
         chunks.append(m)
-        done = stop
-        if done < steps_per_epoch and int(state.step) % save_every == 0:
-          ckpt.save(int(state.step), state)
-      m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
-      test_loss, test_acc = jax.device_get(evaluate(state.params, x_test, y_test))
-      row = dict(epoch=epoch + 1, step=int(state.step),
+        if cfg.log_every_steps:
+          _log_steps(m, step, cfg.log_every_steps, log, writer, bar)
+        step, done = stop, stop - epoch * steps_per_epoch
+        bar.update(metrics_writer.progress_line(
+            epoch + 1, cfg.epochs, done, steps_per_epoch, this_s / max(done - first, 1) * done,
+            run_steps_left=total_steps - step, loss=float(np.mean(m['loss']))))
+        if done < steps_per_epoch and (step % save_every == 0 or step == stop_step):
+          save(chunks, train_s)
+      if done < steps_per_epoch:
+        break  # stopped at until_step
+      m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+      test_loss, test_acc = _fetch(evaluate(state.params, x_test, y_test))
+      row = dict(epoch=epoch + 1, step=step,
                  train_loss=float(np.mean(m['loss'])),
                  train_accuracy=float(np.mean(m['accuracy'])),
                  test_loss=float(test_loss), test_accuracy=float(test_acc),
                  epoch_train_s=train_s, steps=done - first,
-                 ms_per_step=1e3 * train_s / max(done - first, 1),
+                 ms_per_step=1e3 * this_s / max(done - first, 1),
                  skipped_steps=int(np.sum(~m['finite'])))
-      if 'block_loss' in m:
-        row['block_loss'] = [float(v) for v in np.mean(m['block_loss'], 0)]
+      for k in ('block_loss', 'feedback_loss'):
+        if k in m:
+          row[k] = [float(v) for v in np.mean(m[k], 0)]
       history.append(row)
-      _write_history(workdir / 'metrics.jsonl', history)
-      ckpt.save(int(state.step), state)
+      if primary:
+        _write_history(workdir / 'metrics.jsonl', history)
+        writer.scalars(step, _tb_scalars(row))
+        writer.flush()
+      save([], 0.0)
+      bar.clear()
       log(f'epoch {epoch + 1}/{cfg.epochs}  loss {row["train_loss"]:.4f}  '
           f'train {100 * row["train_accuracy"]:.2f}%  test {100 * row["test_accuracy"]:.2f}%  '
-          f'{row["ms_per_step"]:.1f} ms/step  ({train_s:.1f} s train)')
+          f'{row["ms_per_step"]:.1f} ms/step  ({this_s:.1f} s train)'
+          + (f'  {row["skipped_steps"]} steps skipped' if row['skipped_steps'] else ''))
   finally:
+    bar.clear()
     ckpt.close()
+    if writer is not None:
+      writer.close()
 
-  train_loss, train_acc = jax.device_get(evaluate(state.params, x_train, y_train))
   timed = [r for r in history if r['steps'] == steps_per_epoch]
   result = dict(
       config=cfg.to_dict(), hardware=hardware(), epochs=len(history),
-      steps_per_epoch=steps_per_epoch,
-      train_accuracy=float(train_acc), train_loss=float(train_loss),
+      steps_per_epoch=steps_per_epoch, step=step, complete=step >= total_steps,
       test_accuracy=history[-1]['test_accuracy'] if history else None,
+      skipped_steps=sum(r['skipped_steps'] for r in history),
       epoch_train_s=float(np.median([r['epoch_train_s'] for r in timed])) if timed else None,
       ms_per_step=float(np.median([r['ms_per_step'] for r in history])) if history else None,
       compile_s=compile_s, history=history)
-  (workdir / 'result.json').write_text(json.dumps(result, indent=1, default=str))
+  if result['complete']:
+    train_loss, train_acc = _fetch(evaluate(state.params, x_train, y_train))
+    result.update(train_accuracy=float(train_acc), train_loss=float(train_loss))
+    if primary:
+      tmp = workdir / 'result.json.tmp'
+      tmp.write_text(json.dumps(result, indent=1, default=str))
+      os.replace(tmp, workdir / 'result.json')
+  result['state'] = state
   return result
+
+
+def _tb_scalars(row: dict) -> dict[str, float]:
+  out = {'train/loss': row['train_loss'], 'train/accuracy': row['train_accuracy'],
+         'test/loss': row['test_loss'], 'test/accuracy': row['test_accuracy'],
+         'perf/ms_per_step': row['ms_per_step'], 'train/skipped_steps': row['skipped_steps']}
+  for k in ('block_loss', 'feedback_loss'):
+    for n, v in enumerate(row.get(k, ()), 1):
+      out[f'train/{k}/block{n}'] = v
+  return out
+
+
+def _log_steps(m, first_step, every, log, writer, bar) -> None:
+  for i in range(len(m['loss'])):
+    s = first_step + i + 1
+    if s % every:
+      continue
+    values = {'step/loss': float(m['loss'][i]), 'step/accuracy': float(m['accuracy'][i])}
+    for n, v in enumerate(m.get('block_loss', [[]] * (i + 1))[i], 1):
+      values[f'step/block_loss/block{n}'] = float(v)
+    bar.clear()
+    log(f'step {s}  loss {values["step/loss"]:.4f}  accuracy {values["step/accuracy"]:.3f}')
+    if writer is not None:
+      writer.scalars(s, values)
+  if writer is not None:
+    writer.flush()
 
 
 def _read_history(path: Path, upto_step: int) -> list[dict]:
