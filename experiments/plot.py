@@ -42,7 +42,9 @@ def run_label(workdir: str | Path) -> str:
   if result.exists():
     try:
       cfg = json.loads(result.read_text())['config']
-      return f'{cfg["method"]} ({cfg["model"]}, {Path(workdir).name})'
+      name = Path(workdir).name
+      where = '' if name == cfg['method'] else f', {name}'
+      return f'{cfg["method"]} ({cfg["model"]}{where})'
     except (KeyError, ValueError):
       pass
   return Path(workdir).name
