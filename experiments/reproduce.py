@@ -16,9 +16,9 @@ Each table has two independent parts:
   its own directory ``<workdir>/<profile>/table<T>/<dataset>/<method>/seed<S>`` (its
   ``result.json``, ``metrics.jsonl``, checkpoints). A finished run with the same config
   is reused, an interrupted one resumes, one with a different config is refused.
-* speed: every method's jitted training step (as in the training loop: batch gather
-  from device-resident data, augmentation, the method's step) is compiled in this
-  process, warmed up, then timed in interleaved windows so that all methods see
+* speed: every method's jitted training step (``tp_jax.train.make_train_step``, the
+  training loop's own: batch gather, augmentation, the method's step) is compiled in
+  this process, warmed up, then timed in interleaved windows so that all methods see
   the same machine load; the median ms/step times the steps of a full epoch is the
   epoch time. LDRL's windows alternate with rounds of windows of the other methods
   (its steps are ~100x longer). Written to ``speed_<dataset>.json``.
@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from absl import app
 from absl import flags
 from absl import logging
@@ -320,45 +321,43 @@ def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
 # Speed
 
 
-def make_timed_step(algo: algorithms.Algorithm, cfg) -> Callable:
-  """The training loop's step: gather the batch from device-resident data, augment it
-  (when the config does), take one step of the method. Jitted, state donated."""
-
-  def step(state, x_all, y_all, idx_B, key):
-    x, y = x_all[idx_B], y_all[idx_B]
-    k_aug, k_step = jax.random.split(jax.random.fold_in(key, state.step))
-    if cfg.augment:
-      x = data.augment(k_aug, x)
-    return algo.step(state, (x, y), k_step)
-
-  return jax.jit(step, donate_argnums=(0,))
-
-
 def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Dataset,
                   plan: SpeedPlan, log: Log) -> dict[str, Any]:
   """Median ms per training step of each method, from interleaved timing windows.
 
-  Every method's step (``make_timed_step``) is compiled ahead of time (compilation is
-  timed apart) and runs on the same device-resident data.
+  Each method runs the training loop's own jitted step (``train.make_train_step``:
+  batch gather from device-resident data, augmentation, the method's step, finiteness
+  checks), compiled ahead of time (timed apart), on the same data. The program is the
+  one ``train_and_evaluate`` compiles for the same config, so with a persistent
+  compilation cache (smoke profile) the accuracy runs reuse it.
   """
-  x_all, y_all = dataset.x_train, dataset.y_train.astype(jnp.int32)
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  replicated = NamedSharding(mesh, P())
+  x_all, y_all = jax.device_put((dataset.x_train, dataset.y_train.astype(jnp.int32)),
+                                replicated)
   n = x_all.shape[0]
   runners = {}
   for method, cfg in cfgs.items():
     if cfg.batch_size > n:
       raise ValueError(f'batch {cfg.batch_size} > {n} examples')
     net = models.get(cfg.model, **cfg.model_kwargs)
-    steps_per_epoch = full_epoch_steps(cfg.dataset, cfg.batch_size)
+    # As train_and_evaluate: the optimiser's schedule spans the run's steps.
+    steps_per_epoch = n // cfg.batch_size
+    if cfg.steps_per_epoch:
+      steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
     tx = algorithms.make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
     algo = algorithms.make(net, cfg, tx)
-    k_init, k_data, k_steps = jax.random.split(jax.random.key(cfg.seed), 3)
-    state = jax.jit(algo.init)(k_init, x_all[:cfg.batch_size])
-    idx = data.batches(k_data, n, cfg.batch_size)
+    k_init, k_data, k_step = (jax.device_put(jax.random.key_data(k), replicated)
+                              for k in jax.random.split(jax.random.key(cfg.seed), 3))
+    state = train.make_init(algo, mesh)(k_init, x_all[:cfg.batch_size])
+    idx = np.asarray(data.batches(jax.random.wrap_key_data(k_data), n, cfg.batch_size))
+    idx = jax.device_put(idx[:steps_per_epoch].astype(np.int32), replicated)
     t0 = time.perf_counter()
-    step = make_timed_step(algo, cfg).lower(state, x_all, y_all, idx[0], k_steps).compile()
+    step = train.make_train_step(algo, cfg, mesh, steps_per_epoch).lower(
+        state, x_all, y_all, idx, k_step).compile()
     compile_s = time.perf_counter() - t0
     log(f'  compiled {method} step in {compile_s:.1f} s')
-    runners[method] = dict(step=step, state=state, idx=idx, key=k_steps, i=0,
+    runners[method] = dict(step=step, state=state, idx=idx, key=k_step,
                            compile_s=compile_s, windows=[])
 
   def run(method: str, k: int) -> float:
@@ -367,8 +366,7 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
     t0 = time.perf_counter()
     state = r['state']
     for _ in range(k):
-      state, _ = r['step'](state, x_all, y_all, r['idx'][r['i'] % len(r['idx'])], r['key'])
-      r['i'] += 1
+      state, _ = r['step'](state, x_all, y_all, r['idx'], r['key'])
     jax.block_until_ready(state)
     r['state'] = state
     return 1e3 * (time.perf_counter() - t0) / k
@@ -607,13 +605,29 @@ class NotImplementedYet(NotImplementedError):
 
 
 @contextlib.contextmanager
-def _compile_mode(profile: Profile):
-  old = bool(jax.config.values.get('jax_disable_most_optimizations', False))
-  jax.config.update('jax_disable_most_optimizations', profile.fast_compile or old)
+def _compile_mode(profile: Profile, workdir: Path):
+  """For ``fast_compile`` profiles: XLA optimisations off, and a persistent compilation
+  cache under ``<workdir>/<profile>/jax_cache`` (identical programs, e.g. MNIST's and
+  F-MNIST's steps or one model's evaluation under four methods, compile once).
+  Restores the previous settings on exit."""
+  if not profile.fast_compile:
+    yield
+    return
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  names = ('jax_disable_most_optimizations', 'jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {k: jax.config.values.get(k) for k in names}
+  new = dict(zip(names, (True, str(workdir / profile.name / 'jax_cache'), 0.0, 0)))
   try:
+    for k, v in new.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
     yield
   finally:
-    jax.config.update('jax_disable_most_optimizations', old)
+    for k, v in old.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
 
 
 def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
@@ -634,7 +648,7 @@ def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
   root.mkdir(parents=True, exist_ok=True)
   command = command or f'python -m experiments.reproduce --table={table} ' \
       f'--profile={profile.name}'
-  with _compile_mode(profile):
+  with _compile_mode(profile, Path(workdir)):
     if what in ('all', 'speed'):
       run_speed(table, profile, root, source, log)
     if what in ('all', 'accuracy'):
@@ -659,7 +673,7 @@ def run_figure(figure: int, profile: str | Profile, workdir: str | os.PathLike,
       f'one warm-up call, then the median of up to {profile.figure_repeats} calls with '
       f'block_until_ready (at least 3; fewer than the maximum when a point passed '
       f'{profile.figure_max_seconds:g} s)'])
-  with _compile_mode(profile):
+  with _compile_mode(profile, Path(workdir)):
     figure2.run(out, sizes or profile.figure_sizes, profile.figure_repeats,
                 profile.figure_max_seconds, log=log, header=header)
   log(f'wrote {out / "figure2.csv"}, {out / "figure2.png"}, {out / "figure2.md"}')
