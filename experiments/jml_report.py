@@ -117,7 +117,7 @@ def feedbacks(params: network.Params, key: jax.Array, fb_scale: float = 1e-3) ->
   return {
       'tjmc_integral': (params, layers.TJMC),
       'tjmc_hadamard': (params, layers.TJMC_HADAMARD),
-      'fwdtp_random': (jax.jit(lambda p, k: network.init_feedback(p, k, scale=fb_scale))(
+      'fwdtp_random': (jml.jit(lambda p, k: network.init_feedback(p, k, scale=fb_scale))(
           params, key), layers.LEARNED),
   }
 
@@ -129,7 +129,7 @@ def run(model: str, x: jax.Array, seed: int = 0, num_classes: int = 10,
   net = build_model(model, x, num_classes, act)
   k_init, k_fb, k_probe = jax.random.split(jax.random.PRNGKey(seed), 3)
   # Jitted: one compile for all initialisers instead of one per kernel shape.
-  params = jax.jit(lambda k, h: network.init(net, k, h))(k_init, x)
+  params = jml.jit(lambda k, h: network.init(net, k, h))(k_init, x)
   return jml.report(net, params, feedbacks(params, k_fb, fb_scale), x, kinds=tuple(kinds),
                     num_probes=num_probes, key=k_probe, max_exact_size=max_exact_size)
 

@@ -24,6 +24,12 @@ from tp_jax import network
 POOL3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
+@pytest.fixture(autouse=True)
+def _fast_compiles(monkeypatch):
+  """-O0: these tests compile many tiny programs once each (compile time dominates)."""
+  monkeypatch.setattr(jml, 'COMPILER_OPTIONS', {'xla_backend_optimization_level': 0})
+
+
 def _net(*blocks):
   return network.Net(tuple(blocks), name='test')
 
@@ -130,29 +136,26 @@ def _small_net_and_input():
 
 
 def test_exact_jmls_vanish_where_theory_says():
-  """TJMC (integral and Hadamard) gives TJML = 0 on every block here (one activation per
-  block, pools that LeakyReLU/non-overlap keep exact); IJMC gives IJML = 0 on the
-  square invertible dense+LeakyReLU block (J_G = W^-T diag(1/sigma'(a)) = J_F^-1 at
-  h_{n+1}); PJMC gives PJML = 0 on the last dense block. TJMC's IJML is not 0 there."""
+  """TJMC (integral and Hadamard) gives TJML = 0 on a conv-ELU-pool2x2 block (one
+  activation, non-overlapping pool); IJMC gives IJML = 0 on the square invertible
+  dense+LeakyReLU block (J_G = W^-T diag(1/sigma'(a)) = J_F^-1 at h_{n+1}); PJMC gives
+  PJML = 0 on the last dense block. TJMC's IJML and PJMC's TJML are not 0 there."""
   net, x, params = _small_net_and_input()
-  hs, _ = network.forward(net, params, x)
-  h_in = (x, *hs[:-1])
-  for n, mode in ((0, L.TJMC), (1, L.TJMC), (1, L.TJMC_HADAMARD), (2, L.TJMC)):
-    r = jml.block_jml(net, params, params, n, h_in[n], mode, 'tjml')
-    assert r.exact and r.relative < 2e-6, (n, mode, r.relative)
-    assert r.per_example_relative.shape == (3,)
-  r = jml.block_jml(net, params, params, 3, h_in[3], L.IJMC, 'ijml')
-  assert r.exact and r.relative < 1e-5, r.relative
+  # Random block inputs of the right shapes (the theory holds at any input).
+  shapes = jax.eval_shape(lambda p, h: network.forward(net, p, h)[0], params, x)
+  h_in = (x, *(_randn(h.shape, seed=20 + i) for i, h in enumerate(shapes[:-1])))
   # Several feedbacks / kinds sharing one J_F (the path ``report`` takes).
-  (ij_tjmc,), (pj_pjmc, tj_pjmc) = (
-      [v[k][1].mean() for k in kinds] for v, kinds in (
-          (jml._exact_losses(net, params, [(params, L.TJMC)], 3, h_in[3], ['ijml'])[0],
-           ['ijml']),
-          (jml._exact_losses(net, params, [(params, L.PJMC)], 4, h_in[4], ['pjml', 'tjml'])[0],
-           ['pjml', 'tjml'])))
-  assert ij_tjmc > 0.1
-  assert pj_pjmc < 1e-5, pj_pjmc
-  assert tj_pjmc > 0.1
+  tj_int, tj_had = [v['tjml'][1] for v in jml._exact_losses(
+      net, params, [(params, L.TJMC), (params, L.TJMC_HADAMARD)], 1, h_in[1], ['tjml'])]
+  assert tj_int.shape == (3,) and tj_int.max() < 2e-6 and tj_had.max() < 2e-6
+  ij_ijmc, ij_tjmc = [v['ijml'][1].mean() for v in jml._exact_losses(
+      net, params, [(params, L.IJMC), (params, L.TJMC)], 3, h_in[3], ['ijml'])]
+  assert ij_ijmc < 1e-5 and ij_tjmc > 0.1, (ij_ijmc, ij_tjmc)
+  r = jml.block_jml(net, params, params, 4, h_in[4], L.PJMC, 'pjml')
+  assert r.exact and r.relative < 1e-5 and r.per_example_relative.shape == (3,), r
+  assert (r.in_dim, r.out_dim, r.stderr_relative) == (6, 3, 0.0)
+  tj = jml._exact_losses(net, params, [(params, L.PJMC)], 4, h_in[4], ['tjml'])[0]['tjml']
+  assert tj[1].mean() > 0.1
 
 
 @pytest.mark.parametrize('unit_gamma', [True, False])
@@ -198,8 +201,8 @@ ESTIMATE_CASES = {
 def test_estimate_agrees_with_exact(case):
   """Feedback kernels perturbed by 30% noise, so TJML != 0: the estimate of the absolute
   and relative TJML is within 4 standard errors of the exact value, the standard error is
-  small enough for that to mean something (< 10% of the value), and with the exact
-  feedback the estimate is ~0."""
+  small enough for that to mean something (< 10% of the value). (With an exact feedback
+  the estimate is ~0: test_estimate_handles_a_vgg_sized_conv_block.)"""
   block, shape = ESTIMATE_CASES[case]
   net = _net(block)
   x = _randn(seed=5, shape=shape)
@@ -214,10 +217,6 @@ def test_estimate_agrees_with_exact(case):
     e, v, se = getattr(exact, name), getattr(est, name), getattr(est, 'stderr_' + name)
     assert 0 < se < 0.1 * e, (name, se, e)
     assert abs(v - e) <= 4 * se, (name, v, e, se)
-  if case == 'lenet_block':
-    zero = jml.block_jml(net, params, params, 0, x, L.TJMC_HADAMARD, exact=False,
-                         num_probes=8)
-    assert zero.relative < 1e-5
 
 
 def test_estimate_standard_error_is_calibrated():
@@ -261,7 +260,8 @@ def test_estimate_handles_a_vgg_sized_conv_block():
 
 def test_block_jml_errors():
   net, x, params = _small_net_and_input()
-  h1 = network.block_forward(net, 0, params[0], x)[0]
+  h1 = jax.eval_shape(lambda h: network.block_forward(net, 0, params[0], h)[0], x)
+  h1 = jnp.zeros(h1.shape, h1.dtype)  # only its shape matters for the errors below
   with pytest.raises(jml.JMLError, match=r'IJML is undefined for block 1: J_F is 16 x 64'):
     jml.block_jml(net, params, params, 1, h1, L.TJMC, 'ijml')
   # Block 0 is square (64 -> 64) but max-pooling drops inputs: J_F is singular.

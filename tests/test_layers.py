@@ -75,13 +75,23 @@ def _input(shape, seed, kind='normal'):
   return jnp.asarray(x, jnp.float32)
 
 
+def jit0(fn):
+  """jax.jit compiled with XLA's backend optimisation off (-O0). These tests compile
+  dozens of tiny programs once each: -O0 roughly halves the compile time, and the run
+  time is negligible. (Eager execution is avoided for the same reason: every eager
+  primitive of a new shape is a compile of its own.)"""
+  def run(*args):
+    return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})(*args)
+  return run
+
+
 def batch_jacobians(layer, params, x, mode=L.TJMC, fb_params=None, jit=True):
   """J_F (y.size x x.size) at x and J_G (x.size x y.size) at y = F(x), whole batch.
 
-  Jitted by default (eager jacfwd compiles every primitive separately and is slower).
+  Jitted (``jit0``) by default; ``jit=False`` for the chex variants.
   """
   if jit:
-    return jax.jit(lambda p, h, fb: batch_jacobians(layer, p, h, mode, fb, jit=False))(
+    return jit0(lambda p, h, fb: batch_jacobians(layer, p, h, mode, fb, jit=False))(
         params, x, fb_params)
   fb_params = params if fb_params is None else fb_params
   y, ctx = layer.apply({'params': params}, x, method='fwd')
@@ -93,32 +103,32 @@ def batch_jacobians(layer, params, x, mode=L.TJMC, fb_params=None, jit=True):
 
 
 def tjml_rel(J_F, J_G):
-  return float(jnp.linalg.norm(J_G - J_F.T) / jnp.linalg.norm(J_F))
+  J_F, J_G = np.asarray(J_F, np.float64), np.asarray(J_G, np.float64)
+  return float(np.linalg.norm(J_G - J_F.T) / np.linalg.norm(J_F))
 
 
 def assert_tjmc(J_F, J_G, rtol=RTOL):
   """||J_G - J_F^T||_F <= rtol ||J_F||_F, with a nonzero J_F."""
   assert J_G.shape == J_F.T.shape, (J_F.shape, J_G.shape)
-  assert float(jnp.linalg.norm(J_F)) > 0
+  assert float(np.linalg.norm(np.asarray(J_F))) > 0
   rel = tjml_rel(J_F, J_G)
   assert rel <= rtol, f'relative TJML {rel:.3e} > {rtol:.1e}'
 
 
 def assert_matches_vjp(layer, params, x, seed=0, fb_feedback=None):
   """G*(v) == vjp(F, x)(v) for a random v (G given by ``fb_feedback`` if set)."""
-  y, ctx = layer.apply({'params': params}, x, method='fwd')
+  y = jax.eval_shape(lambda h: layer.apply({'params': params}, h, method='fwd')[0], x)
   v = _input(y.shape, seed + 7)
 
-  @jax.jit
+  @jit0
   def both(p, h, v):
     y, ctx = layer.apply({'params': p}, h, method='fwd')
     _, vjp = jax.vjp(lambda h: layer.apply({'params': p}, h, method='fwd')[0], h)
     g = fb_feedback or (lambda t: layer.apply({'params': p}, t, ctx, method='feedback'))
     return vjp(v)[0], g(v)
-  expected, got = both(params, x, v)
+  expected, got = (np.asarray(a) for a in both(params, x, v))
   assert got.shape == x.shape, (got.shape, x.shape)
-  np.testing.assert_allclose(got, expected, rtol=1e-4,
-                             atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
 
 
 # --------------------------------------------------------------------------------------
@@ -182,7 +192,7 @@ EXACT_CASES = [
 ]
 
 
-VARIANT_CASES = ('dense', 'elu_integral', 'gelu_hadamard', 'transpose3', 'residual_dense')
+VARIANT_CASES = ('dense', 'elu_integral', 'transpose3')
 
 
 @pytest.mark.parametrize('name,make,shape,kind,mode', EXACT_CASES,
@@ -221,15 +231,17 @@ def test_layernorm_difference_is_the_dropped_term():
   x = _input((B, d), 3) * 1.5 + 0.3
   layer = L.LayerNorm()
   params = _init(layer, x, perturb=0.3)
-  gamma = params['scale']
-  J_F, J_G = batch_jacobians(layer, params, x)
-  mu = x.mean(-1, keepdims=True)
-  s = ((x - mu) ** 2).mean(-1, keepdims=True) + layer.epsilon
-  xh = (x - mu) / jnp.sqrt(s)
-  blocks = [jnp.outer(xh[b], xh[b] * gamma) / (d * jnp.sqrt(s[b, 0])) for b in range(B)]
-  predicted = jax.scipy.linalg.block_diag(*blocks)
-  np.testing.assert_allclose(J_G - J_F.T, predicted, atol=2e-5 * float(jnp.abs(J_F).max()))
-  assert float(jnp.linalg.norm(predicted)) > 0.1  # genuinely not exact
+  J_F, J_G = (np.asarray(m, np.float64) for m in batch_jacobians(layer, params, x))
+  gamma, xs = np.asarray(params['scale'], np.float64), np.asarray(x, np.float64)
+  mu = xs.mean(-1, keepdims=True)
+  s = ((xs - mu) ** 2).mean(-1, keepdims=True) + layer.epsilon
+  xh = (xs - mu) / np.sqrt(s)
+  predicted = np.zeros_like(J_F.T)
+  for b in range(B):
+    predicted[b * d:(b + 1) * d, b * d:(b + 1) * d] = (
+        np.outer(xh[b], xh[b] * gamma) / (d * np.sqrt(s[b, 0])))
+  np.testing.assert_allclose(J_G - J_F.T, predicted, atol=2e-5 * np.abs(J_F).max())
+  assert np.linalg.norm(predicted) > 0.1  # genuinely not exact
 
 
 def _predicted_varsigma_difference(seq, params, x, act_index, pre):
@@ -242,7 +254,7 @@ def _predicted_varsigma_difference(seq, params, x, act_index, pre):
   with a = pre(x) the activation input and u = post*(F(x)) the point where varsigma is
   actually evaluated. Returned as an (x.size, y.size) matrix.
   """
-  @jax.jit
+  @jit0
   def predicted(x):
     y, ctx = seq.apply({'params': params}, x, method='fwd')
     fns = seq.layers[act_index].fns
@@ -266,13 +278,14 @@ def _sub_feedback(seq, params, ctx, t, start):
 
 
 @pytest.mark.parametrize('fn,pool', [('elu', 'pool3'), ('tanh', 'pool3'),
-                                     ('leaky_relu', 'pool3'), ('elu', 'pool2')])
+                                     ('leaky_relu', 'pool3')])
 def test_conv_act_pool_varsigma_difference(fn, pool):
   """Conv -> sigma -> max-pool with the integral feedback: unpooling puts k sigma(a)
   where k windows share an argmax, so varsigma'(k sigma(a)) != sigma'(a) for ELU/tanh
   with the overlapping 3x3/2 pool. The measured difference equals the predicted
   J_conv^T diag(varsigma'(u) - sigma'(a)) J_pool^T; it is 0 for LeakyReLU (the sign of
-  k sigma(a) is that of a) and for the non-overlapping 2x2/2 pool (k = 1)."""
+  k sigma(a) is that of a) and for the non-overlapping 2x2/2 pool (k = 1; tested as
+  block 1 of tests/test_jml.py)."""
   pool_layer = L.MaxPool(**POOL3) if pool == 'pool3' else L.MaxPool()
   layer = L.Sequential([L.Conv(3, (3, 3)), L.Activation(fn, 0.1), pool_layer])
   x = _input((2, 8, 8, 2), 11)
@@ -303,14 +316,15 @@ def test_residual_varsigma_difference():
   x = _input((3, d), 4) * 2
   params = _init(layer, x, seed=2)
   J_F, J_G = batch_jacobians(layer, params, x, L.TJMC)
-  W = params['inner']['layers_0']['kernel']
-  a = x @ W + params['inner']['layers_0']['bias']
-  fns = L.ACTIVATIONS['leaky_relu'](0.1)
-  y = fns.f(a) + x
-  delta = jnp.where(y > 0, 1.0, 0.1) - fns.df(a)
-  predicted = jax.scipy.linalg.block_diag(*[W * delta[b][None, :] for b in range(3)])
-  np.testing.assert_allclose(J_G - J_F.T, predicted, atol=1e-6)
-  assert float(jnp.abs(delta).max()) > 0  # the seed produces sign flips
+  W = np.asarray(params['inner']['layers_0']['kernel'], np.float64)
+  a = np.asarray(x, np.float64) @ W + np.asarray(params['inner']['layers_0']['bias'])
+  y = np.where(a > 0, a, 0.1 * a) + np.asarray(x, np.float64)
+  delta = np.where(y > 0, 1.0, 0.1) - np.where(a > 0, 1.0, 0.1)
+  predicted = np.zeros((x.size, x.size))
+  for b in range(3):
+    predicted[b * d:(b + 1) * d, b * d:(b + 1) * d] = W * delta[b][None, :]
+  np.testing.assert_allclose(np.asarray(J_G - J_F.T), predicted, atol=1e-6)
+  assert np.abs(delta).max() > 0  # the seed produces sign flips
   # With the Hadamard feedback the residual unit is exact.
   assert_tjmc(*batch_jacobians(layer, params, x, L.TJMC_HADAMARD))
 
@@ -348,17 +362,17 @@ def test_integral_feedback_off_trajectory_is_predicted(which):
                                      L.Dense(5)]))
     x = _input((2, 4, 5), 22)
   params = _init(layer, x, seed=4)
-  y, ctx = layer.apply({'params': params}, x, method='fwd')
   J_F, J_G = batch_jacobians(layer, params, x, L.TJMC)
   seq, p_seq = (layer, params) if which == 'lenet_like' else (layer.inner, params['inner'])
 
-  @jax.jit
-  def predicted(y, ctx):
+  @jit0
+  def predicted(x):
+    y, ctx = layer.apply({'params': params}, x, method='fwd')
     ctx_pred = integral_as_hadamard_ctx(seq, p_seq, ctx, y)
     g_pred = lambda t: layer.apply({'params': params}, t, ctx_pred, L.TJMC_HADAMARD,
                                    method='feedback')
-    return jax.jacfwd(g_pred)(y).reshape(x.size, y.size), ctx_pred
-  J_pred, ctx_pred = predicted(y, ctx)
+    return jax.jacfwd(g_pred)(y).reshape(x.size, y.size), ctx_pred, ctx
+  J_pred, ctx_pred, ctx = predicted(x)
   np.testing.assert_allclose(J_G, J_pred, atol=1e-5 * float(jnp.abs(J_G).max()))
   flips = [float(jnp.mean(jnp.sign(c) != jnp.sign(ctx[i]))) for i, c in enumerate(ctx_pred)
            if isinstance(seq.layers[i], L.Activation)]
@@ -387,7 +401,7 @@ def test_mixer_unit_with_layernorm_is_the_frozen_s_transpose():
     n = (h - mu) / jnp.sqrt(s) * p['layers_0']['scale'] + p['layers_0']['bias']
     z = jnp.swapaxes(n, 1, 2) @ p['layers_2']['kernel'] + p['layers_2']['bias']
     return jnp.swapaxes(jax.nn.gelu(z, approximate=False), 1, 2) + h
-  J_frozen = jax.jit(jax.jacfwd(frozen))(x).reshape(x.size, x.size)
+  J_frozen = jit0(jax.jacfwd(frozen))(x).reshape(x.size, x.size)
   np.testing.assert_allclose(J_G, J_frozen.T, atol=2e-5)
   assert tjml_rel(J_F, J_G) > 1e-2
 
@@ -404,18 +418,16 @@ def _conv_case():
 
 def _unrotated_feedback(params, layer, x):
   """The classic mistake: the kernel in/out-swapped but NOT rotated by 180 degrees."""
-  w = params['kernel']
-  y, ctx = layer.apply({'params': params}, x, method='fwd')
-  w_wrong = jnp.flip(w, (0, 1))  # conv_feedback flips it back: net effect unrotated
-  return lambda t: L.conv_feedback(t, w_wrong, layer.strides, layer.padding, ctx.dims)
+  w_wrong = jnp.flip(params['kernel'], (0, 1))  # conv_feedback flips it back: unrotated
+  return lambda t: L.conv_feedback(t, w_wrong, layer.strides, layer.padding, x.shape[1:3])
 
 
 def test_helpers_detect_unrotated_kernel():
   layer, x, params = _conv_case()
-  y, _ = layer.apply({'params': params}, x, method='fwd')
+  y = jax.eval_shape(lambda h: layer.apply({'params': params}, h, method='fwd')[0], x)
   g_wrong = _unrotated_feedback(params, layer, x)
   J_F, _ = batch_jacobians(layer, params, x)
-  J_wrong = jax.jacfwd(g_wrong)(y).reshape(x.size, y.size)
+  J_wrong = jit0(jax.jacfwd(g_wrong))(jnp.ones(y.shape)).reshape(x.size, y.size)
   with pytest.raises(AssertionError):
     assert_tjmc(J_F, J_wrong)
   with pytest.raises(AssertionError):
@@ -439,8 +451,8 @@ def test_helpers_detect_other_wrong_feedbacks(wrong):
       assert_tjmc(J_F, J_G)
   elif wrong == 'unpool_shifted':
     layer, x = L.MaxPool(), _input((1, 4, 4, 1), 0)
-    _, (argmax, shp) = layer.apply({}, x, method='fwd')
-    g = lambda t: L.max_unpool(t, (argmax + 1) % 4, shp.dims, (2, 2), (2, 2), 'VALID')
+    argmax = jit0(lambda h: layer.apply({}, h, method='fwd')[1][0])(x)
+    g = lambda t: L.max_unpool(t, (argmax + 1) % 4, (4, 4), (2, 2), (2, 2), 'VALID')
     with pytest.raises(AssertionError):
       assert_matches_vjp(layer, {}, x, fb_feedback=g)
   else:
@@ -527,7 +539,7 @@ def naive_transposed_conv_scatter(t, w, s, pads, in_hw):
   return xp[pads[0][0]:pads[0][0] + in_hw[0], pads[1][0]:pads[1][0] + in_hw[1]]
 
 
-@hypothesis.settings(max_examples=6, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=6, deadline=None, derandomize=True, database=None)
 @hypothesis.given(
     hw=st.tuples(st.integers(4, 7), st.integers(4, 7)), k=st.sampled_from([2, 3, 4]),
     stride=st.sampled_from([(1, 1), (2, 2), (2, 1)]),
@@ -550,11 +562,15 @@ def test_conv_feedback_is_rotated_kernel_conv(hw, k, stride, padding, cin, cout,
   y = naive_conv(x, w, stride, pads)
   layer = L.Conv(cout, (k, k), stride, padding)
   params = {'kernel': jnp.asarray(w, jnp.float32), 'bias': jnp.zeros(cout)}
-  y_jax, ctx = layer.apply({'params': params}, jnp.asarray(x[None], jnp.float32), method='fwd')
-  np.testing.assert_allclose(y_jax[0], y, rtol=1e-4, atol=1e-4)
   t = rng.normal(size=y.shape)
-  got = np.asarray(layer.apply({'params': params}, jnp.asarray(t[None], jnp.float32), ctx,
-                               method='feedback')[0])
+
+  @jit0
+  def fwd_and_feedback(x, t):
+    y, ctx = layer.apply({'params': params}, x, method='fwd')
+    return y, layer.apply({'params': params}, t, ctx, method='feedback')
+  y_jax, got = (np.asarray(a[0]) for a in fwd_and_feedback(
+      jnp.asarray(x[None], jnp.float32), jnp.asarray(t[None], jnp.float32)))
+  np.testing.assert_allclose(y_jax, y, rtol=1e-4, atol=1e-4)
   rotated = naive_transposed_conv_rotated(t, w, stride, pads, hw)
   scatter = naive_transposed_conv_scatter(t, w, stride, pads, hw)
   np.testing.assert_allclose(rotated, scatter, rtol=1e-10, atol=1e-10)
@@ -579,14 +595,17 @@ def test_dense_inverse_and_pinv_feedback(i, o, mode):
   params = _init(layer, x, seed=i * 10 + o)
   W = np.asarray(params['kernel'], np.float64)
   fb_mode = L.IJMC if mode == 'inverse' else L.PJMC
-  y, ctx = layer.apply({'params': params}, x, method='fwd')
-  t = _input(y.shape, 10)
-  got = layer.apply({'params': params}, t, ctx, fb_mode, method='feedback')
+  t = _input((3, o), 10)
+  f = lambda h: layer.apply({'params': params}, h[None], method='fwd')[0][0]
+  g = lambda s: layer.apply({'params': params}, s[None], None, fb_mode, method='feedback')[0]
+
+  @jit0
+  def run(x, t):  # G(t) on a batch, and one example's Jacobians at (x_0, F(x_0))
+    got = layer.apply({'params': params}, t, None, fb_mode, method='feedback')
+    return got, jax.jacfwd(f)(x[0]), jax.jacfwd(g)(f(x[0]))
+  got, J_F, J_G = run(x, t)
   ref = np.asarray(t, np.float64) @ (np.linalg.inv(W) if mode == 'inverse' else np.linalg.pinv(W))
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
-  f = lambda h: layer.apply({'params': params}, h[None], method='fwd')[0][0]
-  g = lambda s: layer.apply({'params': params}, s[None], ctx, fb_mode, method='feedback')[0]
-  J_F, J_G = jax.jit(lambda a, b: (jax.jacfwd(f)(a), jax.jacfwd(g)(b)))(x[0], y[0])
   kind = 'ijml' if mode == 'inverse' else 'pjml'
   assert float(jml.jml(J_F, J_G, kind, relative=True)) < 1e-5
   # ... and TJML is not zero (W is not orthogonal): the kinds are distinguished.

@@ -19,9 +19,11 @@ and their relative forms divide by the target's norm: ||J_F^T||_F = ||J_F||_F,
 absolute and the relative values over the batch (the mean of the per-example ratios).
 
 Exact values materialise both Jacobians per example (``jax.jacfwd`` or ``jax.jacrev``,
-whichever needs fewer passes). That costs O(n_in * n_out) memory per example, so
-``block_jml`` switches automatically to a matrix-free estimate when
-n_in * n_out > ``MAX_EXACT_SIZE`` (= 2**24, 64 MiB of float32 per Jacobian).
+whichever needs fewer passes), in float32, and take the norms on the host in float64.
+That costs O(n_in * n_out) memory per example, so ``block_jml`` switches automatically
+to a matrix-free estimate when n_in * n_out > ``MAX_EXACT_SIZE`` (= 2**24, 64 MiB of
+float32 per Jacobian; ``report`` takes a smaller, time-based limit as an argument).
+``report`` computes J_F once per block and J_G once per feedback, for all kinds.
 
 Matrix-free TJML. With A = J_G - J_F^T (n_in x n_out) and probes v ~ N(0, I_{n_out}),
 
@@ -69,6 +71,25 @@ MAX_EXACT_SIZE = 2 ** 24
 """Largest n_in * n_out per example for which ``block_jml`` materialises Jacobians."""
 
 KINDS = ('tjml', 'ijml', 'pjml')
+
+COMPILER_OPTIONS: dict[str, Any] = {}
+"""XLA compiler options for every program this module compiles (e.g. tests set
+``{'xla_backend_optimization_level': 0}``: their many tiny programs compile ~2x faster)."""
+
+
+def jit(fn: Callable) -> Callable:
+  """jax.jit, compiled with ``COMPILER_OPTIONS``; one compile per call site and shapes."""
+  compiled = {}
+
+  def run(*args):
+    sig = jax.tree_util.tree_structure(args), tuple(
+        (a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args))
+    if sig not in compiled:
+      lowered = jax.jit(fn).lower(*args)
+      compiled[sig] = (lowered.compile(dict(COMPILER_OPTIONS)) if COMPILER_OPTIONS
+                       else lowered.compile())
+    return compiled[sig](*args)
+  return run
 
 
 class JMLError(ValueError):
@@ -275,18 +296,18 @@ def _exact_losses(net: network.Net, params: network.Params,
   (a FeedbackError if the block refuses the mode, a JMLError for IJML of a singular J_F).
   """
   f0 = lambda h: network.block_forward(net, n, params[n], h)[0]
-  y, ctx = jax.jit(lambda h: network.block_forward(net, n, params[n], h))(h_in)
+  y, ctx = jit(lambda h: network.block_forward(net, n, params[n], h))(h_in)
   B, n_in, n_out = h_in.shape[0], _size(h_in.shape[1:]), _size(y.shape[1:])
   chunk = max(1, min(B, MAX_EXACT_SIZE // max(n_in * n_out, 1)))
   while B % chunk:
     chunk -= 1
   f1 = _per_example(f0)
-  jac_f = jax.jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
+  jac_f = jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
   jac_gs = []
   for fb_params, mode in feedbacks:
     g1 = _per_example(lambda t, c, fb=fb_params, mode=mode:
                       network.block_feedback(net, n, fb[n], t, c, mode))
-    jac_gs.append(jax.jit(jax.vmap(
+    jac_gs.append(jit(jax.vmap(
         lambda y1, c1, g1=g1: _jac(lambda t: g1(t, c1), n_out, n_in)(y1).reshape(n_in, n_out))))
   out: list[dict[str, Any]] = [{} for _ in feedbacks]
   sums: list[dict[str, tuple[list, list]]] = [{k: ([], []) for k in kinds} for _ in feedbacks]
@@ -407,14 +428,14 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
     return _exact_result(kind, *res, n_in, n_out)
   if num_probes < 2:
     raise JMLError(f'num_probes must be >= 2 for a standard error, got {num_probes}')
-  y, ctx = jax.jit(f)(h_in)
+  y, ctx = jit(f)(h_in)
   rng = _host_rng(jax.random.PRNGKey(0) if key is None else key)
   # Probes per vmapped step: bounded memory, and a divisor of num_probes so that a
   # single program is compiled.
   chunk = max(1, min(num_probes, 2 ** 22 // max(B * (n_in + n_out), 1)))
   while num_probes % chunk:
     chunk -= 1
-  stats = jax.jit(lambda *a: _probe_stats(f0, g, *a))
+  stats = jit(lambda *a: _probe_stats(f0, g, *a))
   parts = [stats(h_in, y, ctx, rng.standard_normal((chunk, *y.shape), np.float32))
            for _ in range(num_probes // chunk)]
   a2, t2 = (np.concatenate([np.asarray(p[i], np.float64) for p in parts]) for i in (0, 1))
@@ -487,7 +508,7 @@ def report(net: network.Net, params: network.Params,
   key = jax.random.PRNGKey(0) if key is None else key
   hs = [x]
   for n in range(len(net)):
-    hs.append(jax.jit(lambda h, n=n: network.block_forward(net, n, params[n], h)[0])(hs[-1]))
+    hs.append(jit(lambda h, n=n: network.block_forward(net, n, params[n], h)[0])(hs[-1]))
   names = list(feedbacks)
   rows = []
 
