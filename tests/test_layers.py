@@ -473,6 +473,7 @@ VJP_CASES = [
     ('pool2_ties', lambda: L.MaxPool(), (2, 15, 16, 3), 'ties'),
     ('pool3_ties', lambda: L.MaxPool(**POOL3), (2, 28, 28, 4), 'ties'),
     ('mean', lambda: L.Mean(axis=1), (3, 49, 16), 'normal'),
+    ('flatten', lambda: L.Flatten(), (3, 7, 7, 4), 'normal'),
     ('transpose', lambda: L.Transpose((2, 1)), (3, 49, 16), 'normal'),
 ]
 
