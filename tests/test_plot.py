@@ -71,3 +71,24 @@ def test_command_line(tmp_path):
                       f'--workdir={tmp_path / "nothing"}'], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=120)
   assert p.returncode != 0 and 'metrics.jsonl not found' in p.stderr
+
+
+def test_progress_line_and_eta():
+  from tp_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  line = metrics_writer.progress_line(2, 10, 50, 200, elapsed_s=5.0, run_steps_left=1350,
+                                      loss=0.25, width=10)
+  assert line.startswith('epoch 2/10 [##--------] 50/200')
+  assert '100.0 ms/step' in line and 'ETA 0:15' in line and 'run ETA 2:15' in line
+  assert line.endswith('loss 0.2500')
+  assert 'ETA ?' in metrics_writer.progress_line(1, 1, 0, 10, 0.0)
+  assert metrics_writer.format_duration(3725) == '1:02:05'
+  import io  # pylint: disable=g-import-not-at-top
+  out = io.StringIO()
+  bar = metrics_writer.Progress(True, out)
+  bar.update('abc')
+  bar.update('x')
+  bar.clear()
+  assert out.getvalue() == '\rabc\rx  \r \r'
+  silent = io.StringIO()
+  metrics_writer.Progress(False, silent).update('abc')
+  assert not silent.getvalue()
