@@ -192,10 +192,11 @@ def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding:
     r = (n + lo + hi - k) - (o - 1) * s  # rows of the padded input no window reached
     tpads.append((k - 1 - lo, k - 1 - hi + r))
   w_rot_HWOI = jnp.flip(w_HWIO, (0, 1)).swapaxes(2, 3)
-  if any(s > 1 for s in strides):  # the lhs dilation, as explicit zeros between pixels
-    zero = jnp.zeros((), t_NHWO.dtype)
-    t_NHWO = lax.pad(t_NHWO, zero, [(0, 0, 0), *((0, 0, s - 1) for s in strides), (0, 0, 0)])
-  return conv_ops.conv2d(t_NHWO, w_rot_HWOI, (1, 1), tpads)
+  # The lhs dilation and the padding as one explicit lax.pad (a negative pad, when the
+  # forward padding exceeds k - 1, crops), then a VALID convolution.
+  cfg = [(0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(tpads, strides)), (0, 0, 0)]
+  t_NHWO = lax.pad(t_NHWO, jnp.zeros((), t_NHWO.dtype), cfg)
+  return conv_ops.conv2d(t_NHWO, w_rot_HWOI, (1, 1), 'VALID')
 
 
 class Conv(Layer):
