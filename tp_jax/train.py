@@ -299,6 +299,10 @@ class Checkpointer:
     self._mngr.wait_until_finished()
 
   def restore_meta(self, step: int) -> dict:
+    if not (self.directory / str(step) / 'meta').exists():
+      raise RuntimeError(f'{self.directory / str(step)} has no meta item: it was written by '
+                         f'an older tp_jax (before metrics and config were checkpointed). '
+                         f'Resume it with that version, or use a new workdir')
     out = self._mngr.restore(step, args=self._ocp.args.Composite(
         meta=self._ocp.args.JsonRestore()))
     return dict(out['meta'])
