@@ -5,8 +5,9 @@ and TJML-DTP.
   python -m experiments.reproduce --figure=2 --workdir=runs/reproduce
 
 Each operation is one jitted function on a random float32 matrix (the same matrix for
-the three operations at a given n); after one warm-up call (compilation) it is timed
-``repeats`` times with ``block_until_ready`` and the median is kept. The transpose is
+the three operations at a given n), compiled ahead of time; after a warm-up call it is
+timed ``repeats`` times with ``block_until_ready`` and the median is kept (see
+``time_op``). The transpose is
 materialised: a jitted ``a.T`` returns a new row-major buffer (XLA cannot hand back a
 transposed view), so its time is that of the copy a training step would pay.
 
@@ -38,10 +39,15 @@ OPS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 def time_op(fn: Callable, a: jax.Array, repeats: int, max_seconds: float) -> list[float]:
-  """Seconds per call: one warm-up (compile) call, then up to ``repeats`` timed calls,
-  stopping early (after at least 3) once ``max_seconds`` have been spent."""
+  """Seconds per call of jitted ``fn``: compiled ahead of time (not timed), then one
+  warm-up call when it is cheap (under ``max_seconds / 10``: large pseudo-inverses take
+  a minute a call on 2 cores), then up to ``repeats`` timed calls, stopping early
+  (after at least 3) once ``max_seconds`` have been spent."""
+  fn = fn.lower(a).compile()
+  t0 = time.perf_counter()
   jax.block_until_ready(fn(a))
-  times: list[float] = []
+  first = time.perf_counter() - t0
+  times: list[float] = [] if first < max_seconds / 10 else [first]
   start = time.perf_counter()
   while len(times) < repeats:
     t0 = time.perf_counter()

@@ -4,11 +4,13 @@ r"""Regenerates the paper's tables and Figure 2 (Bao et al., AAAI 2024), one com
       [--workdir=runs/reproduce] [--what=all|speed|accuracy|table]
   python -m experiments.reproduce --figure=2 --profile=cpu
 
-Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column):
+Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column of Tables 1-3):
   1  LeNet on MNIST, Fashion-MNIST, CIFAR-10
   2  Simplified-VGG on CIFAR-10
   3  MLP-Mixer on CIFAR-10
-  4  reversible MLP-Mixer vs TJML-DTP (not implemented yet: exits with an error)
+  4  reversible MLP-Mixer (4 additive-coupling Mixer blocks, ``experiments/configs/reversible_mixer_cifar10.py``)
+     trained by DTP with the exact inverse as feedback, vs TJML-DTP and BP on the
+     MLP-Mixer; the three timed together
 
 Each table has two independent parts:
 
@@ -64,6 +66,7 @@ from experiments.configs import lenet_cifar10
 from experiments.configs import lenet_fashion_mnist
 from experiments.configs import lenet_mnist
 from experiments.configs import mixer_cifar10
+from experiments.configs import reversible_mixer_cifar10
 from experiments.configs import vgg_cifar10
 from tp_jax import algorithms
 from tp_jax import config as config_lib
@@ -80,7 +83,7 @@ DATASET_NAMES = {'mnist': 'MNIST', 'fashion_mnist': 'F-MNIST', 'cifar10': 'CIFAR
 
 @dataclasses.dataclass(frozen=True)
 class Column:
-  """One (model, dataset) column of a table."""
+  """One (model, dataset) column of a table: one row per method."""
   table: int
   dataset: str
   get_config: Callable[[], ml_collections.ConfigDict]
@@ -88,6 +91,20 @@ class Column:
   # Speed may be taken from another column of the same table whose step is the same
   # computation (same model, shapes and config; only the dataset name differs).
   same_step_as: str | None = None
+  name: str = ''  # directory and speed-file name; default: the dataset
+  methods: tuple[str, ...] = METHODS
+  labels: tuple[tuple[str, str], ...] = ()  # (method, row label) overrides
+
+  @property
+  def id(self) -> str:
+    return self.name or self.dataset
+
+  def label(self, method: str) -> str:
+    return dict(self.labels).get(method, METHOD_NAMES[method])
+
+  @property
+  def title(self) -> str:
+    return f'{self.model_name} / {DATASET_NAMES[self.dataset]}'
 
 
 TABLES: dict[int, tuple[Column, ...]] = {
@@ -97,7 +114,17 @@ TABLES: dict[int, tuple[Column, ...]] = {
         Column(1, 'cifar10', lenet_cifar10.get_config, 'LeNet')),
     2: (Column(2, 'cifar10', vgg_cifar10.get_config, 'Simplified-VGG'),),
     3: (Column(3, 'cifar10', mixer_cifar10.get_config, 'MLP-Mixer'),),
+    # tjml_dtp on the reversible Mixer: exact-inverse targets through the 4 reversible
+    # blocks, TJMC feedback through the pooling and the head (tp_jax/reversible.py).
+    4: (Column(4, 'cifar10', reversible_mixer_cifar10.get_config, 'Reversible MLP-Mixer',
+               name='cifar10_reversible', methods=('tjml_dtp',),
+               labels=(('tjml_dtp', 'DTP, exact inverse'),)),
+        Column(4, 'cifar10', mixer_cifar10.get_config, 'MLP-Mixer',
+               methods=('tjml_dtp', 'bp'))),
 }
+# Tables whose columns are timed together, in one interleaved session (their rows are
+# compared with each other: the same data, different models).
+JOINT_SPEED = {4}
 TABLE_TITLES = {1: 'Table 1: LeNet on MNIST, Fashion-MNIST and CIFAR-10',
                 2: 'Table 2: Simplified-VGG on CIFAR-10',
                 3: 'Table 3: MLP-Mixer on CIFAR-10',
@@ -115,7 +142,7 @@ PAPER_TEST_ACC: dict[tuple[int, str, str], float] = {
 
 # Issue 4's performance targets: TJML-DTP time per step / BP's (at most), and TJML-DTP
 # speed-up per epoch over our LDRL (at least).
-TARGET_TJML_OVER_BP = {1: 1.15, 2: 1.15, 3: 1.3}
+TARGET_TJML_OVER_BP = {1: 1.15, 2: 1.15, 3: 1.3}  # Table 4: none
 TARGET_SPEEDUP_OVER_LDRL = {1: 5.0, 2: 5.0}
 
 
@@ -127,18 +154,21 @@ TARGET_SPEEDUP_OVER_LDRL = {1: 5.0, 2: 5.0}
 class SpeedPlan:
   """Interleaved timing: ``rounds`` x (one LDRL window of ``ldrl_steps`` steps, then
   ``inner`` windows of ``steps`` steps of each other method, in rotating order), after
-  ``warmup`` steps of every method (LDRL: ``min(warmup, 1)``)."""
+  ``warmup`` steps of every method but LDRL, which gets ``ldrl_warmup`` (its steps are
+  long, and compilation happens ahead of time, apart from any step)."""
   warmup: int
   rounds: int
   inner: int
   steps: int
   ldrl_steps: int
+  ldrl_warmup: int
 
   def describe(self) -> str:
     return (f'{self.rounds} rounds, each one LDRL window of {self.ldrl_steps} step(s) '
             f'then {self.inner} window(s) of {self.steps} step(s) per other method in '
             f'rotating order, after {self.warmup} warm-up step(s) per method '
-            f'(LDRL {min(self.warmup, 1)}); median ms/step over windows')
+            f'(LDRL {self.ldrl_warmup}); compilation ahead of time, not timed; median '
+            f'ms/step over windows')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +205,7 @@ def _smoke_overrides(col, method, cfg):
 
 # cpu profile: what fits a few hours on 2 shared CPU cores. LDRL's step costs 30-100x
 # BP's here, so LDRL trains for a fixed number of steps (stated in the table).
-_CPU_EPOCHS = {1: 3, 2: 1, 3: 2}
+_CPU_EPOCHS = {1: 3, 2: 1, 3: 2, 4: 2}
 _CPU_LDRL_STEPS = {1: 20, 2: 10, 3: 10}
 
 
@@ -190,22 +220,22 @@ PROFILES: dict[str, Profile] = {
         'smoke', 'machinery check only (CI): 1 epoch of 2 steps at batch 8 on 32 '
         'training / 32 test examples, LDRL K = 1 per block; numbers mean nothing',
         seeds=(0,), overrides=_smoke_overrides,
-        speed=SpeedPlan(warmup=1, rounds=1, inner=1, steps=1, ldrl_steps=1),
+        speed=SpeedPlan(warmup=1, rounds=1, inner=1, steps=1, ldrl_steps=1, ldrl_warmup=0),
         share_speed=True, train_examples=32, test_examples=32,
         figure_sizes=(8, 16), figure_repeats=3, figure_max_seconds=1.0,
         fast_compile=True),
     'cpu': Profile(
-        'cpu', 'a few hours on 2 CPU cores: 1 seed; LeNet 3 epochs, VGG 1 epoch, Mixer '
+        'cpu', 'a few hours on 2 CPU cores: 1 seed; LeNet 3 epochs, VGG 1 epoch, Mixers '
         '2 epochs; LDRL trained for a fixed number of steps only (LeNet 20, VGG 10, '
         'Mixer 10); all other hyper-parameters as the configs (LDRL K as the reference)',
         seeds=(0,), overrides=_cpu_overrides,
-        speed=SpeedPlan(warmup=2, rounds=2, inner=2, steps=3, ldrl_steps=1),
+        speed=SpeedPlan(warmup=2, rounds=2, inner=2, steps=3, ldrl_steps=1, ldrl_warmup=0),
         share_speed=True, figure_repeats=7, figure_max_seconds=20.0),
     'paper': Profile(
         'paper', 'the full protocol (for a GPU): 5 seeds, the configs\' epochs and '
         'hyper-parameters (the reference code\'s)',
         seeds=(0, 1, 2, 3, 4), overrides=lambda col, method, cfg: {},
-        speed=SpeedPlan(warmup=5, rounds=5, inner=4, steps=20, ldrl_steps=3),
+        speed=SpeedPlan(warmup=5, rounds=5, inner=4, steps=20, ldrl_steps=3, ldrl_warmup=1),
         share_speed=False, figure_repeats=21),
 }
 
@@ -279,7 +309,7 @@ def _jsonable(cfg) -> dict:
 
 
 def run_dir(root: Path, col: Column, method: str, seed: int) -> Path:
-  return root / col.dataset / method / f'seed{seed}'
+  return root / col.id / method / f'seed{seed}'
 
 
 def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
@@ -307,7 +337,7 @@ def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
                  source: str, log: Log) -> None:
   for col in TABLES[table]:
     ds = get_dataset(col.dataset, profile, source)
-    for method in METHODS:
+    for method in col.methods:
       for seed in seeds:
         cfg = make_config(col, method, profile, seed)
         log(f'table {table}: training {col.model_name}/{col.dataset} {method} seed {seed}')
@@ -323,7 +353,8 @@ def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
 
 def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Dataset,
                   plan: SpeedPlan, log: Log) -> dict[str, Any]:
-  """Median ms per training step of each method, from interleaved timing windows.
+  """Median ms per training step of each entry of ``cfgs`` (name -> config), from
+  interleaved timing windows; entries whose ``method`` is LDRL get LDRL's windows.
 
   Each method runs the training loop's own jitted step (``train.make_train_step``:
   batch gather from device-resident data, augmentation, the method's step, finiteness
@@ -337,7 +368,7 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
                                 replicated)
   n = x_all.shape[0]
   runners = {}
-  for method, cfg in cfgs.items():
+  for name, cfg in cfgs.items():
     if cfg.batch_size > n:
       raise ValueError(f'batch {cfg.batch_size} > {n} examples')
     net = models.get(cfg.model, **cfg.model_kwargs)
@@ -356,12 +387,12 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
     step = train.make_train_step(algo, cfg, mesh, steps_per_epoch).lower(
         state, x_all, y_all, idx, k_step).compile()
     compile_s = time.perf_counter() - t0
-    log(f'  compiled {method} step in {compile_s:.1f} s')
-    runners[method] = dict(step=step, state=state, idx=idx, key=k_step,
+    log(f'  compiled {name} step in {compile_s:.1f} s')
+    runners[name] = dict(step=step, state=state, idx=idx, key=k_step,
                            compile_s=compile_s, windows=[])
 
-  def run(method: str, k: int) -> float:
-    r = runners[method]
+  def run(name: str, k: int) -> float:
+    r = runners[name]
     jax.block_until_ready(r['state'])
     t0 = time.perf_counter()
     state = r['state']
@@ -371,17 +402,19 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
     r['state'] = state
     return 1e3 * (time.perf_counter() - t0) / k
 
+  is_ldrl = lambda name: cfgs[name].method == 'ldrl'
   load_before = os.getloadavg()
-  for method in runners:
-    w = min(plan.warmup, 1) if method == 'ldrl' else plan.warmup
+  for name in runners:
+    w = plan.ldrl_warmup if is_ldrl(name) else plan.warmup
     if w:
-      ms = run(method, w)
-      log(f'  warm-up {method}: {ms:.1f} ms/step')
-  others = [m for m in runners if m != 'ldrl']
+      ms = run(name, w)
+      log(f'  warm-up {name}: {ms:.1f} ms/step')
+  others = [m for m in runners if not is_ldrl(m)]
   rot = 0
   for rnd in range(plan.rounds):
-    if 'ldrl' in runners:
-      runners['ldrl']['windows'].append(run('ldrl', plan.ldrl_steps))
+    for m in runners:
+      if is_ldrl(m):
+        runners[m]['windows'].append(run(m, plan.ldrl_steps))
     for _ in range(plan.inner):
       order = others[rot % len(others):] + others[:rot % len(others)] if others else []
       rot += 1
@@ -392,36 +425,54 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
         ' ms/step')
   load_after = os.getloadavg()
   out = {}
-  for method, r in runners.items():
-    cfg = cfgs[method]
+  for name, r in runners.items():
+    cfg = cfgs[name]
     ms = statistics.median(r['windows'])
     steps = full_epoch_steps(cfg.dataset, cfg.batch_size)
-    out[method] = dict(ms_per_step=ms, windows_ms=r['windows'], compile_s=r['compile_s'],
-                       batch_size=cfg.batch_size, full_epoch_steps=steps,
-                       epoch_s=ms * steps / 1e3,
-                       steps_per_window=plan.ldrl_steps if method == 'ldrl' else plan.steps)
+    out[name] = dict(ms_per_step=ms, windows_ms=r['windows'], compile_s=r['compile_s'],
+                     batch_size=cfg.batch_size, full_epoch_steps=steps,
+                     epoch_s=ms * steps / 1e3,
+                     steps_per_window=plan.ldrl_steps if is_ldrl(name) else plan.steps)
   return dict(methods=out, plan=dataclasses.asdict(plan), hardware=train.hardware(),
               loadavg_before=load_before, loadavg_after=load_after,
               date=datetime.datetime.now().isoformat(timespec='seconds'))
 
 
-def run_speed(table: int, profile: Profile, root: Path, source: str, log: Log) -> None:
+def run_speed(table: int, profile: Profile, root: Path, source: str, log: Log,
+              command: str = '') -> None:
+  """Writes ``speed_<column>.json`` per column: {'methods': {method: timing}, ...}."""
+  root.mkdir(parents=True, exist_ok=True)
+  cols = TABLES[table]
+  if table in JOINT_SPEED:  # all columns in one session, then split per column
+    if len({c.dataset for c in cols}) != 1:
+      raise ValueError(f'table {table}: joint timing needs one dataset')
+    log(f'table {table}: timing ' + ', '.join(f'{c.title} {m}' for c in cols
+                                               for m in c.methods) + ', interleaved')
+    cfgs = {f'{c.id}/{m}': make_config(c, m, profile, profile.seeds[0])
+            for c in cols for m in c.methods}
+    res = measure_speed(cfgs, get_dataset(cols[0].dataset, profile, source),
+                        profile.speed, log)
+    res['command'] = command
+    for c in cols:
+      part = dict(res, methods={m: res['methods'][f'{c.id}/{m}'] for m in c.methods},
+                  joint=[c2.id for c2 in cols])
+      (root / f'speed_{c.id}.json').write_text(json.dumps(part, indent=1))
+    return
   measured: dict[str, Path] = {}
-  for col in TABLES[table]:
-    out = root / f'speed_{col.dataset}.json'
+  for col in cols:
+    out = root / f'speed_{col.id}.json'
     if profile.share_speed and col.same_step_as in measured:
       src = json.loads(measured[col.same_step_as].read_text())
       src['same_step_as'] = col.same_step_as
       out.write_text(json.dumps(src, indent=1))
-      log(f'table {table}: {col.dataset} speed = {col.same_step_as} speed (same step)')
+      log(f'table {table}: {col.id} speed = {col.same_step_as} speed (same step)')
       continue
-    log(f'table {table}: timing {col.model_name}/{col.dataset} '
-        f'({", ".join(METHODS)}), interleaved')
-    cfgs = {m: make_config(col, m, profile, profile.seeds[0]) for m in METHODS}
+    log(f'table {table}: timing {col.title} ({", ".join(col.methods)}), interleaved')
+    cfgs = {m: make_config(col, m, profile, profile.seeds[0]) for m in col.methods}
     res = measure_speed(cfgs, get_dataset(col.dataset, profile, source), profile.speed, log)
-    root.mkdir(parents=True, exist_ok=True)
+    res['command'] = command
     out.write_text(json.dumps(res, indent=1))
-    measured[col.dataset] = out
+    measured[col.id] = out
 
 
 # --------------------------------------------------------------------------------------
@@ -463,86 +514,108 @@ def _hardware_line(hw: dict) -> str:
           f'{hw["cpu_count"]} CPU cores visible, {hw["platform"]}, jax {hw["jax"]}')
 
 
+def _speeds(root: Path, table: int) -> dict[str, dict]:
+  """Column id -> its speed file's content (columns not timed yet are left out)."""
+  out = {}
+  for col in TABLES[table]:
+    f = root / f'speed_{col.id}.json'
+    if f.exists():
+      out[col.id] = json.loads(f.read_text())
+  return out
+
+
 def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
                 command: str, log: Log) -> Path:
   cols = TABLES[table]
+  speeds = _speeds(root, table)
   lines_rows = []
-  curves: dict[str, dict[str, list[dict]]] = {}
+  curves: dict[str, tuple[str, dict[str, list[dict]]]] = {}
   speed_notes, targets = [], []
   hardware = train.hardware()
   for col in cols:
-    speed_file = root / f'speed_{col.dataset}.json'
-    speed = json.loads(speed_file.read_text()) if speed_file.exists() else None
-    sm = speed['methods'] if speed else {}
+    speed = speeds.get(col.id)
+    sm = dict(speed['methods']) if speed else {}
+    if speed and speed.get('joint'):  # timed together: compare with any column's LDRL/BP
+      for other in speed['joint']:
+        for m, v in speeds.get(other, {}).get('methods', {}).items():
+          sm.setdefault(m, v)
     if speed:
       hardware = speed['hardware']
-      note = (f'{DATASET_NAMES[col.dataset]}: measured {speed["date"]}, load average '
+      note = (f'{col.title}: measured {speed["date"]}, load average '
               f'{speed["loadavg_before"][0]:.1f} before / {speed["loadavg_after"][0]:.1f} '
               f'after')
       if speed.get('same_step_as'):
-        note = (f'{DATASET_NAMES[col.dataset]}: the same step as '
-                f'{DATASET_NAMES[speed["same_step_as"]]} (same model, shapes and config), '
-                f'so its measurement is reused')
+        note = (f'{col.title}: the same step as {DATASET_NAMES[speed["same_step_as"]]} '
+                f'(same model, shapes and config), so its measurement is reused')
+      if speed.get('joint'):
+        note = (f'{col.title}: timed in one interleaved session with '
+                f'{", ".join(c.title for c in cols if c.id != col.id)} '
+                f'({speed["date"]}); speed vs BP is vs that session\'s BP')
       speed_notes.append(note)
-    curves[col.dataset] = {}
-    for method in METHODS:
+    curves[col.id] = (col.title, {})
+    for method in col.methods:
       res = _results(root, col, method, seeds)
-      curves[col.dataset][method] = res
-      paper = PAPER_TEST_ACC.get((table, col.dataset, method))
-      row = [f'{col.model_name} / {DATASET_NAMES[col.dataset]}', METHOD_NAMES[method],
-             _trained(res, col), _fmt_acc([r['train_accuracy'] for r in res]),
+      curves[col.id][1][col.label(method)] = res
+      paper = PAPER_TEST_ACC.get((table, col.id, method))
+      row = [col.title, col.label(method), _trained(res, col),
+             _fmt_acc([r['train_accuracy'] for r in res if 'train_accuracy' in r]),
              _fmt_acc([r['test_accuracy'] for r in res]),
              f'{paper:.1f}' if paper is not None else '']
-      if method in sm:
-        ms = sm[method]['ms_per_step']
-        row += [f'{ms:.1f}', f'{sm[method]["epoch_s"]:.1f}',
-                f'×{sm["ldrl"]["ms_per_step"] / ms:.2f}' if 'ldrl' in sm else '',
-                f'×{sm["bp"]["ms_per_step"] / ms:.2f}' if 'bp' in sm else '']
+      if speed and method in speed['methods']:
+        mine = speed['methods'][method]
+        ms = mine['ms_per_step']
+        row += [f'{ms:.1f}', f'{mine["epoch_s"]:.1f}',
+                f'×{sm["ldrl"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'ldrl' in sm else '',
+                f'×{sm["bp"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'bp' in sm else '']
       else:
         row += [''] * 4
       lines_rows.append('| ' + ' | '.join(row) + ' |')
-    if 'tjml_dtp' in sm and 'bp' in sm:
+    if table in TARGET_TJML_OVER_BP and 'tjml_dtp' in sm and 'bp' in sm:
       ratio = sm['tjml_dtp']['ms_per_step'] / sm['bp']['ms_per_step']
       lim = TARGET_TJML_OVER_BP[table]
-      targets.append(f'- {DATASET_NAMES[col.dataset]}: TJML-DTP time per step / BP = '
-                     f'{ratio:.2f} (target ≤ {lim}: {"met" if ratio <= lim else "NOT met"})')
+      targets.append(f'- {col.title}: TJML-DTP time per step / BP = {ratio:.2f} '
+                     f'(target ≤ {lim}: {"met" if ratio <= lim else "NOT met"})')
     if table in TARGET_SPEEDUP_OVER_LDRL and 'tjml_dtp' in sm and 'ldrl' in sm:
       up = sm['ldrl']['epoch_s'] / sm['tjml_dtp']['epoch_s']
       lim = TARGET_SPEEDUP_OVER_LDRL[table]
-      targets.append(f'- {DATASET_NAMES[col.dataset]}: TJML-DTP speed per epoch vs LDRL = '
-                     f'×{up:.1f} (target ≥ ×{lim:g}: {"met" if up >= lim else "NOT met"})')
+      targets.append(f'- {col.title}: TJML-DTP speed per epoch vs LDRL = ×{up:.1f} '
+                     f'(target ≥ ×{lim:g}: {"met" if up >= lim else "NOT met"})')
 
+  speed_commands = sorted({s['command'] for s in speeds.values() if s.get('command')})
   epochs_desc = []
   for col in cols:
-    for method in METHODS:
+    for method in col.methods:
       cfg = make_config(col, method, profile, seeds[0])
       spe = full_epoch_steps(col.dataset, cfg.batch_size)
       steps = min(cfg.steps_per_epoch or spe, spe)
       what = f'{cfg.epochs} ep' if steps == spe else f'{cfg.epochs} × {steps} steps'
-      epochs_desc.append(f'{METHOD_NAMES[method]} {what}')
-    if table == 1:
-      break  # the same for the three datasets
+      item = f'{col.label(method)} {what}'
+      if len({c.model_name for c in cols}) > 1:
+        item = f'{col.model_name} {item}'
+      if item not in epochs_desc:
+        epochs_desc.append(item)
   plan = profile.speed
   head = [
       f'# {TABLE_TITLES[table]} ({profile.name} profile)', '',
       f'- profile: `{profile.name}`: {profile.description}',
-      f'- command: `{command}`',
+      f'- command: `{command}`'
+      + ''.join(f'; speed measured by `{c}`' for c in speed_commands if c != command),
       f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
       f'- hardware: {_hardware_line(hardware)}',
       f'- seeds: {", ".join(map(str, seeds))} (accuracy: mean ± sample std over seeds '
       f'when more than one)',
       f'- training (accuracy columns, planned): {"; ".join(epochs_desc)}; the "Trained" '
-      f'column says what each finished run did. Train accuracy is evaluated on the whole '
-      f'training set after training, test accuracy on the test set'
+      f'column says what each finished run did (empty: not run yet). Train accuracy is '
+      f'evaluated on the whole training set after training, test accuracy on the test set'
       + (f' (subsets: {profile.train_examples} train / {profile.test_examples} test '
          f'examples)' if profile.train_examples else '') + '.',
       f'- speed: every method\'s full jitted training step in one process, '
       f'{plan.describe()}; s/epoch = ms/step × steps of one full epoch (training set / '
       f'batch), excluding evaluation and compilation; speed vs X = X\'s time per epoch / '
-      f'the method\'s (LDRL ×1.00, BP ×1.00 in their columns).'
+      f'the method\'s (LDRL ×1.00, BP ×1.00 in their own rows).'
       + (' ' + '; '.join(speed_notes) + '.' if speed_notes else ''),
-      '- paper: published test accuracy of Bao et al. (AAAI 2024) for TJML-DTP; the '
-      'other methods\' published cells are left blank, not guessed.',
+      '- paper: published test accuracy of Bao et al. (AAAI 2024) for TJML-DTP (Tables '
+      '1-3); every other published cell is left blank, not guessed.',
       '',
       '| Model / data | Method | Trained | Train acc (%) | Test acc (%) | Paper test acc '
       '(%) | ms/step | s/epoch | Speed vs LDRL | Speed vs BP |',
@@ -550,7 +623,11 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
   ]
   text = '\n'.join(head + lines_rows)
   if targets:
-    text += '\n\nPerformance targets (issue 4):\n\n' + '\n'.join(targets)
+    text += '\n\nPerformance targets (issue 4)'
+    if profile.fast_compile:
+      text += (' — smoke profile: compiled without optimisations at batch 8, so these '
+               'ratios are not measurements')
+    text += ':\n\n' + '\n'.join(targets)
   text += '\n'
   out = root.parent / f'table{table}.md'
   out.write_text(text)
@@ -559,18 +636,20 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
   return out
 
 
-def plot_curves(table: int, curves: dict[str, dict[str, list[dict]]], path: Path) -> None:
+def plot_curves(table: int, curves: dict[str, tuple[str, dict[str, list[dict]]]],
+                path: Path) -> None:
   """Test accuracy and training loss against epochs of data seen, per column."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   cols = list(curves)
   fig, axes = plt.subplots(2, len(cols), figsize=(5 * len(cols), 7), squeeze=False)
-  for j, dataset in enumerate(cols):
-    n_train = data.info(dataset).num_examples['train']
-    for method, results in curves[dataset].items():
+  for j, col_id in enumerate(cols):
+    title, by_method = curves[col_id]
+    for label, results in by_method.items():
       if not results:
         continue
+      n_train = data.info(results[0]['config']['dataset']).num_examples['train']
       by_step: dict[int, list[dict]] = {}
       for r in results:
         bs = r['config']['batch_size']
@@ -582,8 +661,8 @@ def plot_curves(table: int, curves: dict[str, dict[str, list[dict]]], path: Path
         y = [statistics.mean(row[key] for row in by_step[s]) for s in steps]
         if key == 'test_accuracy':
           y = [100 * v for v in y]
-        axes[i, j].plot(x, y, marker='o', label=METHOD_NAMES[method])
-    axes[0, j].set_title(f'{DATASET_NAMES[dataset]}')
+        axes[i, j].plot(x, y, marker='o', label=label)
+    axes[0, j].set_title(title)
     axes[0, j].set_ylabel('test accuracy (%)')
     axes[1, j].set_ylabel('training loss (epoch mean)')
     for i in range(2):
@@ -599,10 +678,6 @@ def plot_curves(table: int, curves: dict[str, dict[str, list[dict]]], path: Path
 
 # --------------------------------------------------------------------------------------
 # Entry points
-
-class NotImplementedYet(NotImplementedError):
-  pass
-
 
 @contextlib.contextmanager
 def _compile_mode(profile: Profile, workdir: Path):
@@ -635,12 +710,8 @@ def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
               command: str = '', log: Log = print) -> Path:
   """Runs (parts of) one table and writes ``<workdir>/<profile>/table<T>.md``."""
   profile = PROFILES[profile] if isinstance(profile, str) else profile
-  if table == 4:
-    raise NotImplementedYet(
-        'Table 4 (reversible MLP-Mixer with additive coupling vs TJML-DTP) is not '
-        'implemented yet: tp-jax has no reversible Mixer model (tp_jax/reversible.py)')
   if table not in TABLES:
-    raise ValueError(f'unknown table {table}; valid: {sorted(TABLES) + [4]}')
+    raise ValueError(f'unknown table {table}; valid: {sorted(TABLES)}')
   if what not in ('all', 'speed', 'accuracy', 'table'):
     raise ValueError(f"what must be 'all', 'speed', 'accuracy' or 'table', got {what!r}")
   seeds = tuple(seeds) if seeds else profile.seeds
@@ -650,7 +721,7 @@ def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
       f'--profile={profile.name}'
   with _compile_mode(profile, Path(workdir)):
     if what in ('all', 'speed'):
-      run_speed(table, profile, root, source, log)
+      run_speed(table, profile, root, source, log, command)
     if what in ('all', 'accuracy'):
       run_accuracy(table, profile, root, seeds, source, log)
   return write_table(table, profile, root, seeds, command, log)
@@ -670,9 +741,10 @@ def run_figure(figure: int, profile: str | Profile, workdir: str | os.PathLike,
       f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
       f'- hardware: {_hardware_line(train.hardware())}',
       f'- method: jitted jnp.linalg.inv / jnp.linalg.pinv / transpose (materialised), '
-      f'one warm-up call, then the median of up to {profile.figure_repeats} calls with '
-      f'block_until_ready (at least 3; fewer than the maximum when a point passed '
-      f'{profile.figure_max_seconds:g} s)'])
+      f'compiled ahead of time, one warm-up call (skipped when a call takes over '
+      f'{profile.figure_max_seconds / 10:g} s), then the median of up to '
+      f'{profile.figure_repeats} calls with block_until_ready (at least 3; fewer than '
+      f'the maximum once a point has taken {profile.figure_max_seconds:g} s)'])
   with _compile_mode(profile, Path(workdir)):
     figure2.run(out, sizes or profile.figure_sizes, profile.figure_repeats,
                 profile.figure_max_seconds, log=log, header=header)
@@ -690,11 +762,9 @@ def main(argv):
   command = 'python -m experiments.reproduce ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
   seeds = [int(s) for s in f.seeds] if f.seeds else None
   if f.table:
-    try:
-      path = run_table(f.table, f.profile, f.workdir, seeds, f.what, f.data, command)
-    except NotImplementedYet as e:
-      print(f'error: {e}', file=sys.stderr)
-      return 2
+    if f.table not in TABLES:
+      raise app.UsageError(f'unknown table {f.table}; valid: {sorted(TABLES)}')
+    path = run_table(f.table, f.profile, f.workdir, seeds, f.what, f.data, command)
     print(Path(path).read_text())
   if f.figure:
     sizes = [int(s) for s in f.figure_sizes] if f.figure_sizes else None

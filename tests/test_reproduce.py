@@ -51,11 +51,11 @@ def number(cell: str) -> float:
 def smoke_tables(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reproduce')
   paths = {t: R.run_table(t, 'smoke', workdir, source='synthetic', log=lambda s: None)
-           for t in (1, 2, 3)}
+           for t in (1, 2, 3, 4)}
   return workdir, paths
 
 
-@pytest.mark.parametrize('table', [1, 2, 3])
+@pytest.mark.parametrize('table', [1, 2, 3, 4])
 def test_smoke_table(smoke_tables, table):
   workdir, paths = smoke_tables
   path = paths[table]
@@ -69,41 +69,59 @@ def test_smoke_table(smoke_tables, table):
 
   cols = R.TABLES[table]
   rows = parse_table(text)
-  assert len(rows) == 4 * len(cols)
-  names = [R.METHOD_NAMES[m] for m in R.METHODS]
-  for i, col in enumerate(cols):
-    block = rows[4 * i: 4 * i + 4]
-    assert [r['Method'] for r in block] == names
-    assert {r['Model / data'] for r in block} == {
-        f'{col.model_name} / {R.DATASET_NAMES[col.dataset]}'}
+  assert len(rows) == sum(len(c.methods) for c in cols)
+  has_ldrl = any('ldrl' in c.methods for c in cols)
+  i = 0
+  for col in cols:
+    block = rows[i: i + len(col.methods)]
+    i += len(col.methods)
+    assert [r['Method'] for r in block] == [col.label(m) for m in col.methods]
+    assert {r['Model / data'] for r in block} == {col.title}
     for r in block:
       for c in NUMERIC:
+        if c == 'Speed vs LDRL' and not has_ldrl:
+          assert r[c] == ''
+          continue
         v = number(r[c])
         assert math.isfinite(v) and v >= 0, (r, c)
       assert 0 <= number(r['Train acc (%)']) <= 100
       assert r['Trained'] == '2 steps (0.00 ep)'
-    by = {r['Method']: r for r in block}
-    assert by['LDRL']['Speed vs LDRL'] == '×1.00'
-    assert by['BP']['Speed vs BP'] == '×1.00'
-    # speed vs LDRL = LDRL's ms/step / the method's (same full-epoch step count)
-    ldrl_ms = number(by['LDRL']['ms/step'])
-    for r in block:
-      assert number(r['Speed vs LDRL']) == pytest.approx(
-          ldrl_ms / number(r['ms/step']), rel=0.02, abs=0.01)
-    assert number(by['TJML-DTP']['Paper test acc (%)']) == \
-        R.PAPER_TEST_ACC[(table, col.dataset, 'tjml_dtp')]
-    for m in ('LDRL', 'FWDTP', 'BP'):
-      assert by[m]['Paper test acc (%)'] == ''
+    by = {m: r for m, r in zip(col.methods, block)}
+    if 'ldrl' in by:
+      assert by['ldrl']['Speed vs LDRL'] == '×1.00'
+      # speed vs LDRL = LDRL's time per epoch / the method's (same batch size here)
+      ldrl_ms = number(by['ldrl']['ms/step'])
+      for r in block:
+        assert number(r['Speed vs LDRL']) == pytest.approx(
+            ldrl_ms / number(r['ms/step']), rel=0.02, abs=0.01)
+    if 'bp' in by:
+      assert by['bp']['Speed vs BP'] == '×1.00'
+    for m, r in by.items():
+      paper = R.PAPER_TEST_ACC.get((table, col.id, m))
+      assert r['Paper test acc (%)'] == ('' if paper is None else f'{paper:.1f}')
 
     root = workdir / 'smoke' / f'table{table}'
-    speed = json.loads((root / f'speed_{col.dataset}.json').read_text())
-    assert set(speed['methods']) == set(R.METHODS)
-    for m in R.METHODS:
+    speed = json.loads((root / f'speed_{col.id}.json').read_text())
+    assert set(speed['methods']) == set(col.methods)
+    for m in col.methods:
       res = json.loads((R.run_dir(root, col, m, 0) / 'result.json').read_text())
       assert res['config']['method'] == m and res['config']['dataset'] == col.dataset
+      assert res['config']['model'] == col.get_config().model
       assert res['steps_per_epoch'] == 2 and res['epochs'] == 1
       assert 0 <= res['test_accuracy'] <= 1
-  assert 'Performance targets' in text
+  assert ('Performance targets' in text) == (table != 4)
+  if table in (1, 2, 3):
+    assert [R.PAPER_TEST_ACC[(table, c.id, 'tjml_dtp')] for c in cols] == {
+        1: [99.3, 91.4, 76.7], 2: [85.2], 3: [56.9]}[table]
+
+
+def test_table4_rows():
+  """Reversible Mixer (exact-inverse feedback) vs TJML-DTP and BP on the Mixer."""
+  rev, mixer = R.TABLES[4]
+  assert R.make_config(rev, 'tjml_dtp', R.PROFILES['paper'], 0).model == 'reversible_mixer'
+  cfg = R.make_config(mixer, 'tjml_dtp', R.PROFILES['paper'], 0)
+  assert cfg.model == 'mlp_mixer' and mixer.methods == ('tjml_dtp', 'bp')
+  assert rev.id != mixer.id  # separate run directories
 
 
 def test_table_regenerates_and_reuses_runs(smoke_tables):
@@ -144,14 +162,13 @@ def test_profiles_are_config_overrides():
   assert R.PROFILES['paper'].seeds == (0, 1, 2, 3, 4)
 
 
-def test_table4_not_implemented(tmp_path):
-  with pytest.raises(R.NotImplementedYet, match='not implemented yet'):
-    R.run_table(4, 'smoke', tmp_path)
-  p = subprocess.run([sys.executable, '-m', 'experiments.reproduce', '--table=4',
+def test_cli_refuses_unknown_table(tmp_path):
+  p = subprocess.run([sys.executable, '-m', 'experiments.reproduce', '--table=5',
                       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
                      timeout=120)
-  assert p.returncode == 2
-  assert 'not implemented yet' in p.stderr
+  assert p.returncode != 0
+  assert 'unknown table 5' in p.stderr
+  assert not (tmp_path / 'smoke').exists()
 
 
 def test_figure2(tmp_path):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import ml_collections
 
 from tp_jax import models
+from tp_jax import reversible
 
 DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
 ACTIVATIONS = ('leaky_relu', 'elu', 'tanh', 'sigmoid', 'gelu')
 # Methods whose feedback has per-block hyper-parameter lists (one per trained block).
 FEEDBACK_TRAINED = ('ldrl', 'dtp')
+# Methods whose feedback is a weight matrix per block (trained, or fixed random).
+FEEDBACK_WEIGHTS = FEEDBACK_TRAINED + ('fwdtp',)
 
 
 class ConfigError(ValueError):
@@ -92,11 +95,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f'unknown method {cfg.method!r}; valid methods: '
                       f'{list(algorithms.METHODS)}')
   try:  # unknown, mistyped or empty keyword arguments of the model
-    models.get(cfg.model, **cfg.model_kwargs)
+    net = models.get(cfg.model, **cfg.model_kwargs)
   except (TypeError, ValueError, IndexError) as e:
     kw = cfg.model_kwargs.to_dict() if hasattr(cfg.model_kwargs, 'to_dict') else \
         cfg.model_kwargs
     raise ConfigError(f'model_kwargs={kw!r} do not fit model {cfg.model!r}: {e}') from None
+  if cfg.method in FEEDBACK_WEIGHTS and \
+      any(isinstance(b, reversible.Coupling) for b in net.blocks):
+    raise ConfigError(f'method {cfg.method!r} uses feedback weights, but {cfg.model!r} '
+                      f'has reversible blocks whose feedback is their exact inverse; use '
+                      f"method='tjml_dtp' (or 'bp')")
   if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or \
       not 0 <= cfg.seed < 2 ** 32:
     # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Callable
 
 from tp_jax import layers as L
+from tp_jax import reversible
 from tp_jax.network import Net
 
 _POOL_3x3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -37,6 +38,27 @@ def simple_vgg(num_classes: int = 10, act: str = 'elu', negative_slope: float = 
   return Net(blocks + (head,), name='simple_vgg')
 
 
+def _mixer_token_mlp(tokens: int, act: L.Activation) -> L.Sequential:
+  """Act(FC(Norm(x)^T))^T: the token-mixing map of a Mixer block."""
+  return L.Sequential([L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens), act,
+                       L.Transpose((2, 1))])
+
+
+def _mixer_channel_mlp(channel_dim: int, out: int, act: L.Activation) -> L.Sequential:
+  """FC(Act(FC(Norm(x)))): the channel-mixing map of a Mixer block."""
+  return L.Sequential([L.LayerNorm(), L.Dense(channel_dim), act, L.Dense(out)])
+
+
+def _mixer(name: str, mixing_blocks, num_classes: int, patch: int, hidden: int,
+           tokens: int) -> Net:
+  """Patch embedding, ``mixing_blocks``, (Norm, mean over tokens), dense head."""
+  embed = L.Sequential([L.Conv(hidden, (patch, patch), (patch, patch), 'VALID'),
+                        L.Reshape((tokens, hidden))])
+  pool = L.Sequential([L.LayerNorm(), L.Mean(axis=1)])
+  head = L.Sequential([L.Dense(num_classes)])
+  return Net((embed, *mixing_blocks, pool, head), name=name)
+
+
 def mlp_mixer(num_classes: int = 10, act: str = 'leaky_relu', negative_slope: float = 0.01,
               patch: int = 4, hidden: int = 128, channel_dim: int = 256,
               num_blocks: int = 4, image_hw: tuple[int, int] = (32, 32)) -> Net:
@@ -45,17 +67,30 @@ def mlp_mixer(num_classes: int = 10, act: str = 'leaky_relu', negative_slope: fl
   (eq. 44); then (Norm, mean over tokens) and a dense head. Each unit is a DTP block."""
   tokens = (image_hw[0] // patch) * (image_hw[1] // patch)
   a = lambda: L.Activation(act, negative_slope)
-  embed = L.Sequential([L.Conv(hidden, (patch, patch), (patch, patch), 'VALID'),
-                        L.Reshape((tokens, hidden))])
   units = []
   for _ in range(num_blocks):
-    units.append(L.Residual(L.Sequential([
-        L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens), a(), L.Transpose((2, 1))])))
-    units.append(L.Residual(L.Sequential([
-        L.LayerNorm(), L.Dense(channel_dim), a(), L.Dense(hidden)])))
-  pool = L.Sequential([L.LayerNorm(), L.Mean(axis=1)])
-  head = L.Sequential([L.Dense(num_classes)])
-  return Net((embed, *units, pool, head), name='mlp_mixer')
+    units.append(L.Residual(_mixer_token_mlp(tokens, a())))
+    units.append(L.Residual(_mixer_channel_mlp(channel_dim, hidden, a())))
+  return _mixer('mlp_mixer', units, num_classes, patch, hidden, tokens)
+
+
+def reversible_mixer(num_classes: int = 10, act: str = 'leaky_relu',
+                     negative_slope: float = 0.01, patch: int = 4, hidden: int = 128,
+                     channel_dim: int = 256, num_blocks: int = 4,
+                     image_hw: tuple[int, int] = (32, 32)) -> Net:
+  """The paper's Table 4 model: ``mlp_mixer`` with each Mixer block (token + channel
+  unit) replaced by one additive coupling (``reversible.Coupling``) whose f is the
+  token-mixing map and g the channel-mixing map, each on half of the ``hidden``
+  channels. Each coupling is one DTP block whose feedback is its exact inverse."""
+  if hidden % 2:
+    raise ValueError(f'reversible_mixer: hidden must be even to split into two halves, '
+                     f'got {hidden}')
+  tokens = (image_hw[0] // patch) * (image_hw[1] // patch)
+  a = lambda: L.Activation(act, negative_slope)
+  blocks = [reversible.Coupling(_mixer_token_mlp(tokens, a()),
+                                _mixer_channel_mlp(channel_dim, hidden // 2, a()))
+            for _ in range(num_blocks)]
+  return _mixer('reversible_mixer', blocks, num_classes, patch, hidden, tokens)
 
 
 def mlp(num_classes: int = 10, act: str = 'tanh', negative_slope: float = 0.01,
@@ -73,6 +108,7 @@ def mlp(num_classes: int = 10, act: str = 'tanh', negative_slope: float = 0.01,
 
 MODELS: dict[str, Callable[..., Net]] = {
     'lenet': lenet, 'simple_vgg': simple_vgg, 'mlp_mixer': mlp_mixer, 'mlp': mlp,
+    'reversible_mixer': reversible_mixer,
 }
 
 
