@@ -4,13 +4,20 @@ r"""Trains a model with one of the TP methods or backprop.
       --config.method=tjml_dtp --workdir=runs/lenet_mnist_tjml
 
 Any config field can be overridden (``--config.optimizer.lr=0.01``). The run resumes
-from the newest checkpoint in --workdir; metrics.jsonl and result.json land there.
+from the newest checkpoint in --workdir; metrics.jsonl and result.json land there. A bad
+config, missing or corrupt data, an unwritable workdir or a diverged run ends with one
+``error: ...`` line on stderr and exit status 1 (the last good checkpoint is kept).
 """
+
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from tp_jax import config as config_lib
+from tp_jax import data
+from tp_jax import layers
 from tp_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/lenet_mnist.py',
@@ -28,7 +35,13 @@ def main(argv):
   if _DATA_DIR.value:
     with cfg.unlocked():
       cfg.data_dir = _DATA_DIR.value
-  result = train.train_and_evaluate(cfg, _WORKDIR.value)
+  try:
+    result = train.train_and_evaluate(cfg, _WORKDIR.value)
+  except (config_lib.ConfigError, data.DataError, layers.FeedbackError,
+          train.WorkdirError, train.DivergenceError) as e:
+    # The run's own diagnoses already name the problem: one line, no traceback.
+    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+    return 1
   print(f'test accuracy {100 * result["test_accuracy"]:.2f}%  train accuracy '
         f'{100 * result["train_accuracy"]:.2f}%  {result["ms_per_step"]:.1f} ms/step  '
         f'-> {_WORKDIR.value}/result.json')

@@ -45,6 +45,8 @@ CASES = [
     (3, 4, 3, 4, 5, 5, 2, "SAME"),              # kernel > output, stride 2
     (2, 6, 6, 300, 7, 3, 1, "SAME"),            # wide: per-tap weight grad
     (2, 8, 8, 4, 4, 1, 1, "VALID"),             # 1x1 kernel
+    (2, 6, 5, 3, 4, 3, 1, ((3, 4), (2, 3))),    # padding > k - 1: windows of zeros
+    (2, 6, 5, 3, 4, 3, 2, ((4, 3), (3, 2))),    # the same, stride 2
 ]
 
 

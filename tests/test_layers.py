@@ -485,6 +485,30 @@ def test_linear_feedback_equals_vjp(name, make, shape, kind):
   assert_matches_vjp(layer, _init(layer, x), x)
 
 
+POOL_CASES = [((2, 2), (2, 2), 'VALID', 'ties'), ((3, 3), (2, 2), ((1, 1), (1, 1)), 'ties'),
+              ((3, 3), (2, 2), ((1, 1), (1, 1)), 'normal'), ((3, 2), (1, 2), 'SAME', 'ties')]
+
+
+@pytest.mark.parametrize('window,strides,padding,kind', POOL_CASES)
+def test_max_pool_value_argmax_and_jvp_match_naive_loops(window, strides, padding, kind):
+  """y = window max, argmax = first maximal offset, dy = dx at that offset (numpy loops)."""
+  x = _input((2, 7, 6, 3), 5, kind)
+  dx = _input((2, 7, 6, 3), 6)
+  (y, am), (dy, _) = jax.jit(lambda x, dx: jax.jvp(
+      lambda x: L.max_pool_argmax(x, window, strides, padding), (x,), (dx,)))(x, dx)
+  pads = _pads((7, 6), window, strides, padding)
+  xp = np.pad(np.asarray(x), ((0, 0), *pads, (0, 0)), constant_values=-np.inf)
+  dxp = np.pad(np.asarray(dx), ((0, 0), *pads, (0, 0)))
+  offsets = [(i, j) for i in range(window[0]) for j in range(window[1])]
+  for n, a, b, c in np.ndindex(*y.shape):
+    vals = [xp[n, a * strides[0] + i, b * strides[1] + j, c] for i, j in offsets]
+    k = int(np.argmax(vals))  # numpy's argmax: the first maximum
+    i, j = offsets[k]
+    assert y[n, a, b, c] == vals[k]
+    assert am[n, a, b, c] == k
+    assert dy[n, a, b, c] == dxp[n, a * strides[0] + i, b * strides[1] + j, c]
+
+
 # --------------------------------------------------------------------------------------
 # (c) the conv feedback is a conv with the rotated, swapped kernel (naive numpy).
 

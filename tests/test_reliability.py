@@ -172,11 +172,28 @@ def test_binary_exits_nonzero_on_divergence(tmp_path):
          '--config.verify_checksums=False']
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert p.returncode != 0, p.stdout + p.stderr
-  assert 'DivergenceError: training diverged at step' in p.stderr, p.stderr[-3000:]
+  assert p.returncode == 1, p.stdout + p.stderr
+  assert 'error: DivergenceError: training diverged at step' in p.stderr, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr, p.stderr[-3000:]
   assert 'block(s)' in p.stderr
   assert not (tmp_path / 'run' / 'result.json').exists()
 
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--config.model=resnet', "error: ConfigError: unknown model 'resnet'"),
+    ('--data_dir=/nonexistent/tp_jax_data', 'error: DataError: '),
+])
+def test_binary_reports_bad_input_in_one_line(tmp_path, flag, message):
+  cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
+         f'--workdir={tmp_path / "run"}', flag]
+  # No data anywhere, and a mirror nothing listens on: no download leaves this machine.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', TP_JAX_DATA='',
+             TP_JAX_MIRROR_MNIST='http://127.0.0.1:9/mnist/')
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1, p.stdout + p.stderr
+  assert message in p.stderr, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr, p.stderr[-3000:]
 
 # --------------------------------------------------------------------------------------
 # Determinism

@@ -224,11 +224,16 @@ def _input_grad(g, w, x_shape, strides, padding):
         # Padded-input rows beyond the last window get no gradient.
         r = (n_in + lo + hi) - (s * (n_out - 1) + k)
         pads.append((k - 1 - lo, k - 1 - hi + r))
-    if tuple(strides) != (1, 1):
+    # Zero-upsample g for strides > 1 and apply negative padding (padding larger
+    # than k - 1 leaves kernel rows that only ever see zeros) as a crop, so the
+    # convolution itself only gets non-negative padding.
+    crop = [(min(lo, 0), min(hi, 0)) for lo, hi in pads]
+    if tuple(strides) != (1, 1) or any(c != (0, 0) for c in crop):
         zero = jnp.zeros((), g.dtype)
-        g = lax.pad(g, zero, [(0, 0, 0), (0, 0, strides[0] - 1),
-                              (0, 0, strides[1] - 1), (0, 0, 0)])
+        g = lax.pad(g, zero, [(0, 0, 0), (*crop[0], strides[0] - 1),
+                              (*crop[1], strides[1] - 1), (0, 0, 0)])
         (g,) = _barrier(g)
+        pads = [(max(lo, 0), max(hi, 0)) for lo, hi in pads]
     out = _conv_bind(g, wt, (1, 1), pads)
     return out.astype(g.dtype)
 
