@@ -78,6 +78,7 @@ def test_default_and_experiment_configs_are_valid():
     ('model', 'resnet50', sorted(models.MODELS)),
     ('method', 'backprop', list(algorithms.METHODS)),
     ('dataset', 'imagenet', list(config_lib.DATASETS)),
+    ('model_kwargs.conv_impl', 'cudnn', ['auto', 'xla', 'fast']),
 ])
 def test_unknown_names_list_the_valid_ones(field, value, valid):
   cfg = config_lib.default()

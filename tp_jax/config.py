@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from tp_jax import conv
 from tp_jax import models
 from tp_jax import reversible
 
@@ -109,6 +110,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       not 0 <= cfg.seed < 2 ** 32:
     # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.
     raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
+  impl = cfg.model_kwargs.get('conv_impl', 'auto')
+  if impl not in conv.IMPLS:
+    raise ConfigError(f'unknown model_kwargs.conv_impl={impl!r}; valid: {list(conv.IMPLS)}')
   act = cfg.model_kwargs.get('act')
   if act is not None and act not in ACTIVATIONS:
     raise ConfigError(f'unknown activation model_kwargs.act={act!r}; valid: '

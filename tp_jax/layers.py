@@ -209,6 +209,8 @@ class Conv(Layer):
   padding: Padding = 'SAME'
   use_bias: bool = True
   kernel_init: Callable = torch_default_init
+  # tp_jax.conv implementation: 'auto' (fast derivatives on CPU), 'fast' or 'xla'.
+  impl: str = 'auto'
 
   @nn.compact
   def fwd(self, x):
@@ -217,7 +219,7 @@ class Conv(Layer):
     w_HWIO = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
     _check_last_dim('Conv', x, w_HWIO.shape[2], f'kernel {w_HWIO.shape}')
-    y = conv_ops.conv2d(x, w_HWIO, self.strides, self.padding)
+    y = conv_ops.conv2d(x, w_HWIO, self.strides, self.padding, impl=self.impl)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y, Shape(x.shape[1:3])

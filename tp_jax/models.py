@@ -13,26 +13,30 @@ _POOL_3x3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 _PAD_2 = ((2, 2), (2, 2))
 
 
-def lenet(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01) -> Net:
+def lenet(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
+          conv_impl: str = 'auto') -> Net:
   """The reference TP LeNet (scalingDTP / Meulemans et al.): works on 28x28 and 32x32.
 
   Blocks: (conv 5x5 32, act, pool 3x3/2 pad 1), (conv 5x5 64, act, pool),
-  (flatten, dense 512, act), (dense num_classes).
+  (flatten, dense 512, act), (dense num_classes). ``conv_impl``: see ``layers.Conv``.
   """
   a = lambda: L.Activation(act, negative_slope)
+  conv = lambda c: L.Conv(c, (5, 5), padding=_PAD_2, impl=conv_impl)
   return Net((
-      L.Sequential([L.Conv(32, (5, 5), padding=_PAD_2), a(), L.MaxPool(**_POOL_3x3)]),
-      L.Sequential([L.Conv(64, (5, 5), padding=_PAD_2), a(), L.MaxPool(**_POOL_3x3)]),
+      L.Sequential([conv(32), a(), L.MaxPool(**_POOL_3x3)]),
+      L.Sequential([conv(64), a(), L.MaxPool(**_POOL_3x3)]),
       L.Sequential([L.Reshape((-1,)), L.Dense(512), a()]),
       L.Sequential([L.Dense(num_classes)]),
   ), name='lenet')
 
 
 def simple_vgg(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
-               channels: tuple[int, ...] = (128, 128, 256, 256, 512)) -> Net:
+               channels: tuple[int, ...] = (128, 128, 256, 256, 512),
+               conv_impl: str = 'auto') -> Net:
   """Simplified VGG: blocks (conv 3x3 SAME, act, max-pool 2x2/2) then (flatten, dense)."""
   blocks = tuple(
-      L.Sequential([L.Conv(c, (3, 3), padding='SAME'), L.Activation(act, negative_slope),
+      L.Sequential([L.Conv(c, (3, 3), padding='SAME', impl=conv_impl),
+                    L.Activation(act, negative_slope),
                     L.MaxPool((2, 2), (2, 2), 'VALID')]) for c in channels)
   head = L.Sequential([L.Reshape((-1,)), L.Dense(num_classes)])
   return Net(blocks + (head,), name='simple_vgg')
