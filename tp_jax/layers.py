@@ -178,7 +178,7 @@ class Dense(Layer):
 
 
 def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding: Padding,
-                  in_hw: Sequence[int]) -> Array:
+                  in_hw: Sequence[int], impl: str = 'auto') -> Array:
   """The TJMC feedback of a convolution: the kernel rotated 180 deg with in/out swapped.
 
   Equals the transposed convolution (the vjp of the forward w.r.t. its input) for any
@@ -198,7 +198,7 @@ def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding:
   # forward padding exceeds k - 1, crops), then a VALID convolution.
   cfg = [(0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(tpads, strides)), (0, 0, 0)]
   t_NHWO = lax.pad(t_NHWO, jnp.zeros((), t_NHWO.dtype), cfg)
-  return conv_ops.conv2d(t_NHWO, w_rot_HWOI, (1, 1), 'VALID')
+  return conv_ops.conv2d(t_NHWO, w_rot_HWOI, (1, 1), 'VALID', impl=impl)
 
 
 class Conv(Layer):
@@ -229,7 +229,7 @@ class Conv(Layer):
       raise self._refuse(mode, mode.weights)
     w_HWIO = self.variables['params']['kernel']
     _check_last_dim('Conv feedback', t, w_HWIO.shape[3], f'kernel {w_HWIO.shape}')
-    return conv_feedback(t, w_HWIO, self.strides, self.padding, ctx.dims)
+    return conv_feedback(t, w_HWIO, self.strides, self.padding, ctx.dims, self.impl)
 
   def feedback_is_linear(self, mode):
     return True
