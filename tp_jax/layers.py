@@ -416,9 +416,10 @@ class LayerNorm(Layer):
   """LayerNorm over the last axis with affine scale and shift.
 
   G*(t) = (I - 11^T/d)(gamma * t) / sqrt(s) with s = var(x) + eps frozen from the
-  forward pass (eqs. 30-35). This drops the -x_hat x_hat^T / d term of the true
-  Jacobian, so TJML = 1/sqrt(s) per example (relative 1/sqrt(d - 2)): an
-  approximation, measured in the tests and in BUILD_NOTES.md.
+  forward pass (eqs. 30-35). This drops the rank-one term x_hat (gamma * x_hat)^T /
+  (d sqrt(s)) of the true transposed Jacobian, so TJML = ||gamma * x_hat|| / sqrt(d s)
+  per example (1/sqrt(s) at gamma = 1; relative 1/sqrt(d - 2)): an approximation,
+  measured in the tests and in BUILD_NOTES.md.
   """
   epsilon: float = 1e-5
 

@@ -25,7 +25,8 @@ Params = tuple[dict, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Net:
-  """An ordered tuple of DTP blocks. Hashable, so it can close over jitted steps."""
+  """An ordered tuple of DTP blocks. Jitted steps close over it (it is not hashable: a
+  Sequential holds a list, so it cannot be a static argument)."""
   blocks: tuple[layers.Layer, ...]
   name: str = 'net'
 
