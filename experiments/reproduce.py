@@ -8,9 +8,9 @@ Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column of Tables 1-3):
   1  LeNet on MNIST, Fashion-MNIST, CIFAR-10
   2  Simplified-VGG on CIFAR-10
   3  MLP-Mixer on CIFAR-10
-  4  reversible MLP-Mixer (4 additive-coupling Mixer blocks, ``experiments/configs/reversible_mixer_cifar10.py``)
-     trained by DTP with the exact inverse as feedback, vs TJML-DTP and BP on the
-     MLP-Mixer; the three timed together
+  4  reversible MLP-Mixer (4 additive-coupling Mixer blocks,
+     ``experiments/configs/reversible_mixer_cifar10.py``) trained by DTP with the exact
+     inverse as feedback, vs TJML-DTP and BP on the MLP-Mixer; the three timed together
 
 Each table has two independent parts:
 
