@@ -83,6 +83,7 @@ def test_default_and_experiment_configs_are_valid():
     ('method', 'backprop', list(algorithms.METHODS)),
     ('dataset', 'imagenet', list(config_lib.DATASETS)),
     ('model_kwargs.conv_impl', 'cudnn', ['auto', 'xla', 'fast']),
+    ('data_backend', 'hdf5', ['native', 'tfds']),
 ])
 def test_unknown_names_list_the_valid_ones(field, value, valid):
   cfg = config_lib.default()

@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import socket
+import sys
 import tarfile
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -568,3 +569,72 @@ def test_train_val_split_is_disjoint_and_complete():
     np.testing.assert_array_equal(np.asarray(xt).ravel(), tr)  # x and y stay paired
     with pytest.raises(ValueError):
         data.train_val_split(jax.random.key(0), x, y, 51)
+
+
+# ----------------------------------------------------------------------------- TFDS backend
+
+
+@pytest.fixture(scope="module")
+def tfds_root(tmp_path_factory):
+    """TFDS's prepared-records dir, shared by the module (preparing MNIST takes ~20 s)."""
+    pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed")
+    if not REAL.is_dir():
+        pytest.skip(f"real datasets not found at {REAL}")
+    return tmp_path_factory.mktemp("tfds")
+
+
+def _as_sorted_records(x: np.ndarray, y: np.ndarray) -> list[bytes]:
+    """Order-free view of a split: TFDS stores the examples in its own order."""
+    return sorted(img.tobytes() + bytes([lab]) for img, lab in zip(x, y))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_tfds_backend_reads_the_same_examples_offline(real, tfds_root, name):
+    for split in data.SPLITS:
+        x, y = data.load_tfds(name, split, REAL, download=False, tfds_data_dir=tfds_root)
+        x_ref, y_ref = real(name, split)
+        assert x.dtype == np.uint8 and y.dtype == np.int32 and x.shape == x_ref.shape
+        assert _as_sorted_records(x, y) == _as_sorted_records(x_ref, y_ref)
+
+
+def test_load_dataset_tfds_backend(tfds_root, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_root))
+    native = data.load_dataset("mnist", REAL, download=False)
+    via_tfds = data.load_dataset("mnist", REAL, download=False, backend="tfds")
+    for a, b in ((native.x_test, via_tfds.x_test), (native.y_train, via_tfds.y_train)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(np.sort(np.asarray(a).ravel()), np.sort(np.asarray(b).ravel()))
+
+
+def test_tfds_backend_refuses_missing_and_corrupt_files(tmp_path, tfds_root):
+    d = tmp_path / "data" / "fashion_mnist"
+    d.mkdir(parents=True)
+    for f in data.tfds_manual_files("fashion_mnist")[1:]:
+        shutil.copyfile(REAL / "fashion_mnist" / f, d / f)
+    missing = data.tfds_manual_files("fashion_mnist")[0]
+    with pytest.raises(data.DataError, match=f"missing.*{missing}"):
+        data.load_tfds("fashion_mnist", "test", tmp_path / "data", download=False,
+                       tfds_data_dir=tmp_path / "tfds")
+    raw = bytearray(gzip.decompress((REAL / "fashion_mnist" / missing).read_bytes()))
+    raw[100] ^= 0xFF
+    _write_gz(d / missing, bytes(raw))
+    with pytest.raises(data.DataError, match="does not match TFDS's registered sha256"):
+        data.load_tfds("fashion_mnist", "test", tmp_path / "data", download=False,
+                       tfds_data_dir=tmp_path / "tfds")
+
+
+def test_tfds_backend_cifar_needs_the_official_tarball(tmp_path, tfds_root):
+    (tmp_path / "cifar10").symlink_to(REAL / "cifar10")  # extracted batches, no tarball
+    with pytest.raises(data.DataError, match="cifar-10-binary.tar.gz"):
+        data.load_tfds("cifar10", "train", tmp_path, download=False, tfds_data_dir=tfds_root)
+
+
+def test_tfds_backend_without_tfds_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now fails
+    with pytest.raises(data.DataError, match=r"pip install 'tp-jax\[tfds\]'"):
+        data.load_tfds("mnist", "test")
+
+
+def test_load_dataset_unknown_backend():
+    with pytest.raises(data.DataError, match="unknown data backend 'hdf5'"):
+        data.load_dataset("mnist", backend="hdf5")

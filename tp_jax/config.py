@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from tp_jax import conv
+from tp_jax import data
 from tp_jax import models
 from tp_jax import reversible
 
@@ -31,6 +32,8 @@ def default() -> ml_collections.ConfigDict:
   c.dataset = 'mnist'
   c.data_dir = ''  # '' -> $TP_JAX_DATA, ./data, ../shared/data, ~/.cache/tp_jax/data
   c.verify_checksums = True
+  # 'native' | 'tfds' (pip install 'tp-jax[tfds]'): the same examples, in TFDS's order.
+  c.data_backend = 'native'
   c.augment = False  # random crop (4-pixel padding) + horizontal flip, in the jitted step
   c.method = 'tjml_dtp'
   c.feedback_act = 'integral'  # TJMC activation feedback: 'integral' (varsigma) | 'hadamard'
@@ -121,6 +124,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       cfg.feedback_act != 'hadamard':
     raise ConfigError('GELU is not invertible: its integral feedback is undefined; set '
                       'feedback_act=hadamard (TJML-DTP) or use an invertible activation')
+  if cfg.data_backend not in data.BACKENDS:
+    raise ConfigError(f'unknown data_backend={cfg.data_backend!r}; valid: {list(data.BACKENDS)}')
   if cfg.feedback_act not in ('integral', 'hadamard'):
     raise ConfigError(f"feedback_act must be 'integral' or 'hadamard', got "
                       f'{cfg.feedback_act!r}')

@@ -5,6 +5,9 @@ CIFAR-10 binary batches, verified against built-in sha256 sums, into uint8 NHWC 
 int32 labels. Device side (jax): `normalise`, `batches`, `augment` are pure and jit-able, and
 `load_dataset` returns normalised arrays already on device, so the training loop never touches
 numpy.
+
+Backends: 'native' (the readers here) and 'tfds' (`load_tfds`: the same official files read
+through tensorflow_datasets' builders, for users who prefer TFDS; `pip install 'tp-jax[tfds]'`).
 """
 
 from __future__ import annotations
@@ -420,6 +423,65 @@ def _download_or_explain(ds: DatasetInfo, split: str, paths: list[Path], data_di
   )
 
 
+# ----------------------------------------------------------------------------- TFDS backend
+
+BACKENDS = ("native", "tfds")
+
+
+def tfds_manual_files(name: str) -> tuple[str, ...]:
+  """The official files TFDS's builder for `name` looks up in its manual_dir, by the names
+  TFDS registers: the four idx .gz files, or CIFAR-10's official tarball."""
+  ds = info(name)
+  return (ds.archive,) if ds.archive else tuple(dict.fromkeys(f for s in SPLITS for f in ds.files[s]))
+
+
+def load_tfds(
+  name: str,
+  split: str,
+  data_dir: str | os.PathLike | None = None,
+  download: bool = True,
+  tfds_data_dir: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """(images_NHWC uint8, labels int32) of one split through TFDS's own builder.
+
+  TFDS reads the official files from manual_dir = <data_dir>/<name>/ (the native layout for
+  MNIST and Fashion-MNIST; CIFAR-10 needs the official cifar-10-binary.tar.gz there), checks
+  them against its own registered sha256 sums and prepares its records once under
+  `tfds_data_dir` (default $TFDS_DATA_DIR or ~/tensorflow_datasets). With download=False a
+  missing file is an error instead of a TFDS download. The examples are the native loader's,
+  in TFDS's order, so a seed does not reproduce a native-backend run.
+  """
+  ds = info(name)
+  if split not in SPLITS:
+    raise DataError(f"unknown split {split!r} for {name}; valid: {SPLITS}")
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError(f"data backend 'tfds' needs tensorflow-datasets and tensorflow "
+                    f"(pip install 'tp-jax[tfds]'): {e}") from e
+  manual_dir = resolve_data_dir(data_dir) / name
+  missing = [manual_dir / f for f in tfds_manual_files(name) if not (manual_dir / f).exists()]
+  if missing and not download:
+    raise DataError(f"{name}: TFDS reads the official files from {manual_dir}, but these are "
+                    f"missing (download=False): {', '.join(map(str, missing))}")
+  builder = tfds.builder(name, data_dir=None if tfds_data_dir is None else str(tfds_data_dir))
+  try:
+    # One download dir per dataset: TFDS caches the extraction of a manual file under its file
+    # name alone, so Fashion-MNIST prepared after MNIST in a shared dir got MNIST's images.
+    builder.download_and_prepare(
+      download_dir=str(Path(builder.data_dir_root) / "downloads" / f"tp_jax_{name}"),
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  except tfds.core.download.download_manager.NonMatchingChecksumError as e:
+    raise DataError(f"{name}: a file in {manual_dir} does not match TFDS's registered sha256: {e}") from e
+  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+  images, labels = arrays["image"], arrays["label"].astype(np.int32)
+  expected = (ds.num_examples[split], *ds.image_shape)
+  if images.shape != expected or images.dtype != np.uint8 or labels.shape != expected[:1]:
+    raise DataError(f"{name}/{split} from TFDS: images {images.shape} {images.dtype}, labels "
+                    f"{labels.shape}; expected uint8 images {expected} and one label each")
+  return images, labels
+
+
 # ----------------------------------------------------------------------------- device pipeline
 
 
@@ -496,13 +558,24 @@ def load_dataset(
   download: bool = True,
   mirrors: Sequence[str] | None = None,
   device: jax.Device | None = None,
+  backend: str = "native",
 ) -> Dataset:
-  """Both splits, normalised float32 NHWC and int32 labels, placed on `device` (default device)."""
+  """Both splits, normalised float32 NHWC and int32 labels, placed on `device` (default device).
+
+  `backend` is 'native' (`load`) or 'tfds' (`load_tfds`, which checks TFDS's own registered
+  sha256 sums whatever `verify` says and downloads through TFDS; `mirrors` do not apply).
+  """
   ds = info(name)
+  if backend == "native":
+    read = functools.partial(load, data_dir=data_dir, verify=verify, download=download, mirrors=mirrors)
+  elif backend == "tfds":
+    read = functools.partial(load_tfds, data_dir=data_dir, download=download)
+  else:
+    raise DataError(f"unknown data backend {backend!r}; valid: {BACKENDS}")
   norm = jax.jit(functools.partial(normalise, name=name))
   out = []
   for split in SPLITS:
-    x, y = load(name, split, data_dir, verify=verify, download=download, mirrors=mirrors)
+    x, y = read(name, split)
     # Ship uint8 and normalise on device: 4x less host->device traffic than float32.
     out += [norm(jax.device_put(x, device)), jax.device_put(y, device)]
   return Dataset(*out, info=ds)

@@ -203,8 +203,8 @@ def make_evaluate(net: network.Net, batch_size: int, mesh: Mesh | None = None) -
 
 # Config fields the compiled functions do not depend on.
 NOT_COMPILED = ('check_every_steps', 'log_every_steps', 'keep_checkpoints',
-                'checkpoint_every_steps', 'data_dir', 'verify_checksums', 'num_processes',
-                'seed')
+                'checkpoint_every_steps', 'data_dir', 'verify_checksums', 'data_backend',
+                'num_processes', 'seed')
 
 # Compiled steps of recent configs: re-running a config in the same process (a
 # notebook cell, a resumed run, a test) does not compile again. The key holds
@@ -462,7 +462,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
   _check_workdir(workdir)
   if dataset is None:
     dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None,
-                                verify=cfg.verify_checksums)
+                                verify=cfg.verify_checksums, backend=cfg.data_backend)
   net = models.get(cfg.model, **cfg.model_kwargs)
   check_input_shape(cfg, net, dataset.x_train.shape[1:])
 
