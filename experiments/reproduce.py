@@ -351,6 +351,13 @@ def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
 # Speed
 
 
+def step_gflop(compiled) -> float | None:
+  """GFLOP of one run of a compiled program by XLA's cost analysis (None if it has none)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops'] / 1e9 if cost and cost.get('flops') else None
+
+
 def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Dataset,
                   plan: SpeedPlan, log: Log) -> dict[str, Any]:
   """Median ms per training step of each entry of ``cfgs`` (name -> config), from
@@ -388,8 +395,11 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
         state, x_all, y_all, idx, k_step).compile()
     compile_s = time.perf_counter() - t0
     log(f'  compiled {name} step in {compile_s:.1f} s')
+    # XLA counts a loop body once, so steps that train feedback weights for K
+    # iterations (LDRL, DTP) get no FLOP count rather than a wrong one.
+    gflop = None if cfg.method in config_lib.FEEDBACK_TRAINED else step_gflop(step)
     runners[name] = dict(step=step, state=state, idx=idx, key=k_step,
-                           compile_s=compile_s, windows=[])
+                         compile_s=compile_s, gflop=gflop, windows=[])
 
   def run(name: str, k: int) -> float:
     r = runners[name]
@@ -430,6 +440,7 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
     ms = statistics.median(r['windows'])
     steps = full_epoch_steps(cfg.dataset, cfg.batch_size)
     out[name] = dict(ms_per_step=ms, windows_ms=r['windows'], compile_s=r['compile_s'],
+                     gflop_per_step=r['gflop'],
                      batch_size=cfg.batch_size, full_epoch_steps=steps,
                      epoch_s=ms * steps / 1e3,
                      steps_per_window=plan.ldrl_steps if is_ldrl(name) else plan.steps)
@@ -564,16 +575,19 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
       if speed and method in speed['methods']:
         mine = speed['methods'][method]
         ms = mine['ms_per_step']
-        row += [f'{ms:.1f}', f'{mine["epoch_s"]:.1f}',
+        gflop = mine.get('gflop_per_step')
+        row += [f'{ms:.1f}', '' if gflop is None else f'{gflop:.2f}', f'{mine["epoch_s"]:.1f}',
                 f'×{sm["ldrl"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'ldrl' in sm else '',
                 f'×{sm["bp"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'bp' in sm else '']
       else:
-        row += [''] * 4
+        row += [''] * 5
       lines_rows.append('| ' + ' | '.join(row) + ' |')
     if table in TARGET_TJML_OVER_BP and 'tjml_dtp' in sm and 'bp' in sm:
       ratio = sm['tjml_dtp']['ms_per_step'] / sm['bp']['ms_per_step']
       lim = TARGET_TJML_OVER_BP[table]
-      targets.append(f'- {col.title}: TJML-DTP time per step / BP = {ratio:.2f} '
+      flops = [sm[m].get('gflop_per_step') for m in ('tjml_dtp', 'bp')]
+      flop_note = f'; GFLOP ratio {flops[0] / flops[1]:.2f}' if all(flops) else ''
+      targets.append(f'- {col.title}: TJML-DTP time per step / BP = {ratio:.2f}{flop_note} '
                      f'(target ≤ {lim}: {"met" if ratio <= lim else "NOT met"})')
     if table in TARGET_SPEEDUP_OVER_LDRL and 'tjml_dtp' in sm and 'ldrl' in sm:
       up = sm['ldrl']['epoch_s'] / sm['tjml_dtp']['epoch_s']
@@ -612,14 +626,16 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
       f'- speed: every method\'s full jitted training step in one process, '
       f'{plan.describe()}; s/epoch = ms/step × steps of one full epoch (training set / '
       f'batch), excluding evaluation and compilation; speed vs X = X\'s time per epoch / '
-      f'the method\'s (LDRL ×1.00, BP ×1.00 in their own rows).'
+      f'the method\'s (LDRL ×1.00, BP ×1.00 in their own rows); GFLOP/step = XLA\'s '
+      f'cost analysis of the compiled step (blank for LDRL/DTP: XLA counts their feedback-'
+      f'training loop body once).'
       + (' ' + '; '.join(speed_notes) + '.' if speed_notes else ''),
       '- paper: published test accuracy of Bao et al. (AAAI 2024) for TJML-DTP (Tables '
       '1-3); every other published cell is left blank, not guessed.',
       '',
       '| Model / data | Method | Trained | Train acc (%) | Test acc (%) | Paper test acc '
-      '(%) | ms/step | s/epoch | Speed vs LDRL | Speed vs BP |',
-      '|---|---|---|---|---|---|---|---|---|---|',
+      '(%) | ms/step | GFLOP/step | s/epoch | Speed vs LDRL | Speed vs BP |',
+      '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   text = '\n'.join(head + lines_rows)
   if targets:

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import figure2
@@ -22,7 +24,8 @@ from experiments import reproduce as R
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ['Model / data', 'Method', 'Trained', 'Train acc (%)', 'Test acc (%)',
-          'Paper test acc (%)', 'ms/step', 's/epoch', 'Speed vs LDRL', 'Speed vs BP']
+          'Paper test acc (%)', 'ms/step', 'GFLOP/step', 's/epoch', 'Speed vs LDRL',
+          'Speed vs BP']
 NUMERIC = ['Train acc (%)', 'Test acc (%)', 'ms/step', 's/epoch', 'Speed vs LDRL',
            'Speed vs BP']
 
@@ -85,6 +88,10 @@ def test_smoke_table(smoke_tables, table):
         v = number(r[c])
         assert math.isfinite(v) and v >= 0, (r, c)
       assert 0 <= number(r['Train acc (%)']) <= 100
+      if r['Method'] == 'LDRL':  # XLA would count its feedback loop body once
+        assert r['GFLOP/step'] == ''
+      else:
+        assert number(r['GFLOP/step']) > 0
       assert r['Trained'] == '2 steps (0.00 ep)'
     by = {m: r for m, r in zip(col.methods, block)}
     if 'ldrl' in by:
@@ -110,9 +117,16 @@ def test_smoke_table(smoke_tables, table):
       assert res['steps_per_epoch'] == 2 and res['epochs'] == 1
       assert 0 <= res['test_accuracy'] <= 1
   assert ('Performance targets' in text) == (table != 4)
+  assert ('GFLOP ratio' in text) == (table != 4)
   if table in (1, 2, 3):
     assert [R.PAPER_TEST_ACC[(table, c.id, 'tjml_dtp')] for c in cols] == {
         1: [99.3, 91.4, 76.7], 2: [85.2], 3: [56.9]}[table]
+
+
+def test_step_gflop_counts_a_matmul():
+  m, k, n = 64, 128, 32
+  f = jax.jit(jnp.dot).lower(jnp.ones((m, k)), jnp.ones((k, n))).compile()
+  assert R.step_gflop(f) == pytest.approx(2 * m * k * n / 1e9, rel=0.01)
 
 
 def test_table4_rows():
