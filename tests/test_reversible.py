@@ -50,6 +50,21 @@ def test_coupling_feedback_is_the_exact_inverse():
   np.testing.assert_allclose(fwd(p, fb(p, t, ctx, L.TJMC))[0], t, atol=2e-5, rtol=1e-5)
 
 
+def test_coupling_difference_inverts_once_and_matches_two_inverses():
+  block, p, x = _coupling_and_params()
+  fwd, fb = _jitted(block)
+  y, ctx = fwd(p, x)
+  t = y + 0.5 * jax.random.normal(jax.random.key(4), y.shape)
+  diff = jax.jit(lambda p, t, h, ctx: block.apply(
+      {'params': p}, t, h, ctx, L.TJMC, method='feedback_difference'))
+  np.testing.assert_allclose(diff(p, t, y, ctx), fb(p, t, ctx, L.TJMC) - fb(p, y, ctx, L.TJMC),
+                             atol=2e-5, rtol=1e-5)
+  # One inverse per call: the token-mixing dense appears once in the jaxpr, not twice.
+  jaxpr = str(jax.make_jaxpr(diff)(p, t, y, ctx))
+  assert jaxpr.count('dot_general') == str(jax.make_jaxpr(fb, static_argnums=3)(
+      p, t, ctx, L.TJMC)).count('dot_general') > 0
+
+
 def test_coupling_forward_is_the_additive_coupling():
   block, p, x = _coupling_and_params()
 

@@ -114,8 +114,9 @@ class Layer(nn.Module):
 
   def feedback_difference(self, t: Array, h: Array, ctx: Any,
                           mode: FeedbackMode = TJMC) -> Array:
-    """G(t) - G(h), the difference correction. A linear G is applied once, to t - h:
-    it halves the feedback cost of DTP for the linear layers (conv, dense, pooling)."""
+    """G(t) - G(h), the difference correction, for h the output of the forward pass that
+    returned ctx. A linear G is applied once, to t - h: it halves the feedback cost of
+    DTP for the linear layers (conv, dense, pooling)."""
     if self.feedback_is_linear(mode):
       return self.feedback(t - h, ctx, mode)
     return self.feedback(t, ctx, mode) - self.feedback(h, ctx, mode)

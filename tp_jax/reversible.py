@@ -8,7 +8,8 @@ On the two halves of the last axis, for any maps f, g:
 
 The inverse on the right is exact (up to floating point) whatever f and g are. With
 G = F^-1, DTP's difference-corrected target t_{n-1} = h_{n-1} + G(t_n) - G(h_n) is
-exactly F^-1(t_n): the input for which the block outputs t_n.
+exactly F^-1(t_n): the input for which the block outputs t_n. (G(h_n) = h_{n-1} is taken
+from the forward pass, so a step inverts each coupling once.)
 
 The feedback is this inverse under every analytical mode (``TJMC``, ``TJMC_HADAMARD``,
 ``IJMC``, ``PJMC``): the point of a reversible block is that its feedback needs no
@@ -48,7 +49,7 @@ class Coupling(L.Layer):
     x1, x2 = self._halves(x)
     y1 = x1 + self._map(self.f, x2, 'f')
     y2 = x2 + self._map(self.g, y1, 'g')
-    return jnp.concatenate([y1, y2], axis=-1), None
+    return jnp.concatenate([y1, y2], axis=-1), x  # ctx: the input, F^-1(y) exactly
 
   def inverse(self, y):
     y1, y2 = self._halves(y)
@@ -66,4 +67,8 @@ class Coupling(L.Layer):
 
   def feedback_is_linear(self, mode):
     return False
+
+  def feedback_difference(self, t, h, x, mode=L.TJMC):
+    """F^-1(t) - F^-1(h), with F^-1(h) = x, the forward input: one inverse, not two."""
+    return self.feedback(t, x, mode) - x
 
