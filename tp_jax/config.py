@@ -145,7 +145,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f"optimizer.schedule must be 'constant' or 'cosine', got "
                       f'{cfg.optimizer.schedule!r}')
   if cfg.method in FEEDBACK_TRAINED:
-    n = num_trained_feedback_blocks(cfg)
+    n = len(net) - 1  # num_trained_feedback_blocks, without building the model again
     for field in ('iterations', 'noise', 'lr'):
       if not isinstance(cfg.feedback[field], (list, tuple)):
         raise ConfigError(f'feedback.{field} must be a list with one value per block '
