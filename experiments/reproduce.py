@@ -335,12 +335,16 @@ def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
 
 def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
                  source: str, log: Log) -> None:
+  total = sum(len(col.methods) for col in TABLES[table]) * len(seeds)
+  done, start = 0, time.perf_counter()
   for col in TABLES[table]:
     ds = get_dataset(col.dataset, profile, source)
     for method in col.methods:
       for seed in seeds:
         cfg = make_config(col, method, profile, seed)
-        log(f'table {table}: training {col.model_name}/{col.dataset} {method} seed {seed}')
+        done += 1
+        log(f'table {table} run {done}/{total}: training {col.model_name}/{col.dataset} '
+            f'{method} seed {seed} ({(time.perf_counter() - start) / 60:.0f} min so far)')
         t0 = time.perf_counter()
         r = train_one(cfg, run_dir(root, col, method, seed), ds, log)
         log(f'  -> train {100 * r["train_accuracy"]:.2f}%  test '

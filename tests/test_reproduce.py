@@ -145,6 +145,8 @@ def test_table_regenerates_and_reuses_runs(smoke_tables):
   logs = []
   R.run_table(2, 'smoke', workdir, what='accuracy', source='synthetic', log=logs.append)
   assert sum('reusing finished run' in l for l in logs) == 4
+  assert [l.split(':')[0] for l in logs if ' run ' in l and 'training' in l] == [
+      f'table 2 run {i}/4' for i in range(1, 5)]  # progress: which run of how many
   after = parse_table(R.run_table(2, 'smoke', workdir, what='table',
                                   log=logs.append).read_text())
   assert after == before
