@@ -406,6 +406,32 @@ def test_mixer_unit_with_layernorm_is_the_frozen_s_transpose():
   assert tjml_rel(J_F, J_G) > 1e-2
 
 
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_norm_then_dense_is_layernorm_then_dense_with_one_product_fewer(seed):
+  """Sequential([LayerNorm, Dense]) regroups the affine into W: same values, same
+  parameter gradients, and one (batch x out x in) product less when x is detached."""
+  r = np.random.RandomState(seed)
+  n, d_in, d_out = (int(v) for v in (r.randint(64, 129), r.randint(32, 65), r.randint(32, 65)))
+  seq = L.Sequential([L.LayerNorm(), L.Dense(d_out)])
+  x = _input((n, d_in), seed)
+  p = _init(seq, x)
+  p = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(seed), a.shape), p)
+
+  def plain(p, x):
+    h, _ = L.LayerNorm().apply({'params': p['layers_0']}, x, method='fwd')
+    return L.Dense(d_out).apply({'params': p['layers_1']}, h, method='fwd')[0]
+
+  fused = lambda p, x: seq.apply({'params': p}, x, method='fwd')[0]
+  chex.assert_trees_all_close(jit0(fused)(p, x), jit0(plain)(p, x), atol=1e-5, rtol=1e-5)
+  t = _input((n, d_out), seed + 10)
+  losses = {name: jax.jit(jax.grad(lambda p, f=f: jnp.sum(jnp.square(f(p, lax.stop_gradient(x)) - t))))
+            for name, f in (('fused', fused), ('plain', plain))}
+  chex.assert_trees_all_close(losses['fused'](p), losses['plain'](p), atol=1e-4, rtol=1e-4)
+  flops = {k: f.lower(p).compile().cost_analysis() for k, f in losses.items()}
+  flops = {k: (v[0] if isinstance(v, list) else v)['flops'] for k, v in flops.items()}
+  assert flops['plain'] - flops['fused'] == pytest.approx(2 * n * d_in * d_out, rel=0.1)
+
+
 # --------------------------------------------------------------------------------------
 # The assertion helpers reject wrong feedbacks.
 

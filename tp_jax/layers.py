@@ -429,9 +429,14 @@ class LayerNorm(Layer):
     d = x.shape[-1]
     gamma = self.param('scale', nn.initializers.ones, (d,))
     beta = self.param('bias', nn.initializers.zeros, (d,))
+    x_hat, s = self.standardise(x)
+    return x_hat * gamma + beta, s
+
+  def standardise(self, x):
+    """(x_hat, s): x centred and scaled to unit variance, and s = var(x) + eps."""
     mu = jnp.mean(x, axis=-1, keepdims=True)
     s = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True) + self.epsilon
-    return (x - mu) * lax.rsqrt(s) * gamma + beta, s
+    return (x - mu) * lax.rsqrt(s), s
 
   def feedback(self, t, s, mode=TJMC):
     if mode.weights != 'transpose':
@@ -517,10 +522,17 @@ class Sequential(Layer):
     return self.layers
 
   def fwd(self, x):
-    ctxs = []
-    for layer in self._checked():
-      x, ctx = layer.fwd(x)
+    layers_, ctxs, i = self._checked(), [], 0
+    while i < len(layers_):
+      if (isinstance(layers_[i], LayerNorm) and i + 1 < len(layers_) and
+          isinstance(layers_[i + 1], Dense) and not self.is_initializing()):
+        x, pair = norm_then_dense(layers_[i], layers_[i + 1], x)
+        ctxs += pair
+        i += 2
+        continue
+      x, ctx = layers_[i].fwd(x)
       ctxs.append(ctx)
+      i += 1
     return x, tuple(ctxs)
 
   def feedback(self, t, ctx, mode=TJMC):
@@ -542,6 +554,24 @@ class Sequential(Layer):
     for layer, c in zip(reversed(layers_), reversed(ctx)):
       d = layer.feedback(d, c, mode)
     return d
+
+
+def norm_then_dense(norm: LayerNorm, dense: Dense, x: Array) -> tuple[Array, tuple]:
+  """dense(norm(x)) computed as x_hat (gamma W) + (beta W + b), and the two ctxs.
+
+  The same map, regrouped so that the gradients of gamma and beta come from x_hat^T dy,
+  the product W's gradient needs anyway. The plain form gets them from dy W^T, which is
+  one extra (batch x out x in) matmul whenever x's own gradient is not needed, as at the
+  start of a DTP block: the Mixer's channel units.
+  """
+  p_norm, p_dense = norm.variables['params'], dense.variables['params']
+  w_IxO = p_dense['kernel']
+  _check_last_dim('Dense', x, w_IxO.shape[0], f'kernel {w_IxO.shape}')
+  x_hat, s = norm.standardise(x)
+  y = x_hat @ (p_norm['scale'][:, None] * w_IxO) + p_norm['bias'] @ w_IxO
+  if dense.use_bias:
+    y = y + p_dense['bias']
+  return y, (s, None)
 
 
 class Residual(Layer):
