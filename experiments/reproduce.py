@@ -46,6 +46,7 @@ import datetime
 import inspect
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -309,13 +310,21 @@ def _jsonable(cfg) -> dict:
   return json.loads(json.dumps(cfg.to_dict(), default=str))
 
 
+DIVERGED = 'diverged.json'  # written instead of result.json by a run that diverged
+
+
 def run_dir(root: Path, col: Column, method: str, seed: int) -> Path:
   return root / col.id / method / f'seed{seed}'
 
 
 def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
   """One training run in its own directory; reuses a finished run with the same config,
-  resumes an interrupted one, refuses a directory that holds another config."""
+  resumes an interrupted one, refuses a directory that holds another config.
+
+  A run that diverges is recorded (``diverged.json``: the message, which names the step
+  and block) and returned as ``{'diverged': message}``, so that one method's failure
+  shows in its table row instead of stopping the suite.
+  """
   want = _jsonable(cfg)
   cfg_file = workdir / 'reproduce_config.json'
   if cfg_file.exists():
@@ -324,14 +333,19 @@ def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
       diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
       raise RuntimeError(f'{workdir} holds a run with another config (fields {diff}); '
                          f'use a fresh --workdir or delete that directory')
-    result_file = workdir / 'result.json'
-    if result_file.exists():
-      log(f'reusing finished run {workdir}')
-      return json.loads(result_file.read_text())
+    for name in ('result.json', DIVERGED):
+      if (workdir / name).exists():
+        log(f'reusing finished run {workdir}')
+        return json.loads((workdir / name).read_text())
   workdir.mkdir(parents=True, exist_ok=True)
   cfg_file.write_text(json.dumps(want, indent=1))
-  return train.train_and_evaluate(cfg, workdir, dataset=dataset,
-                                  log=lambda s: log(f'  [{workdir}] {s}'))
+  try:
+    return train.train_and_evaluate(cfg, workdir, dataset=dataset,
+                                    log=lambda s: log(f'  [{workdir}] {s}'))
+  except train.DivergenceError as e:
+    out = {'diverged': str(e)}
+    (workdir / DIVERGED).write_text(json.dumps(out, indent=1))
+    return out
 
 
 def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
@@ -348,6 +362,9 @@ def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
             f'{method} seed {seed} ({(time.perf_counter() - start) / 60:.0f} min so far)')
         t0 = time.perf_counter()
         r = train_one(cfg, run_dir(root, col, method, seed), ds, log)
+        if 'diverged' in r:
+          log(f'  -> {r["diverged"]}')
+          continue
         log(f'  -> train {100 * r["train_accuracy"]:.2f}%  test '
             f'{100 * r["test_accuracy"]:.2f}%  ({time.perf_counter() - t0:.0f} s)')
 
@@ -528,8 +545,23 @@ def _results(root: Path, col: Column, method: str, seeds: Sequence[int]) -> list
   return out
 
 
-def _trained(results: list[dict], col: Column) -> str:
-  """How much training the accuracy reflects: epochs, or steps when partial."""
+def _diverged(root: Path, col: Column, method: str, seeds: Sequence[int]) -> list[str]:
+  """'seed S at step N' for each seed whose run diverged."""
+  out = []
+  for s in seeds:
+    f = run_dir(root, col, method, s) / DIVERGED
+    if f.exists():
+      step = re.search(r'at step (\d+)', json.loads(f.read_text())['diverged'])
+      out.append(f'seed {s} at step {step.group(1) if step else "?"}')
+  return out
+
+
+def _trained(results: list[dict], col: Column, diverged: Sequence[str] = ()) -> str:
+  """How much training the accuracy reflects: epochs, or steps when partial; and which
+  seeds diverged (their runs have no accuracy)."""
+  if diverged:
+    done = f'{_trained(results, col)}; ' if results else ''
+    return f'{done}diverged: {", ".join(diverged)}'
   if not results:
     return ''
   r = results[0]
@@ -588,7 +620,8 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
       res = _results(root, col, method, seeds)
       curves[col.id][1][col.label(method)] = res
       paper = PAPER_TEST_ACC.get((table, col.id, method))
-      row = [col.title, col.label(method), _trained(res, col),
+      row = [col.title, col.label(method),
+             _trained(res, col, _diverged(root, col, method, seeds)),
              _fmt_acc([r['train_accuracy'] for r in res if 'train_accuracy' in r]),
              _fmt_acc([r['test_accuracy'] for r in res]),
              f'{paper:.1f}' if paper is not None else '']

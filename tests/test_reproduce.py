@@ -217,3 +217,26 @@ def test_figure2_ops_are_what_they_claim():
   np.testing.assert_allclose(figure2.OPS['inverse'](a) @ a, np.eye(5), atol=1e-4)
   np.testing.assert_allclose(figure2.OPS['pseudo-inverse'](a) @ a, np.eye(5), atol=1e-4)
   np.testing.assert_array_equal(figure2.OPS['transpose'](a), np.asarray(a).T)
+
+
+def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
+  real_train = R.train.train_and_evaluate
+
+  def train_or_diverge(cfg, workdir, **kwargs):
+    if cfg.method == 'ldrl':
+      raise R.train.DivergenceError('training diverged at step 1: non-finite targets at '
+                                    'block(s) [1]')
+    return real_train(cfg, workdir, **kwargs)
+
+  monkeypatch.setattr(R.train, 'train_and_evaluate', train_or_diverge)
+  logs = []
+  R.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
+  rows = {r['Method']: r for r in parse_table(
+      R.run_table(3, 'smoke', tmp_path, what='table', log=logs.append).read_text())}
+  assert rows['LDRL']['Trained'] == 'diverged: seed 0 at step 1'
+  assert rows['LDRL']['Test acc (%)'] == rows['LDRL']['Train acc (%)'] == ''
+  for m in ('FWDTP', 'TJML-DTP', 'BP'):
+    assert 0 <= number(rows[m]['Test acc (%)']) <= 100
+  # The record is reused like a finished run: no second attempt.
+  R.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
+  assert sum('reusing finished run' in l for l in logs) == 4
