@@ -518,9 +518,12 @@ def batches(key: jax.Array, n: int, batch_size: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="pad")
 def augment(key: jax.Array, x_NHWC: jax.Array, pad: int = 4) -> jax.Array:
-  """Per-example random crop (zero padding of `pad` pixels) and random horizontal flip.
+  """Per-example random crop (edge padding of `pad` pixels) and random horizontal flip.
 
-  Zero padding applies in the input's space: after `normalise` a zero is the dataset mean.
+  Edge padding (border pixels repeated) as in the reference code (scalingDTP's
+  RandomCrop(padding_mode="edge")). Zero padding after `normalise` would fill whole 4x4
+  patches with the dataset mean, which a Mixer embeds as its bias alone: a token with zero
+  variance, whose LayerNorm feedback then scales targets by 1/sqrt(eps).
   Pure jax.random with fixed shapes; jitted here (pad static) and fine inside another jit.
   """
   n, h, w, c = x_NHWC.shape
@@ -529,7 +532,7 @@ def augment(key: jax.Array, x_NHWC: jax.Array, pad: int = 4) -> jax.Array:
   dy_N = jax.random.randint(k_y, (n,), 0, 2 * pad + 1)
   dx_N = jax.random.randint(k_x, (n,), 0, 2 * pad + 1)
   flip_N = jax.random.bernoulli(k_f, 0.5, (n,))
-  padded_NHWC = jnp.pad(x_NHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  padded_NHWC = jnp.pad(x_NHWC, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
 
   def crop(x_HWC, dy, dx):
     return jax.lax.dynamic_slice(x_HWC, (dy, dx, 0), (h, w, c))
