@@ -24,6 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.tensorflow_stub import errors as tb_errors
+from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as tb_records
 
 from tp_jax import config as config_lib
 from tp_jax import data
@@ -109,8 +113,8 @@ def test_rows_and_events_past_the_checkpoint_are_dropped(uninterrupted, tmp_path
     w.scalars(12, {'train/loss': -1.0})
   res = train.train_and_evaluate(_config(), tmp_path, _dataset(), log=_quiet)
   assert _metrics(res['history']) == _metrics(full['history'])
-  series = metrics_writer.read_scalars(tmp_path)
-  assert series['train/loss'] == metrics_writer.read_scalars(full_wd)['train/loss']
+  series = _tensorboard_scalars(tmp_path)
+  assert series['train/loss'] == _tensorboard_scalars(full_wd)['train/loss']
   assert [s for s, _ in series['train/loss']] == [6, 12]
 
 
@@ -338,30 +342,67 @@ def test_sigkill_at_random_points_then_restart(tmp_path):
 # TensorBoard event files
 
 
+def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+  """tag -> [(step, value), ...] as TensorBoard shows them: its own reader, which reads
+  the files in name order and applies the SessionLog(START) purge rule."""
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
+
+
+def _events(path: Path) -> list[event_pb2.Event]:
+  """The events of one file through tensorboard's record reader (CRCs checked)."""
+  reader, events = tb_records.PyRecordReader_New(str(path)), []
+  while True:
+    try:
+      reader.GetNext()
+    except tb_errors.OutOfRangeError:
+      return events
+    events.append(event_pb2.Event.FromString(reader.record()))
+
+
 def test_event_files_round_trip_and_purge_on_resume(tmp_path):
-  assert metrics_writer.crc32c(b'123456789') == 0xE3069283  # the CRC-32C check value
   with metrics_writer.EventWriter(tmp_path) as w:
     for s in range(1, 5):
       w.scalars(s, {'loss': 1.0 / s, 'block/1': float(s)})
   time.sleep(0.001)
   with metrics_writer.EventWriter(tmp_path, start_step=2) as w:  # resumed at step 2
     w.scalars(3, {'loss': 30.0})
-  series = metrics_writer.read_scalars(tmp_path)
+  series = _tensorboard_scalars(tmp_path)
   assert series['loss'] == [(1, 1.0), (2, 0.5), (3, 30.0)]
   assert series['block/1'] == [(1, 1.0), (2, 2.0)]
-  # A record cut short by a kill is ignored, as TensorBoard does; a corrupt one is not.
-  path = metrics_writer.event_files(tmp_path)[-1]
-  blob = path.read_bytes()
-  path.write_bytes(blob[:-3])
-  assert metrics_writer.read_scalars(tmp_path)['loss'][-1] == (2, 0.5)
-  path.write_bytes(blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:])
-  with pytest.raises(ValueError, match='bad data CRC'):
-    metrics_writer.read_scalars(tmp_path)
+  first, resumed = sorted(tmp_path.glob('events.out.tfevents.*'))
+  assert _events(first)[0].file_version == 'brain.Event:2' and len(_events(first)) == 5
+  start = _events(resumed)[1]
+  assert (start.step, start.session_log.status) == (3, event_pb2.SessionLog.START)
+  # A record cut short by a kill is ignored, as it is while a writer is still appending;
+  # a corrupt one fails its CRC check and is not shown either.
+  blob = resumed.read_bytes()
+  resumed.write_bytes(blob[:-3])
+  assert _tensorboard_scalars(tmp_path)['loss'][-1] == (2, 0.5)
+  resumed.write_bytes(blob[:-5] + bytes([blob[-5] ^ 1]) + blob[-4:])
+  assert _tensorboard_scalars(tmp_path)['loss'][-1] == (2, 0.5)
+  with pytest.raises(tb_errors.DataLossError, match='failed event crc32 check'):
+    _events(resumed)
+
+
+def test_event_writer_needs_no_tensorflow(tmp_path):
+  """Writes and reads event files in a process where ``import tensorflow`` fails."""
+  script = ('import sys; sys.modules["tensorflow"] = None\n'
+            'from tp_jax import metrics_writer\n'
+            'from tensorboard.backend.event_processing import event_accumulator as ea\n'
+            f'with metrics_writer.EventWriter({str(tmp_path)!r}) as w:\n'
+            '  w.scalars(7, {"loss": 0.25})\n'
+            f'acc = ea.EventAccumulator({str(tmp_path)!r}); acc.Reload()\n'
+            'print([(e.step, e.value) for e in acc.Scalars("loss")])\n')
+  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                       check=True, timeout=120)
+  assert out.stdout.strip() == '[(7, 0.25)]'
 
 
 def test_training_writes_event_files(uninterrupted):
   full, wd = uninterrupted
-  series = metrics_writer.read_scalars(wd)
+  series = _tensorboard_scalars(wd)
   assert [s for s, _ in series['test/accuracy']] == [6, 12]
   assert [v for _, v in series['test/accuracy']] == pytest.approx(
       [r['test_accuracy'] for r in full['history']])
