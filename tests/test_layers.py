@@ -407,21 +407,25 @@ def test_mixer_unit_with_layernorm_is_the_frozen_s_transpose():
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
-def test_norm_then_dense_is_layernorm_then_dense_with_one_product_fewer(seed):
-  """Sequential([LayerNorm, Dense]) regroups the affine into W: same values, same
-  parameter gradients, and one (batch x out x in) product less when x is detached."""
+def test_norm_dense_is_layernorm_then_dense_with_one_product_fewer(seed):
+  """NormDense regroups LayerNorm's affine into W: with the same parameters it has the
+  values, parameter gradients and feedbacks of Sequential([LayerNorm, Dense]), and one
+  (batch x out x in) product less when x is detached. The Sequential runs its layers as
+  written: it fuses nothing."""
   r = np.random.RandomState(seed)
   n, d_in, d_out = (int(v) for v in (r.randint(64, 129), r.randint(32, 65), r.randint(32, 65)))
   seq = L.Sequential([L.LayerNorm(), L.Dense(d_out)])
+  norm_dense = L.NormDense(d_out)
   x = _input((n, d_in), seed)
   p = _init(seq, x)
   p = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(seed), a.shape), p)
+  as_norm_dense = lambda p: {'norm_scale': p['layers_0']['scale'],
+                             'norm_bias': p['layers_0']['bias'],
+                             'kernel': p['layers_1']['kernel'], 'bias': p['layers_1']['bias']}
+  chex.assert_trees_all_equal_shapes(_init(norm_dense, x), as_norm_dense(p))
 
-  def plain(p, x):
-    h, _ = L.LayerNorm().apply({'params': p['layers_0']}, x, method='fwd')
-    return L.Dense(d_out).apply({'params': p['layers_1']}, h, method='fwd')[0]
-
-  fused = lambda p, x: seq.apply({'params': p}, x, method='fwd')[0]
+  plain = lambda p, x: seq.apply({'params': p}, x, method='fwd')[0]
+  fused = lambda p, x: norm_dense.apply({'params': as_norm_dense(p)}, x, method='fwd')[0]
   chex.assert_trees_all_close(jit0(fused)(p, x), jit0(plain)(p, x), atol=1e-5, rtol=1e-5)
   t = _input((n, d_out), seed + 10)
   losses = {name: jax.jit(jax.grad(lambda p, f=f: jnp.sum(jnp.square(f(p, lax.stop_gradient(x)) - t))))
@@ -430,6 +434,18 @@ def test_norm_then_dense_is_layernorm_then_dense_with_one_product_fewer(seed):
   flops = {k: f.lower(p).compile().cost_analysis() for k, f in losses.items()}
   flops = {k: (v[0] if isinstance(v, list) else v)['flops'] for k, v in flops.items()}
   assert flops['plain'] - flops['fused'] == pytest.approx(2 * n * d_in * d_out, rel=0.1)
+
+  for mode in (L.TJMC, L.LEARNED):
+    def feedbacks(p, mode=mode):
+      _, ctx = seq.apply({'params': p}, x, method='fwd')
+      _, s = norm_dense.apply({'params': as_norm_dense(p)}, x, method='fwd')
+      return (seq.apply({'params': p}, t, ctx, mode, method='feedback'),
+              norm_dense.apply({'params': as_norm_dense(p)}, t, s, mode, method='feedback'))
+    g_plain, g_fused = jit0(feedbacks)(p)
+    chex.assert_trees_all_close(g_fused, g_plain, atol=1e-5, rtol=1e-5)
+  with pytest.raises(L.FeedbackError, match='NormDense'):
+    norm_dense.apply({'params': as_norm_dense(p)}, t, jnp.ones((n, 1)), L.PJMC,
+                     method='feedback')
 
 
 # --------------------------------------------------------------------------------------

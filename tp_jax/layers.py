@@ -429,20 +429,66 @@ class LayerNorm(Layer):
     d = x.shape[-1]
     gamma = self.param('scale', nn.initializers.ones, (d,))
     beta = self.param('bias', nn.initializers.zeros, (d,))
-    x_hat, s = self.standardise(x)
+    x_hat, s = _standardise(x, self.epsilon)
     return x_hat * gamma + beta, s
-
-  def standardise(self, x):
-    """(x_hat, s): x centred and scaled to unit variance, and s = var(x) + eps."""
-    mu = jnp.mean(x, axis=-1, keepdims=True)
-    s = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True) + self.epsilon
-    return (x - mu) * lax.rsqrt(s), s
 
   def feedback(self, t, s, mode=TJMC):
     if mode.weights != 'transpose':
       raise self._refuse(mode, mode.weights)
-    u = t * self.variables['params']['scale']
-    return (u - jnp.mean(u, axis=-1, keepdims=True)) * lax.rsqrt(s)
+    return _layer_norm_feedback(t, self.variables['params']['scale'], s)
+
+  def feedback_is_linear(self, mode):
+    return True
+
+
+def _standardise(x: Array, epsilon: float) -> tuple[Array, Array]:
+  """(x_hat, s): x centred and scaled to unit variance on the last axis, s = var + eps."""
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  s = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True) + epsilon
+  return (x - mu) * lax.rsqrt(s), s
+
+
+def _layer_norm_feedback(t: Array, gamma: Array, s: Array) -> Array:
+  """LayerNorm's G*(t) = (I - 11^T/d)(gamma * t) / sqrt(s), s frozen from the forward."""
+  u = t * gamma
+  return (u - jnp.mean(u, axis=-1, keepdims=True)) * lax.rsqrt(s)
+
+
+class NormDense(Layer):
+  """Dense(LayerNorm(x)) as one layer: y = x_hat (gamma W) + (beta W + b), G*(t) =
+  LayerNorm's G*(t W^T) (TJMC and learned feedback only, as LayerNorm).
+
+  The same map as ``Sequential([LayerNorm(), Dense(features)])``, regrouped so that the
+  gradients of gamma and beta come from x_hat^T dy, the product W's gradient needs
+  anyway. The plain form gets them from dy W^T, one extra (batch x out x in) matmul
+  whenever x's own gradient is not needed, as at the start of a DTP block: the Mixer's
+  channel units. Parameters: ``norm_scale``, ``norm_bias`` (LayerNorm's gamma, beta),
+  ``kernel``, ``bias`` (Dense's).
+  """
+  features: int
+  use_bias: bool = True
+  epsilon: float = 1e-5
+  kernel_init: Callable = torch_default_init
+
+  @nn.compact
+  def fwd(self, x):
+    d = x.shape[-1]
+    gamma = self.param('norm_scale', nn.initializers.ones, (d,))
+    beta = self.param('norm_bias', nn.initializers.zeros, (d,))
+    w_IxO = self.param('kernel', self.kernel_init, (d, self.features))
+    x_hat, s = _standardise(x, self.epsilon)
+    y = x_hat @ (gamma[:, None] * w_IxO) + beta @ w_IxO
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return y, s
+
+  def feedback(self, t, s, mode=TJMC):
+    if mode.weights != 'transpose':
+      raise self._refuse(mode, mode.weights)
+    params = self.variables['params']
+    w_IxO = params['kernel']
+    _check_last_dim('NormDense feedback', t, w_IxO.shape[1], f'kernel {w_IxO.shape}')
+    return _layer_norm_feedback(t @ w_IxO.T, params['norm_scale'], s)
 
   def feedback_is_linear(self, mode):
     return True
@@ -522,17 +568,10 @@ class Sequential(Layer):
     return self.layers
 
   def fwd(self, x):
-    layers_, ctxs, i = self._checked(), [], 0
-    while i < len(layers_):
-      if (isinstance(layers_[i], LayerNorm) and i + 1 < len(layers_) and
-          isinstance(layers_[i + 1], Dense) and not self.is_initializing()):
-        x, pair = norm_then_dense(layers_[i], layers_[i + 1], x)
-        ctxs += pair
-        i += 2
-        continue
-      x, ctx = layers_[i].fwd(x)
+    ctxs = []
+    for layer in self._checked():
+      x, ctx = layer.fwd(x)
       ctxs.append(ctx)
-      i += 1
     return x, tuple(ctxs)
 
   def feedback(self, t, ctx, mode=TJMC):
@@ -554,24 +593,6 @@ class Sequential(Layer):
     for layer, c in zip(reversed(layers_), reversed(ctx)):
       d = layer.feedback(d, c, mode)
     return d
-
-
-def norm_then_dense(norm: LayerNorm, dense: Dense, x: Array) -> tuple[Array, tuple]:
-  """dense(norm(x)) computed as x_hat (gamma W) + (beta W + b), and the two ctxs.
-
-  The same map, regrouped so that the gradients of gamma and beta come from x_hat^T dy,
-  the product W's gradient needs anyway. The plain form gets them from dy W^T, which is
-  one extra (batch x out x in) matmul whenever x's own gradient is not needed, as at the
-  start of a DTP block: the Mixer's channel units.
-  """
-  p_norm, p_dense = norm.variables['params'], dense.variables['params']
-  w_IxO = p_dense['kernel']
-  _check_last_dim('Dense', x, w_IxO.shape[0], f'kernel {w_IxO.shape}')
-  x_hat, s = norm.standardise(x)
-  y = x_hat @ (p_norm['scale'][:, None] * w_IxO) + p_norm['bias'] @ w_IxO
-  if dense.use_bias:
-    y = y + p_dense['bias']
-  return y, (s, None)
 
 
 class Residual(Layer):
