@@ -7,12 +7,17 @@ Any config field can be overridden (``--config.optimizer.lr=0.01``). The run res
 from the newest checkpoint in --workdir; metrics.jsonl and result.json land there. A bad
 config, missing or corrupt data, an unwritable workdir or a diverged run ends with one
 ``error: ...`` line on stderr and exit status 1 (the last good checkpoint is kept).
+
+At the default verbosity it prints the start line, one line per epoch (and a progress
+bar on a terminal) and the result; ``--verbosity=0`` (absl INFO) or higher brings back
+the libraries' log lines (Orbax's checkpoint manager, JAX's backend search).
 """
 
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from tp_jax import config as config_lib
@@ -28,9 +33,16 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Dataset root (overrides '
                                 'config.data_dir and $TP_JAX_DATA).')
 
 
+def quiet_unless_asked() -> None:
+  """Absl WARNING unless ``--verbosity``/``-v`` was given: Orbax and JAX log at INFO."""
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_unless_asked()
   cfg = _CONFIG.value
   if _DATA_DIR.value:
     with cfg.unlocked():

@@ -91,10 +91,7 @@ def worker(out: Path, names: list[str], num_processes: int) -> None:
       for i, leaf in enumerate(jax.tree.leaves((state.params, state.fb_params))):
         arrays[f'{name}/{kind}/{i}'] = np.asarray(leaf.addressable_data(0))
     # What the compiled step does with the batch.
-    (_, step, _, _) = next(v for k, v in train._CACHE.items()  # pylint: disable=protected-access
-                        if json.loads(k[0])['method'] == method
-                        and json.loads(k[0])['model'] == model)
-    hlo = step.as_text()
+    hlo = train.setup(cfg, ds).train_step.as_text()
     ndev = jax.device_count()
     local, full = BATCH // ndev, BATCH
     report[name] = dict(

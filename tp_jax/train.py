@@ -33,7 +33,7 @@ metrics.jsonl, result.json and the TensorBoard events.
 from __future__ import annotations
 
 import base64
-import collections
+import dataclasses
 import json
 import os
 import platform
@@ -129,9 +129,14 @@ def _key_data(key, sharding: NamedSharding) -> Array:
 
 
 def make_init(algo: algorithms.Algorithm, mesh: Mesh) -> Callable:
-  """(init key data, x_example) -> state, replicated over ``mesh``."""
+  """(init key data, x_example) -> state, replicated over ``mesh``.
+
+  Initialisation runs once: on CPU it compiles without LLVM's optimisations (LeNet:
+  about 4x faster to compile), which gives the same values.
+  """
+  fast = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
   return jax.jit(lambda k, x: algo.init(jax.random.wrap_key_data(k), x),
-                 out_shardings=NamedSharding(mesh, P()))
+                 out_shardings=NamedSharding(mesh, P()), compiler_options=fast)
 
 
 def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
@@ -201,64 +206,110 @@ def make_evaluate(net: network.Net, batch_size: int, mesh: Mesh | None = None) -
   return evaluate
 
 
-# Config fields the compiled functions do not depend on.
-NOT_COMPILED = ('check_every_steps', 'log_every_steps', 'keep_checkpoints',
-                'checkpoint_every_steps', 'data_dir', 'verify_checksums', 'data_backend',
-                'num_processes', 'seed')
-
-# Compiled steps of recent configs: re-running a config in the same process (a
-# notebook cell, a resumed run, a test) does not compile again. The key holds
-# everything the executable depends on.
-_CACHE: collections.OrderedDict = collections.OrderedDict()
-_CACHE_SIZE = 4
+# --------------------------------------------------------------------------------------
+# Set-up: everything a run computes with
 
 
-def clear_compile_cache() -> None:
-  _CACHE.clear()
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A config's training run, ready to step: built once by ``setup`` and used by the
+  training loop, the speed harness and the benches alike.
+
+  The datasets live on the mesh (replicated); ``train_step`` is compiled ahead of time
+  for them (see ``make_train_step``); ``init`` and ``evaluate`` are jitted and compile
+  on their first call (jax.jit's own cache serves later calls of the same run).
+  """
+  cfg: ml_collections.ConfigDict
+  mesh: Mesh
+  net: network.Net
+  algo: algorithms.Algorithm
+  x_train: Array
+  y_train: Array
+  x_test: Array
+  y_test: Array
+  steps_per_epoch: int
+  init: Callable  # (init_key, x batch) -> TrainState
+  train_step: Callable  # (state, x_train, y_train, epoch indices, step_key) -> (state, metrics)
+  evaluate: Callable  # (params, x, y) -> (mean loss, accuracy)
+  init_key: Array  # raw key data, replicated: the seed is an input, not a constant
+  data_key: Array  # folded with the epoch: that epoch's permutation
+  step_key: Array  # raw key data, replicated; folded with the step inside the step
+  compile_s: float  # seconds to compile ``train_step``
+
+  @property
+  def n_train(self) -> int:
+    return self.x_train.shape[0]
+
+  @property
+  def total_steps(self) -> int:
+    return self.steps_per_epoch * self.cfg.epochs
 
 
-def _compiled(cfg, net, steps_per_epoch: int, mesh: Mesh, shapes: tuple,
-              before_compile: Callable[[Any], None] = lambda spec: None) -> tuple:
-  """(init, compiled step, evaluate, compile seconds); ``before_compile`` gets the
-  state's shapes first (cheap checks that should not wait for a compile)."""
-  fields = {k: v for k, v in json.loads(cfg.to_json_best_effort()).items()
-            if k not in NOT_COMPILED}
-  key = (json.dumps(fields, sort_keys=True), steps_per_epoch,
-         tuple(d.id for d in mesh.devices.flat), shapes)
-  if key in _CACHE:
-    _CACHE.move_to_end(key)
-    before_compile(_CACHE[key][3])
-    return _CACHE[key][:3] + (0.0,)
-  tx = algorithms.make_optimizer(cfg.optimizer, steps_per_epoch * cfg.epochs)
+def steps_per_epoch(cfg, n_train: int) -> int:
+  """Full batches in the training set, capped by ``cfg.steps_per_epoch`` when set."""
+  if cfg.batch_size > n_train:
+    raise config_lib.ConfigError(f'batch_size={cfg.batch_size} exceeds the {n_train} '
+                                 f'training examples')
+  steps = n_train // cfg.batch_size
+  return min(steps, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps
+
+
+def setup(cfg: ml_collections.ConfigDict, dataset: data.Dataset | None = None, *,
+          before_compile: Callable[[Any], None] = lambda state_spec: None) -> Run:
+  """Data on the mesh, model, algorithm, keys and the compiled step of ``cfg``.
+
+  ``dataset``: the default loads ``cfg.dataset``. ``before_compile`` gets the
+  ``TrainState``'s shapes before the step compiles (checks that should not wait for a
+  compile).
+  Raises:
+    ConfigError / ValueError: a bad config or a dataset the model cannot take.
+  """
+  maybe_initialize_distributed(cfg)
+  devices = jax.devices()
+  config_lib.validate(cfg, num_devices=len(devices))
+  if dataset is None:
+    dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None,
+                                verify=cfg.verify_checksums, backend=cfg.data_backend)
+  net = models.for_config(cfg)
+  check_input_shape(cfg, net, dataset.x_train.shape[1:])
+  spe = steps_per_epoch(cfg, dataset.x_train.shape[0])
+
+  mesh = Mesh(np.array(devices), ('data',))
+  replicated = NamedSharding(mesh, P())
+  x_train, y_train, x_test, y_test = (
+      _put(a, replicated) for a in (dataset.x_train, dataset.y_train.astype(jnp.int32),
+                                    dataset.x_test, dataset.y_test.astype(jnp.int32)))
+  tx = algorithms.make_optimizer(cfg.optimizer, spe * cfg.epochs)
   algo = algorithms.make(net, cfg, tx)
   init = make_init(algo, mesh)
-  replicated = NamedSharding(mesh, P())
-  (x_shape, x_dtype), (y_shape, y_dtype) = shapes
-  x_spec = jax.ShapeDtypeStruct(x_shape, x_dtype, sharding=replicated)
-  y_spec = jax.ShapeDtypeStruct(y_shape, y_dtype, sharding=replicated)
-  key_spec = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32,
-                                  sharding=replicated)
-  x_init_spec = jax.ShapeDtypeStruct((cfg.batch_size, *x_shape[1:]), x_dtype,
-                                     sharding=replicated)
-  state_spec = jax.eval_shape(init, key_spec, x_init_spec)
+  k_init, k_data, k_steps = _keys(cfg.seed)
+  init_key, step_key = _key_data(k_init, replicated), _key_data(k_steps, replicated)
+  state_spec = jax.eval_shape(init, init_key, x_train[:cfg.batch_size])
   state_spec = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec)
-  idx_spec = jax.ShapeDtypeStruct((steps_per_epoch, cfg.batch_size), jnp.int32,
-                                  sharding=replicated)
+  idx_spec = jax.ShapeDtypeStruct((spe, cfg.batch_size), jnp.int32, sharding=replicated)
   before_compile(state_spec)
   t0 = time.perf_counter()
-  step = make_train_step(algo, cfg, mesh, steps_per_epoch).lower(
-      state_spec, x_spec, y_spec, idx_spec, key_spec).compile()
+  step = make_train_step(algo, cfg, mesh, spe).lower(
+      state_spec, x_train, y_train, idx_spec, step_key).compile()
   compile_s = time.perf_counter() - t0
-  # Initialisation runs once: on CPU, skipping LLVM's optimisations compiles it ~4x
-  # faster (LeNet: 10 s -> 2.4 s on a loaded 2-core machine). Same values every time.
-  fast = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  init = init.lower(key_spec, x_init_spec).compile(compiler_options=fast)
-  entry = (init, step, make_evaluate(net, cfg.eval_batch_size, mesh), state_spec)
-  _CACHE[key] = entry
-  while len(_CACHE) > _CACHE_SIZE:
-    _CACHE.popitem(last=False)
-  return entry[:3] + (compile_s,)
+  return Run(cfg=cfg, mesh=mesh, net=net, algo=algo, x_train=x_train, y_train=y_train,
+             x_test=x_test, y_test=y_test, steps_per_epoch=spe, init=init,
+             train_step=step, evaluate=make_evaluate(net, cfg.eval_batch_size, mesh),
+             init_key=init_key, data_key=k_data, step_key=step_key, compile_s=compile_s)
+
+
+def init_state(run: Run) -> algorithms.TrainState:
+  """The run's initial ``TrainState`` (a function of the seed alone)."""
+  return run.init(run.init_key, run.x_train[:run.cfg.batch_size])
+
+
+def epoch_indices(run: Run, epoch: int) -> Array:
+  """[steps_per_epoch, batch_size] example indices of (0-based) ``epoch``, replicated."""
+  idx = data.batches(jax.random.fold_in(run.data_key, epoch), run.n_train,
+                     run.cfg.batch_size)
+  idx = np.asarray(idx)[:run.steps_per_epoch].astype(np.int32)
+  return _put(idx, NamedSharding(run.mesh, P()))
 
 
 # --------------------------------------------------------------------------------------
@@ -456,100 +507,119 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
   """
   maybe_initialize_distributed(cfg)
   workdir = Path(workdir)
-  devices = jax.devices()
-  config_lib.validate(cfg, num_devices=len(devices))
-  primary = jax.process_index() == 0
+  config_lib.validate(cfg, num_devices=jax.device_count())
   _check_workdir(workdir)
-  if dataset is None:
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None,
-                                verify=cfg.verify_checksums, backend=cfg.data_backend)
-  net = models.get(cfg.model, **cfg.model_kwargs)
-  check_input_shape(cfg, net, dataset.x_train.shape[1:])
+  opened: list[_Resume] = []
 
-  n_train = dataset.x_train.shape[0]
-  if cfg.batch_size > n_train:
-    raise config_lib.ConfigError(f'batch_size={cfg.batch_size} exceeds the {n_train} '
-                                 f'training examples')
-  steps_per_epoch = n_train // cfg.batch_size
-  if cfg.steps_per_epoch:
-    steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-  total_steps = steps_per_epoch * cfg.epochs
-  stop_step = total_steps if until_step is None else min(until_step, total_steps)
-  chunk = cfg.check_every_steps or steps_per_epoch
-  save_every = cfg.checkpoint_every_steps or steps_per_epoch
+  def before_compile(state_spec):  # refuse another config's checkpoint, or a full disk
+    opened.append(_Resume.open(workdir, cfg))
+    _check_disk_space(workdir, state_spec, cfg.keep_checkpoints)
 
-  mesh = Mesh(np.array(devices), ('data',))
-  replicated = NamedSharding(mesh, P())
-  x_train, y_train, x_test, y_test = (
-      _put(a, replicated) for a in (dataset.x_train, dataset.y_train.astype(jnp.int32),
-                                    dataset.x_test, dataset.y_test.astype(jnp.int32)))
-  ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
-  writer = None
-  bar = metrics_writer.Progress(progress if primary else False)
   try:
-    start = ckpt.latest_step() or 0
-    partial: list[dict[str, np.ndarray]] = []
-    partial_s = 0.0
-    if start:  # refuse a checkpoint of another config before compiling anything
+    run = setup(cfg, dataset, before_compile=before_compile)
+    resume = opened[0]
+    state = resume.restore(init_state(run), log)
+    log(_start_line(run))
+    history, state, step = _train_epochs(run, state, resume, workdir, log, until_step,
+                                         progress)
+  finally:
+    if opened:
+      opened[0].ckpt.close()
+  return _summary(run, state, step, history, workdir)
+
+
+@dataclasses.dataclass
+class _Resume:
+  """The workdir's checkpoints and where the run resumes: ``start`` (0: from scratch),
+  the metrics and training seconds of the epoch in progress at ``start``."""
+  ckpt: Checkpointer
+  start: int
+  partial: list[dict[str, np.ndarray]]
+  partial_s: float
+
+  @classmethod
+  def open(cls, workdir: Path, cfg) -> '_Resume':
+    ckpt = Checkpointer(workdir, cfg.keep_checkpoints)
+    try:
+      start = ckpt.latest_step() or 0
+      if not start:
+        return cls(ckpt, 0, [], 0.0)
       try:
         meta = ckpt.restore_meta(start)
       except Exception as e:  # pylint: disable=broad-except
         raise RuntimeError(f'could not read the checkpoint at step {start} in '
                            f'{ckpt.directory}: {type(e).__name__}: {e}') from e
       _check_resumable(meta.get('config', {}), cfg, workdir, start)
-      partial = _decode_metrics(meta.get('epoch_metrics', {}))
-      partial_s = meta.get('epoch_train_s', 0.0)
+      return cls(ckpt, start, _decode_metrics(meta.get('epoch_metrics', {})),
+                 meta.get('epoch_train_s', 0.0))
+    except BaseException:
+      ckpt.close()
+      raise
 
-    shapes = ((x_train.shape, x_train.dtype), (y_train.shape, y_train.dtype))
-    init, train_step, evaluate, compile_s = _compiled(
-        cfg, net, steps_per_epoch, mesh, shapes,
-        lambda spec: _check_disk_space(workdir, spec, cfg.keep_checkpoints))
-    k_init, k_data, k_steps = _keys(cfg.seed)
-    k_steps = _key_data(k_steps, replicated)
-    state = init(_key_data(k_init, replicated), x_train[:cfg.batch_size])
-    if start:
-      try:
-        state = ckpt.restore(start, state)
-      except Exception as e:  # pylint: disable=broad-except
-        raise RuntimeError(f'could not restore the checkpoint at step {start} in '
-                           f'{ckpt.directory}: {type(e).__name__}: {e}') from e
-      log(f'resumed from checkpoint at step {start}')
-    log(f'{cfg.method} on {cfg.model}/{cfg.dataset}: {n_train} training examples, batch '
-        f'{cfg.batch_size} over {len(devices)} device(s)'
-        + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
-        + f', {steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
-        + (f'; step compiled in {compile_s:.1f} s' if compile_s else ''))
-    step = start
-    history = _read_history(workdir / 'metrics.jsonl', start)
-    if primary:
-      _write_history(workdir / 'metrics.jsonl', history)  # drops rows a killed run left
-      writer = metrics_writer.EventWriter(workdir, start_step=start)
-    config_json = json.loads(cfg.to_json_best_effort())
-    last_saved = start or None
+  def restore(self, state, log):
+    if not self.start:
+      return state
+    try:
+      state = self.ckpt.restore(self.start, state)
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuntimeError(f'could not restore the checkpoint at step {self.start} in '
+                         f'{self.ckpt.directory}: {type(e).__name__}: {e}') from e
+    log(f'resumed from checkpoint at step {self.start}')
+    return state
 
-    def save(chunks, train_s):
-      nonlocal last_saved
-      meta = dict(config=config_json, step=step, epoch_metrics=_encode_metrics(chunks),
-                  epoch_train_s=train_s)
-      ckpt.save(step, state, meta)
-      last_saved = step
 
-    for epoch in range(start // steps_per_epoch, cfg.epochs):
+def _start_line(run: Run) -> str:
+  cfg = run.cfg
+  return (f'{cfg.method} on {cfg.model}/{cfg.dataset}: {run.n_train} training examples, '
+          f'batch {cfg.batch_size} over {run.mesh.devices.size} device(s)'
+          + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
+          + f', {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
+          + (f'; step compiled in {run.compile_s:.1f} s' if run.compile_s else ''))
+
+
+def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_step,
+                  progress) -> tuple[list[dict], Any, int]:
+  """Epochs from ``resume.start`` to the end (or ``until_step``): steps in chunks of
+  ``check_every_steps``, checkpoints, one metrics row and log line per epoch.
+  Returns (history, state, step)."""
+  cfg, spe = run.cfg, run.steps_per_epoch
+  primary = jax.process_index() == 0
+  stop_step = run.total_steps if until_step is None else min(until_step, run.total_steps)
+  chunk = cfg.check_every_steps or spe
+  save_every = cfg.checkpoint_every_steps or spe
+  start, ckpt = resume.start, resume.ckpt
+  step, last_saved = start, start or None
+  history = [r for r in read_history(workdir / 'metrics.jsonl') if r['step'] <= start] \
+      if start and (workdir / 'metrics.jsonl').exists() else []
+  writer = None
+  if primary:
+    _write_history(workdir / 'metrics.jsonl', history)  # drops rows a killed run left
+    writer = metrics_writer.EventWriter(workdir, start_step=start)
+  bar = metrics_writer.Progress(progress if primary else False)
+  config_json = json.loads(cfg.to_json_best_effort())
+
+  def save(chunks, train_s):
+    nonlocal last_saved
+    ckpt.save(step, state, dict(config=config_json, step=step,
+                                epoch_metrics=_encode_metrics(chunks), epoch_train_s=train_s))
+    last_saved = step
+
+  try:
+    for epoch in range(start // spe, cfg.epochs):
       if step >= stop_step:
         break
-      idx = np.asarray(data.batches(jax.random.fold_in(k_data, epoch), n_train,
-                                    cfg.batch_size))[:steps_per_epoch].astype(np.int32)
-      idx = _put(idx, replicated)
-      done = step - epoch * steps_per_epoch
-      first, chunks, train_s = done, (partial if done else []), (partial_s if done else 0.0)
+      idx = epoch_indices(run, epoch)
+      done = step - epoch * spe
+      first, chunks, train_s = done, (resume.partial if done else []), \
+          (resume.partial_s if done else 0.0)
       this_s = 0.0
-      while done < steps_per_epoch and step < stop_step:
+      while done < spe and step < stop_step:
         next_save = (step // save_every + 1) * save_every
-        stop = min((epoch + 1) * steps_per_epoch, step + chunk, next_save, stop_step)
+        stop = min((epoch + 1) * spe, step + chunk, next_save, stop_step)
         t0 = time.perf_counter()
         ms = []
         for _ in range(step, stop):
-          state, m = train_step(state, x_train, y_train, idx, k_steps)
+          state, m = run.train_step(state, run.x_train, run.y_train, idx, run.step_key)
           ms.append(m)
         ms = _fetch(ms)
         dt = time.perf_counter() - t0
@@ -565,28 +635,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
         chunks.append(m)
         if cfg.log_every_steps:
           _log_steps(m, step, cfg.log_every_steps, log, writer, bar)
-        step, done = stop, stop - epoch * steps_per_epoch
+        step, done = stop, stop - epoch * spe
         bar.update(metrics_writer.progress_line(
-            epoch + 1, cfg.epochs, done, steps_per_epoch, this_s / max(done - first, 1) * done,
-            run_steps_left=total_steps - step, loss=float(np.mean(m['loss']))))
-        if done < steps_per_epoch and (step % save_every == 0 or step == stop_step):
+            epoch + 1, cfg.epochs, done, spe, this_s / max(done - first, 1) * done,
+            run_steps_left=run.total_steps - step, loss=float(np.mean(m['loss']))))
+        if done < spe and (step % save_every == 0 or step == stop_step):
           save(chunks, train_s)
-      if done < steps_per_epoch:
+      if done < spe:
         break  # stopped at until_step
       m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-      test_loss, test_acc = _fetch(evaluate(state.params, x_test, y_test))
-      ok = m['finite']  # the epoch's means leave out skipped (non-finite) steps
-      mean = lambda a: np.mean(a[ok], 0) if ok.any() else np.full(a.shape[1:], np.nan)
-      row = dict(epoch=epoch + 1, step=step,
-                 train_loss=float(mean(m['loss'])),
-                 train_accuracy=float(mean(m['accuracy'])),
-                 test_loss=float(test_loss), test_accuracy=float(test_acc),
-                 epoch_train_s=train_s, steps=done - first,
-                 ms_per_step=1e3 * this_s / max(done - first, 1),
-                 skipped_steps=int(np.sum(~m['finite'])))
-      for k in ('block_loss', 'feedback_loss'):
-        if k in m:
-          row[k] = [float(v) for v in mean(m[k])]
+      row = _epoch_row(run, state, m, epoch, step, train_s, this_s, done - first)
       history.append(row)
       if primary:
         _write_history(workdir / 'metrics.jsonl', history)
@@ -600,23 +658,46 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
           + (f'  {row["skipped_steps"]} steps skipped' if row['skipped_steps'] else ''))
   finally:
     bar.clear()
-    ckpt.close()
     if writer is not None:
       writer.close()
+  return history, state, step
 
-  timed = [r for r in history if r['steps'] == steps_per_epoch]
+
+def _epoch_row(run: Run, state, m: dict[str, np.ndarray], epoch: int, step: int,
+               train_s: float, this_s: float, steps: int) -> dict[str, Any]:
+  """The metrics.jsonl row of a finished epoch; ``m`` holds its per-step metrics."""
+  test_loss, test_acc = _fetch(run.evaluate(state.params, run.x_test, run.y_test))
+  ok = m['finite']  # the epoch's means leave out skipped (non-finite) steps
+  mean = lambda a: np.mean(a[ok], 0) if ok.any() else np.full(a.shape[1:], np.nan)
+  row = dict(epoch=epoch + 1, step=step,
+             train_loss=float(mean(m['loss'])),
+             train_accuracy=float(mean(m['accuracy'])),
+             test_loss=float(test_loss), test_accuracy=float(test_acc),
+             epoch_train_s=train_s, steps=steps,
+             ms_per_step=1e3 * this_s / max(steps, 1),
+             skipped_steps=int(np.sum(~m['finite'])))
+  for k in ('block_loss', 'feedback_loss'):
+    if k in m:
+      row[k] = [float(v) for v in mean(m[k])]
+  return row
+
+
+def _summary(run: Run, state, step: int, history: list[dict], workdir: Path
+             ) -> dict[str, Any]:
+  """The result dict; written to result.json when the run is complete."""
+  timed = [r for r in history if r['steps'] == run.steps_per_epoch]
   result = dict(
-      config=cfg.to_dict(), hardware=hardware(), epochs=len(history),
-      steps_per_epoch=steps_per_epoch, step=step, complete=step >= total_steps,
+      config=run.cfg.to_dict(), hardware=hardware(), epochs=len(history),
+      steps_per_epoch=run.steps_per_epoch, step=step, complete=step >= run.total_steps,
       test_accuracy=history[-1]['test_accuracy'] if history else None,
       skipped_steps=sum(r['skipped_steps'] for r in history),
       epoch_train_s=float(np.median([r['epoch_train_s'] for r in timed])) if timed else None,
       ms_per_step=float(np.median([r['ms_per_step'] for r in history])) if history else None,
-      compile_s=compile_s, history=history)
+      compile_s=run.compile_s, history=history)
   if result['complete']:
-    train_loss, train_acc = _fetch(evaluate(state.params, x_train, y_train))
+    train_loss, train_acc = _fetch(run.evaluate(state.params, run.x_train, run.y_train))
     result.update(train_accuracy=float(train_acc), train_loss=float(train_loss))
-    if primary:
+    if jax.process_index() == 0:
       tmp = workdir / 'result.json.tmp'
       tmp.write_text(json.dumps(result, indent=1, default=str))
       os.replace(tmp, workdir / 'result.json')
@@ -650,11 +731,9 @@ def _log_steps(m, first_step, every, log, writer, bar) -> None:
     writer.flush()
 
 
-def _read_history(path: Path, upto_step: int) -> list[dict]:
-  if not path.exists() or not upto_step:
-    return []
-  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in rows if r['step'] <= upto_step]
+def read_history(path: str | os.PathLike) -> list[dict]:
+  """The rows of a metrics.jsonl file: one per finished epoch, in order."""
+  return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
