@@ -12,7 +12,8 @@ import socket
 import sys
 import tarfile
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jax
@@ -71,9 +72,27 @@ def real():
 
 
 @pytest.fixture
-def serve():
-    """Start a local HTTP server on a directory; returns (base_url, list of requested paths)."""
+def http_server():
+    """Start local HTTP servers on 127.0.0.1, one per handler class; returns the base URL."""
     servers = []
+
+    def start(handler) -> str:
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        servers.append((srv, thread))
+        return f"http://127.0.0.1:{srv.server_address[1]}/"
+
+    yield start
+    for srv, thread in servers:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def serve(http_server):
+    """Serve a directory; returns (base_url, list of requested paths)."""
 
     def start(root: Path):
         requests: list[str] = []
@@ -82,17 +101,35 @@ def serve():
             def log_message(self, fmt, *args):  # keep pytest output clean, but remember the hit
                 requests.append(self.path)
 
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-        thread = threading.Thread(target=srv.serve_forever, daemon=True)
-        thread.start()
-        servers.append((srv, thread))
-        return f"http://127.0.0.1:{srv.server_address[1]}/", requests
+        return http_server(functools.partial(Handler, directory=str(root))), requests
 
-    yield start
-    for srv, thread in servers:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(5)
+    return start
+
+
+class _FaultyHandler(BaseHTTPRequestHandler):
+    """Sends the first half of a real MNIST file, then closes ('length': with the full
+    Content-Length; 'chunked': as one chunk announced whole) or stalls ('stall')."""
+
+    fault = "length"
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def do_GET(self):
+        body = (REAL / "mnist" / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        if self.fault == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body[: len(body) // 2])
+        else:
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        if self.fault == "stall":
+            time.sleep(3 * data.DOWNLOAD_TIMEOUT_S)
+        self.close_connection = True
 
 
 @pytest.fixture
@@ -117,6 +154,11 @@ def _write_gz(path: Path, raw: bytes) -> None:
 
 def _leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.name.endswith(".part")]
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under `root` (hidden ones too), relative and sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
 
 
 def _pixel_stats(x_NHWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -399,6 +441,7 @@ def test_download_mnist_from_local_mirror_with_fallback(tmp_path, serve):
         assert (out / f).is_file() and not (out / f).is_symlink()
         assert hashlib.sha256((out / f).read_bytes()).hexdigest() == h
     assert any(h.startswith("/nothing-here/") for h in hits) and _leftovers(dest) == []
+    assert _files(dest) == sorted(f"mnist/{f}" for f in data.DATASETS["mnist"].sha256)
     x, y = data.load("mnist", "test", dest, download=False)
     assert y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9] and x.shape == (10000, 28, 28, 1)
     n = len(hits)
@@ -438,10 +481,30 @@ def test_corrupt_mirror_leaves_no_file_behind(tmp_path, serve):
     assert base + "train-images-idx3-ubyte.gz" in msg  # 404s are reported too
     assert (dest / "mnist" / MNIST_TEST[0]).is_file()  # the good file landed, verified
     assert not (dest / "mnist" / MNIST_TEST[1]).exists()
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == [] and _files(dest) == [f"mnist/{MNIST_TEST[0]}"]
     # Through `load` the same failure becomes the "files not found" error with the cause attached.
     with pytest.raises(data.DataError, match=r"(?s)data files not found.*sha256 mismatch"):
         data.load("mnist", "test", dest, mirrors=[base])
+
+
+@needs_real
+@pytest.mark.parametrize("fault,expect", [
+    ("length", "transfer cut short"), ("chunked", "IncompleteRead"), ("stall", "timed out")])
+def test_cut_short_or_stalled_transfer_leaves_nothing_and_next_mirror_is_tried(
+        tmp_path, serve, http_server, monkeypatch, fault, expect):
+    monkeypatch.setattr(data, "DOWNLOAD_TIMEOUT_S", 0.5)
+    bad = http_server(type("Handler", (_FaultyHandler,), {"fault": fault}))
+    dest = tmp_path / "data"
+    with pytest.raises(data.DataError, match=expect) as e:
+        data.download("mnist", dest, mirrors=[bad])
+    for f in data.DATASETS["mnist"].sha256:
+        assert f"{bad}{f}: " in str(e.value)
+    assert _files(tmp_path) == []  # no partial file, whatever its name
+    good, _ = serve(REAL / "mnist")
+    data.download("mnist", dest, mirrors=[bad, good])
+    assert sorted(p.name for p in (dest / "mnist").iterdir()) == sorted(data.DATASETS["mnist"].sha256)
+    for f, h in data.DATASETS["mnist"].sha256.items():
+        assert hashlib.sha256((dest / "mnist" / f).read_bytes()).hexdigest() == h
 
 
 @needs_real
@@ -457,6 +520,7 @@ def test_download_cifar_archive_from_local_mirror(tmp_path, serve):
     for rel in data.DATASETS["cifar10"].sha256:
         assert (root / rel).is_file()
     assert _leftovers(tmp_path) == [] and not list(root.glob("*.tar.gz"))
+    assert _files(dest) == sorted(f"cifar10/{rel}" for rel in data.DATASETS["cifar10"].sha256)
     x, y = data.load("cifar10", "test", dest, download=False)  # verify=True re-checks the sha256
     assert y[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1] and x.shape == (10000, 32, 32, 3)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
@@ -292,8 +293,11 @@ def _fetch(url: str, dest_dir: Path, expected_sha256: str | None) -> Path:
       for chunk in iter(lambda: resp.read(1 << 20), b""):
         h.update(chunk)
         out.write(chunk)
+      # read(n) returns b"" when the server closes early: what is left of Content-Length says so.
+      if resp.length:
+        raise DataError(f"transfer cut short: {resp.length} announced bytes never arrived")
     if expected_sha256 is not None and h.hexdigest() != expected_sha256:
-      raise DataError(f"{url}: sha256 mismatch (expected {expected_sha256}, actual {h.hexdigest()})")
+      raise DataError(f"sha256 mismatch (expected {expected_sha256}, actual {h.hexdigest()})")
     return Path(tmp)
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
@@ -362,7 +366,7 @@ def download(
           tmp = _fetch(url, root, ds.sha256[remote])
           os.replace(tmp, root / remote)
         break
-      except (OSError, DataError, tarfile.TarError, EOFError, zlib.error) as e:
+      except (OSError, http.client.HTTPException, DataError, tarfile.TarError, EOFError, zlib.error) as e:
         errors.append(f"{url}: {e}")
     else:
       failures.append(f"could not download {name}/{remote}; tried:\n  " + "\n  ".join(errors))
