@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tp_jax import algorithms
+from tp_jax import config as config_lib
 from tp_jax import jml
 from tp_jax import layers as L
+from tp_jax import models
 from tp_jax import network
 
 POOL3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -298,3 +301,110 @@ def test_report_rows():
   assert all(jml.is_finite_row(r) for r in rows)
   text = jml.format_rows(rows)
   assert 'Conv(2,3x3/1,SAME)' in text and 'estimated' in text and '6x6x1 -> 3x3x2' in text
+
+
+# --------------------------------------------------------------------------------------
+# float64 blocks
+
+
+def test_float64_blocks_are_measured_in_float64():
+  """With jax_enable_x64 a float64 block gets float64 probes (jax.jvp refuses tangents
+  of another dtype) and float64 Jacobians: the estimate and the exact TJML of TJMC, and
+  PJMC's exact PJML, are at float64 round-off; a perturbed feedback's estimate agrees
+  with its exact value. (x64 is switched on only inside this test.)"""
+  with jax.enable_x64(True):
+    net = _net(L.Sequential([L.Dense(3)]), L.Sequential([L.Dense(2), L.Activation('tanh')]))
+    x = jnp.asarray(np.random.default_rng(40).standard_normal((2, 4)))
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), _init(net, x, 41))
+    h1 = network.block_forward(net, 0, params[0], x)[0]
+    assert h1.dtype == jnp.float64
+    for exact in (False, True):
+      r = jml.block_jml(net, params, params, 1, h1, L.TJMC, exact=exact, num_probes=8)
+      assert r.exact == exact and r.relative < 1e-12, r
+    assert jml.block_jml(net, params, params, 1, h1, L.PJMC, 'pjml').relative < 1e-12
+    fb = _perturbed(params, 0.3, seed=42)
+    exact = jml.block_jml(net, params, fb, 1, h1, L.TJMC, exact=True)
+    est = jml.block_jml(net, params, fb, 1, h1, L.TJMC, exact=False, num_probes=256)
+    assert abs(est.relative - exact.relative) <= 4 * est.stderr_relative, (est, exact)
+
+
+# --------------------------------------------------------------------------------------
+# IJMC and PJMC of composed blocks
+
+
+def _biased(params, scale, seed):
+  """params with every bias replaced by scale * N(0, 1)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype)
+      if str(getattr(path[-1], 'key', '')) == 'bias' else a, params)
+
+
+def test_ijml_vanishes_on_a_two_dense_block_with_biases():
+  """IJMC's dense feedback subtracts the bias, (t - b) W^-1: on [Dense, LeakyReLU, Dense,
+  LeakyReLU] the inner activation's inverse is then taken at its own output, so
+  J_G = J_F^-1 (IJML = 0) also with nonzero biases."""
+  net = _net(L.Sequential([L.Dense(5), L.Activation('leaky_relu', 0.2),
+                           L.Dense(5), L.Activation('leaky_relu', 0.2)]))
+  x = _randn(seed=43, shape=(4, 5))
+  params = _biased(_init(net, x, 44), 1.0, seed=45)
+  r = jml.block_jml(net, params, params, 0, x, L.IJMC, 'ijml')
+  assert r.relative < 1e-5, r
+
+
+def _act(fn='leaky_relu'):
+  return L.Activation(fn, 0.2)
+
+
+# (layers, input width): PJMC exact by the rule of ``pjmc_inexact_reason``?
+PJMC_CASES = {
+    'wide_dense_act': (lambda: [L.Dense(3), _act()], 6, True),
+    'flatten_wide_dense_act': (lambda: [L.Reshape((-1,)), L.Dense(3), _act('tanh')], 6, True),
+    'square_dense_act_square': (lambda: [L.Dense(5), _act(), L.Dense(5), _act()], 5, True),
+    'tall_dense_alone': (lambda: [L.Dense(7)], 4, True),
+    'act_tall_dense': (lambda: [_act(), L.Dense(7)], 4, True),
+    'wide_dense_act_square': (lambda: [L.Dense(3), _act(), L.Dense(3), _act()], 6, True),
+    'tall_dense_act': (lambda: [L.Dense(7), _act()], 4, False),
+    'act_wide_dense': (lambda: [_act(), L.Dense(3)], 6, False),
+    'square_act_wide': (lambda: [L.Dense(6), _act(), L.Dense(3)], 6, False),
+    'two_wide_dense': (lambda: [L.Dense(4), L.Dense(2)], 6, False),
+}
+
+
+@pytest.mark.parametrize('case', sorted(PJMC_CASES))
+def test_pjmc_exactness_rule_matches_measured_pjml(case):
+  """``pjmc_inexact_reason`` is None exactly where PJMC's layer-by-layer feedback has
+  PJML = 0 (measured from both Jacobians, random biases); elsewhere PJML is not small."""
+  make, width, exact = PJMC_CASES[case]
+  net = _net(L.Sequential(make()))
+  x = _randn(seed=46, shape=(3, width))
+  params = _biased(_init(net, x, 47), 0.5, seed=48)
+  reason = jml.pjmc_inexact_reason(net.blocks[0], x.shape)
+  assert (reason is None) == exact, reason
+  r = jml.block_jml(net, params, params, 0, x, L.PJMC, 'pjml')
+  if exact:
+    assert r.relative < 1e-5, r
+  else:
+    assert r.relative > 1e-2 and 'dense' in reason, (r, reason)
+
+
+def test_check_pjmc_exact_names_inexact_blocks_after_the_first():
+  """A tall dense + activation block is refused from block 1 on; as block 0 (whose
+  feedback DTP never uses) it is not, and the FWDTP MLP's blocks are all exact."""
+  tall = lambda: L.Sequential([L.Dense(7), _act()])
+  jml.check_pjmc_exact(_net(tall(), L.Sequential([L.Dense(3)])), (2, 4))
+  with pytest.raises(L.FeedbackError, match=r'block 1 \[Dense\(7\), leaky_relu\]: tall'):
+    jml.check_pjmc_exact(_net(L.Sequential([L.Dense(4)]), tall()), (2, 4))
+  jml.check_pjmc_exact(models.mlp(widths=(16, 16)), (2, 28, 28, 1))
+
+
+def test_pjml_dtp_refuses_an_inexact_pjmc_block():
+  """method='pjml_dtp' checks its blocks when the state is built: an MLP whose widths
+  grow (a tall dense + activation block) is refused, equal widths are accepted."""
+  cfg = config_lib.default()
+  cfg.method, cfg.model = 'pjml_dtp', 'mlp'
+  x = jnp.zeros((2, 4, 4, 1))
+  tx = algorithms.make_optimizer(cfg.optimizer, 10)
+  with pytest.raises(L.FeedbackError, match='block 2'):
+    algorithms.make(models.mlp(widths=(8, 8, 16)), cfg, tx).init(jax.random.key(0), x)
+  algorithms.make(models.mlp(widths=(8, 8)), cfg, tx).init(jax.random.key(0), x)

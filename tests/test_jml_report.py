@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 
@@ -13,8 +12,9 @@ import pytest
 from absl import flags
 
 from experiments import jml_report
+from tp_jax import data
 
-FEEDBACKS = ('tjmc_integral', 'tjmc_hadamard', 'fwdtp_random')
+FEEDBACKS = ('tjmc_integral', 'tjmc_hadamard', 'pjmc', 'fwdtp_random')
 
 
 @pytest.fixture(scope='module')
@@ -61,8 +61,11 @@ def test_rows_cover_every_block_and_feedback(rows):
     elif r['feedback'] == 'fwdtp_random':
       assert r['stderr_relative'] > 0 and r['num_probes'] == 16
     assert r['used_by_dtp'] == (r['block'] > 0)
+    # Block 0 (16 -> 256, tanh) is a tall dense followed by an activation.
+    assert r['pjmc_exact'] == (r['block'] > 0 if r['feedback'] == 'pjmc' else None)
   text = jml_report.jml.format_rows(rows)
   assert text.count('\n') == len(rows) + 1 and '+-' in text
+  assert 'pjmc exact?' in text and ' NO ' in text and ' yes ' in text
   assert '[Reshape(-1,), Dense(256), tanh] 4x4x1 -> 256' in text
 
 
@@ -70,7 +73,8 @@ def test_values_follow_theory(rows):
   """TJMC, integral and Hadamard, is exact on every block (one tanh per block, last in
   it: varsigma' = 1 - y^2 = tanh'(a) at y = tanh(a)); estimated values are ~0 too.
   The fixed random feedback (kernels ~ U(-1e-3, 1e-3)) has relative TJML ~ 1 since
-  ||J_G|| << ||J_F||; TJMC is not PJMC (its PJML is not 0)."""
+  ||J_G|| << ||J_F||; TJMC is not PJMC (its PJML is not 0). PJMC's PJML is 0 where
+  the report flags it exact (the head) and not on the tall dense + tanh block 0."""
   by = {(r['block'], r['feedback'], r['kind']): r for r in rows}
   for n in range(6):
     for fb in ('tjmc_integral', 'tjmc_hadamard'):
@@ -78,18 +82,16 @@ def test_values_follow_theory(rows):
     rnd = by[(n, 'fwdtp_random', 'tjml')]
     assert abs(rnd['relative'] - 1.0) <= 1e-2 + 5 * rnd['stderr_relative']
   assert by[(5, 'tjmc_hadamard', 'pjml')]['relative'] > 0.01
+  assert by[(5, 'pjmc', 'pjml')]['relative'] < 1e-5
+  assert by[(0, 'pjmc', 'pjml')]['relative'] > 0.01
 
 
-def test_fallback_idx_reader(tmp_path):
-  images = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
-  header = b''.join(int(v).to_bytes(4, 'big') for v in (0x0803, 3, 4, 5))
-  path = tmp_path / 'imgs-idx3-ubyte.gz'
-  with gzip.open(path, 'wb') as fh:
-    fh.write(header + images.tobytes())
-  got = jml_report._read_idx_images(path, 2)
-  assert got.shape == (2, 4, 5, 1) and np.array_equal(got[..., 0], images[:2])
-  bad = tmp_path / 'bad.gz'
-  with gzip.open(bad, 'wb') as fh:
-    fh.write(b'\x00' * 16)
-  with pytest.raises(ValueError, match='not an idx3'):
-    jml_report._read_idx_images(bad, 1)
+def test_load_batch_goes_through_tp_jax_data():
+  """Real batches come from ``tp_jax.data.load``'s own lookup ($TP_JAX_DATA, ...),
+  normalised with the dataset's statistics; the class count is the dataset's."""
+  x, source = jml_report.load_batch('mnist', 3)
+  images, _ = data.load('mnist', 'test')
+  np.testing.assert_array_equal(np.asarray(x), np.asarray(data.normalise(images[:3], 'mnist')))
+  assert source.startswith(str(data.resolve_data_dir()))
+  assert jml_report.num_classes('cifar10') == data.info('cifar10').num_classes
+  assert jml_report.num_classes('synthetic') == 10

@@ -654,9 +654,9 @@ def test_conv_feedback_is_rotated_kernel_conv(hw, k, stride, padding, cin, cout,
 @pytest.mark.parametrize('i,o,mode', [(5, 5, 'inverse'), (6, 4, 'pinv'), (4, 6, 'pinv'),
                                       (5, 5, 'pinv')])
 def test_dense_inverse_and_pinv_feedback(i, o, mode):
-  """G(t) = t W^-1 (IJMC) or t W^+ (PJMC), and the exact IJML / PJML vanish: for
-  y = x W + b (column convention J_F = W^T), J_G = (W^-1)^T = (W^T)^-1 resp.
-  (W^+)^T = (W^T)^+. The bias does not enter G's Jacobian."""
+  """G(t) = (t - b) W^-1 (IJMC) or (t - b) W^+ (PJMC), and the exact IJML / PJML
+  vanish: for y = x W + b (column convention J_F = W^T), J_G = (W^-1)^T = (W^T)^-1
+  resp. (W^+)^T = (W^T)^+. The bias does not enter G's Jacobian."""
   layer = L.Dense(o)
   x = _input((3, i), 9)
   params = _init(layer, x, seed=i * 10 + o)
@@ -671,7 +671,8 @@ def test_dense_inverse_and_pinv_feedback(i, o, mode):
     got = layer.apply({'params': params}, t, None, fb_mode, method='feedback')
     return got, jax.jacfwd(f)(x[0]), jax.jacfwd(g)(f(x[0]))
   got, J_F, J_G = run(x, t)
-  ref = np.asarray(t, np.float64) @ (np.linalg.inv(W) if mode == 'inverse' else np.linalg.pinv(W))
+  ref = (np.asarray(t, np.float64) - np.asarray(params['bias'], np.float64)) @ (
+      np.linalg.inv(W) if mode == 'inverse' else np.linalg.pinv(W))
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   kind = 'ijml' if mode == 'inverse' else 'pjml'
   assert float(jml.jml(J_F, J_G, kind, relative=True)) < 1e-5
@@ -737,3 +738,78 @@ def test_ijmc_pjmc_on_conv_are_refused(mode):
   y, ctx = conv.apply({'params': p}, x, method='fwd')
   with pytest.raises(L.FeedbackError, match=r'Conv.*no closed-form'):
     conv.apply({'params': p}, y, ctx, mode, method='feedback')
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm's TJML near var(x) ~ eps; IJMC / PJMC with a bias.
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_layernorm_tjml_at_small_variance(seed):
+  """The LayerNorm docstring's TJML ||x^|| ||gamma * x^|| / (d sqrt(s)) is the exact
+  TJML of the layer (jml's, from both Jacobians) also where var(x) ~ eps, and there the
+  large-variance form ||gamma * x^|| / sqrt(d s) is far off (by sqrt(s / var))."""
+  d = 6
+  layer = L.LayerNorm()
+  x = 3e-3 * _input((2, d), seed)
+  params = _init(layer, x, seed=seed, perturb=0.5)
+  net = network.Net((layer,))
+  r = jml.block_jml(net, (params,), (params,), 0, x, L.TJMC, 'tjml', exact=True)
+  xs, gamma = np.asarray(x, np.float64), np.asarray(params['scale'], np.float64)
+  var = xs.var(-1)
+  s = var + layer.epsilon
+  x_hat = (xs - xs.mean(-1, keepdims=True)) / np.sqrt(s)[:, None]
+  norm_gx = np.linalg.norm(gamma * x_hat, axis=-1)
+  documented = np.linalg.norm(x_hat, axis=-1) * norm_gx / (d * np.sqrt(s))
+  np.testing.assert_allclose(r.per_example_absolute, documented, rtol=1e-3)
+  assert np.all(s / var > 1.5)  # var ~ eps: the regime where the two forms differ
+  large_variance_form = norm_gx / np.sqrt(d * s)
+  assert np.all(np.abs(r.per_example_absolute / large_variance_form - 1) > 0.1)
+
+
+def _dense_act_block(widths_in_out, act='leaky_relu'):
+  """[Dense, act] * k as a Sequential, params with N(0, 1) biases (large enough that a
+  dropped bias moves a LeakyReLU's inverse across its kink)."""
+  block = L.Sequential([m for w in widths_in_out[1:]
+                        for m in (L.Dense(w), L.Activation(act, 0.2))])
+  x = _input((4, widths_in_out[0]), 31)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, a: 10 * a if str(getattr(path[-1], 'key', '')) == 'bias' else a,
+      _init(block, x, seed=32))
+  return block, params, x
+
+
+@pytest.mark.parametrize('widths,mode', [((5, 5), L.IJMC), ((5, 5, 5), L.IJMC),
+                                         ((4, 7), L.PJMC), ((4, 4, 7), L.PJMC)])
+def test_ijmc_pjmc_feedback_inverts_the_block(widths, mode):
+  """IJMC on square dense+act blocks, PJMC on tall ones (x W W^+ = x): G(F(x)) = x with
+  nonzero biases, also when a second dense layer's bias must be removed before the
+  earlier activation's inverse is taken."""
+  block, params, x = _dense_act_block(widths)
+
+  @jit0
+  def round_trip(p, h):
+    y, ctx = block.apply({'params': p}, h, method='fwd')
+    return block.apply({'params': p}, y, ctx, mode, method='feedback')
+  np.testing.assert_allclose(round_trip(params, x), x, rtol=1e-4, atol=1e-4)
+
+
+def test_difference_correction_cancels_a_first_dense_bias():
+  """DTP uses G(t) - G(h) only. Where the dense layer is the block's first, its bias
+  is a constant offset of G, so the targets of the exact inverse equal those of the
+  bias-free t W^-1 (the same block with b = 0 in the feedback's params)."""
+  block, params, x = _dense_act_block((5, 5))
+  no_bias = {**params, 'layers_0': {**params['layers_0'],
+                                    'bias': jnp.zeros_like(params['layers_0']['bias'])}}
+  t = _input((4, 5), 33)
+
+  @jit0
+  def differences(p, fb, h, t):
+    y, ctx = block.apply({'params': p}, h, method='fwd')
+    return [block.apply({'params': q}, t, y, ctx, L.IJMC, method='feedback_difference')
+            for q in (p, fb)]
+  with_bias, without = differences(params, no_bias, x, t)
+  np.testing.assert_allclose(with_bias, without, rtol=1e-5, atol=1e-6)
+  # The offset itself is not zero: G differs by b W^-1 between the two.
+  W = np.asarray(params['layers_0']['kernel'], np.float64)
+  assert np.linalg.norm(np.asarray(params['layers_0']['bias']) @ np.linalg.inv(W)) > 0.1

@@ -19,7 +19,8 @@ and their relative forms divide by the target's norm: ||J_F^T||_F = ||J_F||_F,
 absolute and the relative values over the batch (the mean of the per-example ratios).
 
 Exact values materialise both Jacobians per example (``jax.jacfwd`` or ``jax.jacrev``,
-whichever needs fewer passes), in float32, and take the norms on the host in float64.
+whichever needs fewer passes), in the block's dtype (float32, or float64 with
+``jax_enable_x64``), and take the norms on the host in float64.
 That costs O(n_in * n_out) memory per example, so ``block_jml`` switches automatically
 to a matrix-free estimate when n_in * n_out > ``MAX_EXACT_SIZE`` (= 2**24, 64 MiB of
 float32 per Jacobian; ``report`` takes a smaller, time-based limit as an argument).
@@ -47,9 +48,10 @@ they do not include the sampling error of the batch itself.
 IJML and PJML are exact only: a matrix-free estimate would need J_F^-1 v or J_F^+ v,
 i.e. a linear solve per probe. Asking for them with ``exact=False`` raises. In
 ``block_jml`` their inverses are taken on the host in float64 (``host_target``): the
-pseudo-inverse keeps singular values above 10 max(n_in, n_out) eps_float32 s_max, as
-``jnp.linalg.pinv`` does for float32 (the Jacobians themselves are float32). (The
-matrix functions ``pjml``/``target_matrix`` use ``jnp.linalg.pinv`` with that cutoff.)
+pseudo-inverse keeps singular values above 10 max(n_in, n_out) eps s_max, eps that of
+the block's dtype, as ``jnp.linalg.pinv`` does. (The matrix functions
+``pjml``/``target_matrix`` use ``jnp.linalg.pinv`` with that cutoff.) The matrix-free
+probes are drawn in the block's dtype too.
 """
 
 from __future__ import annotations
@@ -73,23 +75,13 @@ MAX_EXACT_SIZE = 2 ** 24
 KINDS = ('tjml', 'ijml', 'pjml')
 
 COMPILER_OPTIONS: dict[str, Any] = {}
-"""XLA compiler options for every program this module compiles (e.g. tests set
-``{'xla_backend_optimization_level': 0}``: their many tiny programs compile ~2x faster)."""
+"""XLA compiler options for every program this module compiles, passed to ``jax.jit``
+(e.g. tests set ``{'xla_backend_optimization_level': 0}``: they compile many tiny
+programs once each)."""
 
 
-def jit(fn: Callable) -> Callable:
-  """jax.jit, compiled with ``COMPILER_OPTIONS``; one compile per call site and shapes."""
-  compiled = {}
-
-  def run(*args):
-    sig = jax.tree_util.tree_structure(args), tuple(
-        (a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args))
-    if sig not in compiled:
-      lowered = jax.jit(fn).lower(*args)
-      compiled[sig] = (lowered.compile(dict(COMPILER_OPTIONS)) if COMPILER_OPTIONS
-                       else lowered.compile())
-    return compiled[sig](*args)
-  return run
+def _jit(fn: Callable) -> Callable:
+  return jax.jit(fn, compiler_options=COMPILER_OPTIONS or None)
 
 
 class JMLError(ValueError):
@@ -252,28 +244,34 @@ class JMLResult:
   out_dim: int
 
 
-def host_target(J_F: np.ndarray, kind: str) -> np.ndarray:
+def host_target(J_F: np.ndarray, kind: str, dtype: Any = np.float32) -> np.ndarray:
   """J_F^T, J_F^-1 or J_F^+ of one example, in float64 numpy on the host.
 
-  The pseudo-inverse keeps singular values s > rtol s_max with rtol = 10 max(n_out,
-  n_in) eps_float32 (the cutoff of ``jnp.linalg.pinv`` for float32: J_F is computed in
-  float32, so its numerically zero singular values are ~eps_float32 s_max, not 0). It is
+  ``dtype`` is the one J_F was computed in (the block's). The pseudo-inverse keeps
+  singular values s > rtol s_max with rtol = 10 max(n_out, n_in) eps_dtype (the cutoff
+  of ``jnp.linalg.pinv``: J_F's numerically zero singular values are ~eps_dtype s_max,
+  not 0); IJML refuses a J_F singular to that precision. It is
   computed from the eigendecomposition of the smaller Gram matrix A A^T = U diag(lam) U^T
   (A = J_F or J_F^T, whichever is wide): A^+ = A^T U diag(1/lam) U^T on the kept pairs
-  (lam = s^2). In float64 the squared condition number (<= rtol^-2 ~ 1e5) costs nothing,
-  and it is ~4x cheaper than an SVD (XLA's CPU SVD is slower still).
+  (lam = s^2). For a float32 J_F the squared condition number (<= rtol^-2 ~ 1e5) costs
+  nothing in float64, and this is ~4x cheaper than an SVD (XLA's CPU SVD is slower
+  still). A float64 J_F's cutoff (rtol^2 ~ 1e-27) is below float64's resolution of the
+  Gram matrix, so its pseudo-inverse is taken from an SVD (``np.linalg.pinv``).
   """
   if kind == 'tjml':
     return J_F.T
   m, n = J_F.shape
-  rtol = 10 * max(m, n) * np.finfo(np.float32).eps
+  eps = float(jnp.finfo(dtype).eps)
+  rtol = 10 * max(m, n) * eps
   if kind == 'ijml':
     s = np.linalg.svd(J_F, compute_uv=False)
     if s[-1] <= rtol * s[0]:
-      raise JMLError(f'IJML is undefined: J_F ({m} x {n}) is singular to float32 precision '
-                     f'(s_min / s_max = {s[-1] / max(s[0], 1e-300):.1e} <= {rtol:.1e}); '
-                     f'use PJML')
+      raise JMLError(f'IJML is undefined: J_F ({m} x {n}) is singular to '
+                     f'{np.dtype(dtype)} precision (s_min / s_max = '
+                     f'{s[-1] / max(s[0], 1e-300):.1e} <= {rtol:.1e}); use PJML')
     return np.linalg.inv(J_F)
+  if eps < np.finfo(np.float32).eps:
+    return np.linalg.pinv(J_F, rcond=rtol)
   A = J_F if m <= n else J_F.T
   lam, U = np.linalg.eigh(A @ A.T)
   keep = lam > rtol ** 2 * max(lam.max(), 0.0)
@@ -296,18 +294,18 @@ def _exact_losses(net: network.Net, params: network.Params,
   (a FeedbackError if the block refuses the mode, a JMLError for IJML of a singular J_F).
   """
   f0 = lambda h: network.block_forward(net, n, params[n], h)[0]
-  y, ctx = jit(lambda h: network.block_forward(net, n, params[n], h))(h_in)
+  y, ctx = _jit(lambda h: network.block_forward(net, n, params[n], h))(h_in)
   B, n_in, n_out = h_in.shape[0], _size(h_in.shape[1:]), _size(y.shape[1:])
   chunk = max(1, min(B, MAX_EXACT_SIZE // max(n_in * n_out, 1)))
   while B % chunk:
     chunk -= 1
   f1 = _per_example(f0)
-  jac_f = jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
+  jac_f = _jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
   jac_gs = []
   for fb_params, mode in feedbacks:
     g1 = _per_example(lambda t, c, fb=fb_params, mode=mode:
                       network.block_feedback(net, n, fb[n], t, c, mode))
-    jac_gs.append(jit(jax.vmap(
+    jac_gs.append(_jit(jax.vmap(
         lambda y1, c1, g1=g1: _jac(lambda t: g1(t, c1), n_out, n_in)(y1).reshape(n_in, n_out))))
   out: list[dict[str, Any]] = [{} for _ in feedbacks]
   sums: list[dict[str, tuple[list, list]]] = [{k: ([], []) for k in kinds} for _ in feedbacks]
@@ -326,7 +324,7 @@ def _exact_losses(net: network.Net, params: network.Params,
         if any(kind in o for o in out):
           continue
         try:
-          T = host_target(J_F[b], kind)
+          T = host_target(J_F[b], kind, y.dtype)
         except JMLError as e:
           for o in out:
             o.setdefault(kind, e)
@@ -365,6 +363,13 @@ def _host_rng(key: Array) -> np.random.Generator:
   """A numpy generator seeded from a JAX key. Probes are drawn on the host: XLA:CPU
   takes seconds to compile a threefry normal of a large shape, numpy takes none."""
   return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+
+
+def _probes(rng: np.random.Generator, shape: Sequence[int], dtype) -> np.ndarray:
+  """N(0, 1) probes in the block's dtype: jax.jvp needs tangents of the primal's dtype.
+  Drawn in float64 for float64 blocks, else in float32 (then cast, e.g. to bfloat16)."""
+  draw = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+  return rng.standard_normal(shape, draw).astype(dtype, copy=False)
 
 
 def _delta_method(a2: np.ndarray, t2: np.ndarray):
@@ -428,15 +433,15 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
     return _exact_result(kind, *res, n_in, n_out)
   if num_probes < 2:
     raise JMLError(f'num_probes must be >= 2 for a standard error, got {num_probes}')
-  y, ctx = jit(f)(h_in)
+  y, ctx = _jit(f)(h_in)
   rng = _host_rng(jax.random.PRNGKey(0) if key is None else key)
   # Probes per vmapped step: bounded memory, and a divisor of num_probes so that a
   # single program is compiled.
   chunk = max(1, min(num_probes, 2 ** 22 // max(B * (n_in + n_out), 1)))
   while num_probes % chunk:
     chunk -= 1
-  stats = jit(lambda *a: _probe_stats(f0, g, *a))
-  parts = [stats(h_in, y, ctx, rng.standard_normal((chunk, *y.shape), np.float32))
+  stats = _jit(lambda *a: _probe_stats(f0, g, *a))
+  parts = [stats(h_in, y, ctx, _probes(rng, (chunk, *y.shape), y.dtype))
            for _ in range(num_probes // chunk)]
   a2, t2 = (np.concatenate([np.asarray(p[i], np.float64) for p in parts]) for i in (0, 1))
   absolute, relative, se_abs, se_rel = _delta_method(a2, t2)
@@ -444,6 +449,85 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
                    float(np.sqrt(np.sum(se_abs ** 2)) / B),
                    float(np.sqrt(np.sum(se_rel ** 2)) / B),
                    absolute, relative, num_probes, n_in, n_out)
+
+
+# --------------------------------------------------------------------------------------
+# Where PJMC is exact
+
+
+def _layer_chain(layer: layers.Layer) -> list[layers.Layer]:
+  """The layers of a block in forward order, nested Sequentials flattened."""
+  if isinstance(layer, layers.Sequential):
+    return [leaf for sub in layer.layers for leaf in _layer_chain(sub)]
+  return [layer]
+
+
+def _out_shape(layer: layers.Layer, in_shape: Sequence[int]) -> tuple[int, ...]:
+  return jax.eval_shape(
+      lambda h: layer.init_with_output(jax.random.PRNGKey(0), h, method='fwd')[0][0],
+      jax.ShapeDtypeStruct(tuple(in_shape), jnp.float32)).shape
+
+
+def pjmc_inexact_reason(block: layers.Layer, in_shape: Sequence[int]) -> str | None:
+  """Why PJMC's feedback of ``block`` is not the pseudo-inverse of its Jacobian, or None
+  where it is (PJML = 0). ``in_shape`` is the block's input shape, batch included.
+
+  PJMC composes the layers' own pseudo-inverses: for J_F = J_k ... J_1 (layers in
+  forward order) J_G = J_1^+ ... J_k^+, and (P A Q)^+ = Q^+ A^+ P^+ only in special
+  cases. With at most one non-square factor A (a dense layer, features != inputs; its
+  Jacobian has full rank), and P, Q the products of the factors after and before it:
+    A wide (outputs < inputs): exact if Q is orthogonal (reshape, transpose) and P
+      invertible (activations, square dense): (P A)^+ = A^+ P^-1 as A A^T is invertible;
+    A tall (outputs > inputs): exact if P is orthogonal and Q invertible;
+    no such A: J_F is invertible and J_G = J_F^-1.
+  Anything else (a tall dense followed by an activation, an activation before a wide
+  dense, two non-square dense layers) is inexact for generic weights. Layers of other
+  types either refuse PJMC themselves (conv, pooling, LayerNorm, mean, residual) or are
+  their own exact inverse (``reversible.Coupling``); they count as invertible here.
+  """
+  kinds, shape = [], tuple(in_shape)
+  for layer in _layer_chain(block):
+    out = _out_shape(layer, shape)
+    if isinstance(layer, (layers.Reshape, layers.Transpose)):
+      kinds.append(('orthogonal', describe(layer)))
+    elif isinstance(layer, layers.Dense) and out[-1] != shape[-1]:
+      kinds.append(('wide' if out[-1] < shape[-1] else 'tall',
+                    f'{describe(layer)} ({shape[-1]} -> {out[-1]})'))
+    else:
+      kinds.append(('invertible', describe(layer)))
+    shape = out
+  non_square = [i for i, (kind, _) in enumerate(kinds) if kind in ('wide', 'tall')]
+  if len(non_square) > 1:
+    return (f'{len(non_square)} non-square dense layers '
+            f'({", ".join(kinds[i][1] for i in non_square)}): the product of their '
+            f'pseudo-inverses is not the pseudo-inverse of the product')
+  if not non_square:
+    return None
+  j = non_square[0]
+  kind, what = kinds[j]
+  side = kinds[:j] if kind == 'wide' else kinds[j + 1:]
+  blocking = [name for k, name in side if k != 'orthogonal']
+  if not blocking:
+    return None
+  where = 'before' if kind == 'wide' else 'after'
+  return (f'{kind} {what} with {", ".join(blocking)} {where} it: PJMC is exact for a '
+          f'wide dense only with reshapes before it, for a tall one only with reshapes '
+          f'after it')
+
+
+def check_pjmc_exact(net: network.Net, x_shape: Sequence[int]) -> None:
+  """Raises FeedbackError naming every block after the first (block 0's feedback is
+  never used by DTP) whose PJMC feedback is not its Jacobian's pseudo-inverse."""
+  shape, bad = tuple(x_shape), []
+  for n, block in enumerate(net.blocks):
+    reason = pjmc_inexact_reason(block, shape) if n > 0 else None
+    if reason is not None:
+      bad.append(f'block {n} {describe(block)}: {reason}')
+    shape = _out_shape(block, shape)
+  if bad:
+    raise layers.FeedbackError(
+        'PJMC (layer-by-layer pseudo-inverses) is not the pseudo-inverse of these '
+        'blocks\' Jacobians, so PJML-DTP would not be PJML-DTP: ' + '; '.join(bad))
 
 
 # --------------------------------------------------------------------------------------
@@ -503,12 +587,13 @@ def report(net: network.Net, params: network.Params,
   Returns:
     dicts with keys block, description, shape, kind, feedback, mode, absolute,
     relative, method ('exact'|'estimated'), stderr_absolute, stderr_relative,
-    num_probes, used_by_dtp.
+    num_probes, used_by_dtp, and pjmc_exact: for a PJMC feedback, whether it is the
+    pseudo-inverse of the block's Jacobian (``pjmc_inexact_reason``), else None.
   """
   key = jax.random.PRNGKey(0) if key is None else key
   hs = [x]
   for n in range(len(net)):
-    hs.append(jit(lambda h, n=n: network.block_forward(net, n, params[n], h)[0])(hs[-1]))
+    hs.append(_jit(lambda h, n=n: network.block_forward(net, n, params[n], h)[0])(hs[-1]))
   names = list(feedbacks)
   rows = []
 
@@ -522,7 +607,9 @@ def report(net: network.Net, params: network.Params,
         absolute=r.absolute, relative=r.relative,
         method='exact' if r.exact else 'estimated',
         stderr_absolute=r.stderr_absolute, stderr_relative=r.stderr_relative,
-        num_probes=r.num_probes, used_by_dtp=n > 0)
+        num_probes=r.num_probes, used_by_dtp=n > 0,
+        pjmc_exact=(pjmc_inexact_reason(net.blocks[n], h_in.shape) is None
+                    if mode == layers.PJMC else None))
 
   for n in (range(len(net)) if blocks is None else blocks):
     n_in, n_out = _size(hs[n].shape[1:]), _size(hs[n + 1].shape[1:])
@@ -549,7 +636,8 @@ def report(net: network.Net, params: network.Params,
 def format_rows(rows: Sequence[dict]) -> str:
   """A fixed-width text table of ``report`` rows."""
   head = (f'{"blk":>3} {"kind":<5} {"feedback":<16} {"absolute":>22} {"relative":>22} '
-          f'{"method":<9} block')
+          f'{"method":<9} {"pjmc exact?":<11} block')
+  exact_flag = {None: '', True: 'yes', False: 'NO'}
   lines = [head, '-' * len(head)]
   for r in rows:
     def val(v, se):
@@ -557,7 +645,7 @@ def format_rows(rows: Sequence[dict]) -> str:
     lines.append(f'{r["block"]:>3} {r["kind"]:<5} {r["feedback"]:<16} '
                  f'{val(r["absolute"], r["stderr_absolute"]):>22} '
                  f'{val(r["relative"], r["stderr_relative"]):>22} {r["method"]:<9} '
-                 f'{r["description"]} {r["shape"]}')
+                 f'{exact_flag[r["pjmc_exact"]]:<11} {r["description"]} {r["shape"]}')
   return '\n'.join(lines)
 
 

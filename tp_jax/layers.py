@@ -30,8 +30,13 @@ f + id                     g* + id
 f2 . f1                    g1* . g2*
 ========================  =====================================================
 
-IJMC (G = F^-1) and PJMC (G = J^+) are offered for the layers where they are
-closed-form (dense, invertible activations, reshapes); elsewhere they are refused.
+IJMC (G = F^-1) and PJMC (J_G = J_F^+) are offered for the layers where they are
+closed-form (dense: (t - b) W^-1 and (t - b) W^+; invertible activations: sigma^-1;
+reshapes); elsewhere they are refused. A block composes its layers' maps, so IJMC gives
+G = F^-1 for every block of square dense layers and invertible activations, but PJMC's
+composed pseudo-inverses are J_F^+ only in special cases (a wide dense with reshapes
+before it, a tall one with reshapes after it: ``jml.pjmc_inexact_reason``), and
+PJML-DTP refuses the other blocks.
 """
 
 from __future__ import annotations
@@ -144,7 +149,13 @@ torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'
 
 
 class Dense(Layer):
-  """y = x W + b on the last axis; G*(t) = t W^T (IJMC: t W^-1, PJMC: t W^+)."""
+  """y = x W + b on the last axis; G*(t) = t W^T (TJMC matches Jacobians: no bias).
+
+  IJMC: G(t) = (t - b) W^-1 = F^-1(t); PJMC: G(t) = (t - b) W^+, the minimum-norm
+  least-squares solution of x W + b = t. The bias is subtracted so that the feedback of
+  an earlier layer of the block (a sigma^-1) is evaluated at its own forward output; a
+  dropped bias would cancel in DTP's G(t) - G(h) only where the dense layer is the
+  block's first (nonlinear) layer."""
   features: int
   use_bias: bool = True
   kernel_init: Callable = torch_default_init
@@ -159,10 +170,13 @@ class Dense(Layer):
     return y, None
 
   def feedback(self, t, ctx, mode=TJMC):
-    w_IxO = self.variables['params']['kernel']
+    params = self.variables['params']
+    w_IxO = params['kernel']
     _check_last_dim('Dense feedback', t, w_IxO.shape[1], f'kernel {w_IxO.shape}')
     if mode.weights == 'transpose':
       return t @ w_IxO.T
+    if self.use_bias:
+      t = t - params['bias']
     if mode.weights == 'pinv':
       return t @ jnp.linalg.pinv(w_IxO)
     if w_IxO.shape[0] != w_IxO.shape[1]:
@@ -171,7 +185,7 @@ class Dense(Layer):
     return t @ jnp.linalg.inv(w_IxO)
 
   def feedback_is_linear(self, mode):
-    return True
+    return mode.weights == 'transpose' or not self.use_bias  # else affine: t - b
 
 
 # --------------------------------------------------------------------------------------
@@ -418,9 +432,13 @@ class LayerNorm(Layer):
 
   G*(t) = (I - 11^T/d)(gamma * t) / sqrt(s) with s = var(x) + eps frozen from the
   forward pass (eqs. 30-35). This drops the rank-one term x_hat (gamma * x_hat)^T /
-  (d sqrt(s)) of the true transposed Jacobian, so TJML = ||gamma * x_hat|| / sqrt(d s)
-  per example (1/sqrt(s) at gamma = 1; relative 1/sqrt(d - 2)): an approximation,
-  measured in the tests and in BUILD_NOTES.md.
+  (d sqrt(s)) of the true transposed Jacobian, so per example
+
+    TJML = ||x_hat|| ||gamma * x_hat|| / (d sqrt(s)),   ||x_hat||^2 = d var(x) / s.
+
+  When var(x) >> eps, ||x_hat||^2 ~ d: TJML ~ ||gamma * x_hat|| / sqrt(d s) (1/sqrt(s)
+  at gamma = 1, relative 1/sqrt(d - 2)); near var(x) ~ eps it is smaller by
+  sqrt(var(x) / s). An approximation, measured in the tests and in BUILD_NOTES.md.
   """
   epsilon: float = 1e-5
 
