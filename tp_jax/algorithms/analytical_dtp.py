@@ -9,6 +9,7 @@ from __future__ import annotations
 import optax
 
 from tp_jax import dtp
+from tp_jax import jml
 from tp_jax import layers
 from tp_jax import network
 from tp_jax.algorithms import common
@@ -36,4 +37,9 @@ def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> common.Algo
     grads, metrics = dtp.local_grads(net, state.params, None, mode, cfg.beta, x, labels)
     return common.finish_tp_step(tx, state, grads, metrics)
 
-  return common.Algorithm(lambda key, x: common.init_forward(net, tx, key, x), step)
+  def init(key, x):
+    if mode == layers.PJMC:  # composed pseudo-inverses are not always the block's
+      jml.check_pjmc_exact(net, x.shape)
+    return common.init_forward(net, tx, key, x)
+
+  return common.Algorithm(init, step)
