@@ -368,6 +368,9 @@ def test_event_files_round_trip_and_purge_on_resume(tmp_path):
   time.sleep(0.001)
   with metrics_writer.EventWriter(tmp_path, start_step=2) as w:  # resumed at step 2
     w.scalars(3, {'loss': 30.0})
+  w.close()  # closing twice is harmless; writing after closing is not
+  with pytest.raises(ValueError, match='is closed'):
+    w.scalars(4, {'loss': 40.0})
   series = _tensorboard_scalars(tmp_path)
   assert series['loss'] == [(1, 1.0), (2, 0.5), (3, 30.0)]
   assert series['block/1'] == [(1, 1.0), (2, 2.0)]
