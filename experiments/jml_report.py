@@ -10,11 +10,11 @@ TJML = ||J_G - J_F^T||_F (and IJML = ||J_G - J_F^-1||_F for square blocks, PJML 
   tjmc_integral   the analytical feedback G*, activations fed back through
                   varsigma = int sigma'(sigma^-1) (FeedbackMode TJMC)
   tjmc_hadamard   G* with the Hadamard activation feedback sigma'(x) * t
+  fwdtp_random    a fixed random feedback, kernels ~ U(-1e-3, 1e-3) (FWDTP), LEARNED mode
   pjmc            the layers' pseudo-inverses composed (PJMC; rows only for blocks
                   that do not refuse it: dense, activations, reshapes). Its column
                   "pjmc exact?" says whether that composition is the block's J_F^+
                   (``jml.pjmc_inexact_reason``): PJML-DTP refuses blocks where it is not
-  fwdtp_random    a fixed random feedback, kernels ~ U(-1e-3, 1e-3) (FWDTP), LEARNED mode
 
 with absolute and relative (/ ||target||_F) values, batch means of per-example values.
 Blocks whose n_in * n_out exceeds --max_exact_size use the matrix-free estimate
@@ -93,9 +93,10 @@ def feedbacks(params: network.Params, key: jax.Array, fb_scale: float = 1e-3) ->
   return {
       'tjmc_integral': (params, layers.TJMC),
       'tjmc_hadamard': (params, layers.TJMC_HADAMARD),
-      'pjmc': (params, layers.PJMC),
       'fwdtp_random': (jax.jit(lambda p, k: network.init_feedback(p, k, scale=fb_scale))(
           params, key), layers.LEARNED),
+      # Last: the probes of the estimated rows above stay those of earlier reports.
+      'pjmc': (params, layers.PJMC),
   }
 
 

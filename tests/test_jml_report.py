@@ -14,7 +14,7 @@ from absl import flags
 from experiments import jml_report
 from tp_jax import data
 
-FEEDBACKS = ('tjmc_integral', 'tjmc_hadamard', 'pjmc', 'fwdtp_random')
+FEEDBACKS = ('tjmc_integral', 'tjmc_hadamard', 'fwdtp_random', 'pjmc')
 
 
 @pytest.fixture(scope='module')
