@@ -576,34 +576,30 @@ class Sequential(Layer):
   """f_k . ... . f_1, with feedback g_1 . ... . g_k (the reversed composition)."""
   layers: Sequence[nn.Module]
 
-  def _checked(self):
-    for i, layer in enumerate(self.layers):
-      if not isinstance(layer, Layer):
-        raise FeedbackError(
-            f'layer {i} of {self.name or "Sequential"} is {type(layer).__module__}.'
-            f'{type(layer).__name__}, which has no feedback defined; build models '
-            f'from tp_jax.layers')
-    return self.layers
+  def __post_init__(self):
+    # Plain Flax modules get the feedback derived by autodiff (tp_jax.derived).
+    object.__setattr__(self, 'layers', [_as_layer(layer) for layer in self.layers])
+    super().__post_init__()
 
   def fwd(self, x):
     ctxs = []
-    for layer in self._checked():
+    for layer in self.layers:
       x, ctx = layer.fwd(x)
       ctxs.append(ctx)
     return x, tuple(ctxs)
 
   def feedback(self, t, ctx, mode=TJMC):
-    for layer, c in zip(reversed(self._checked()), reversed(ctx)):
+    for layer, c in zip(reversed(self.layers), reversed(ctx)):
       t = layer.feedback(t, c, mode)
     return t
 
   def feedback_is_linear(self, mode):
-    return all(layer.feedback_is_linear(mode) for layer in self._checked())
+    return all(layer.feedback_is_linear(mode) for layer in self.layers)
 
   def feedback_difference(self, t, h, ctx, mode=TJMC):
     """Propagates t and h through the nonlinear layers, then the difference alone
     through the linear rest (g_1 . ... . g_k applies g_k first)."""
-    layers_, ctx = list(self._checked()), list(ctx)
+    layers_, ctx = list(self.layers), list(ctx)
     while layers_ and not all(l.feedback_is_linear(mode) for l in layers_):
       layer, c = layers_.pop(), ctx.pop()
       t, h = layer.feedback(t, c, mode), layer.feedback(h, c, mode)
@@ -615,7 +611,11 @@ class Sequential(Layer):
 
 class Residual(Layer):
   """F(x) = f(x) + x, G(t) = g*(t) + t (TJMC only: F's inverse is not closed-form)."""
-  inner: Layer
+  inner: nn.Module
+
+  def __post_init__(self):
+    object.__setattr__(self, 'inner', _as_layer(self.inner))
+    super().__post_init__()
 
   def fwd(self, x):
     y, ctx = self.inner.fwd(x)
@@ -636,3 +636,17 @@ class Residual(Layer):
     if mode.weights != 'transpose':
       raise self._refuse(mode, mode.weights)
     return self.inner.feedback_difference(t, h, ctx, mode) + (t - h)
+
+
+def _as_layer(module: Any) -> Layer:
+  from tp_jax import derived  # pylint: disable=g-import-not-at-top (it imports this module)
+  return derived.as_layer(module)
+
+
+def __getattr__(name: str) -> Any:
+  """``layers.Derived``, ``layers.Function`` and ``layers.from_nnx`` live in
+  ``tp_jax.derived``, which imports this module: looked up on first use."""
+  if name in ('Derived', 'Function', 'from_nnx'):
+    from tp_jax import derived  # pylint: disable=g-import-not-at-top
+    return getattr(derived, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

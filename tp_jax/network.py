@@ -3,7 +3,8 @@
 ``Net.blocks`` are the units that get their own target: F_1, ..., F_N with
 h_0 = x and h_n = F_n(h_{n-1}). Each block is a ``tp_jax.layers.Layer`` (usually a
 ``Sequential``), so its feedback G_n is derived from its definition: no model has a
-hand-written feedback network.
+hand-written feedback network. A plain Flax module (Linen or NNX) given as a block is
+wrapped as ``layers.Derived``: its feedback is its transposed Jacobian, by autodiff.
 
 Parameters are an explicit tuple with one Flax ``params`` dict per block; feedback
 weights of the learned/fixed methods are a second tuple of the same structure.
@@ -11,12 +12,14 @@ weights of the learned/fixed methods are a second tuple of the same structure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from tp_jax import derived
 from tp_jax import layers
 
 Array = jax.Array
@@ -31,23 +34,34 @@ class Net:
   name: str = 'net'
 
   def __post_init__(self):
+    wrapped = []
     for i, block in enumerate(self.blocks):
-      if not isinstance(block, layers.Layer):
-        raise layers.FeedbackError(
-            f'{self.name}: block {i} is {type(block).__name__}, which has no feedback '
-            f'defined; build blocks from tp_jax.layers')
+      try:
+        wrapped.append(derived.as_layer(block))
+      except (ValueError, layers.FeedbackError) as e:
+        raise type(e)(f'{self.name}: block {i}: {e}') from e
+    object.__setattr__(self, 'blocks', tuple(wrapped))
 
   def __len__(self) -> int:
     return len(self.blocks)
 
 
 def init(net: Net, key: Array, x: Array) -> Params:
-  """Initialises every block in order, propagating shapes through the forward pass."""
+  """Initialises every block in order, propagating shapes through the forward pass.
+
+  A block that cannot take the previous block's output (shape, dtype) or that the
+  derived feedback refuses raises here, before training, naming the block."""
   params = []
-  for block, k in zip(net.blocks, jax.random.split(key, len(net))):
-    p = block.init(k, x, method='fwd').get('params', {})
+  for n, (block, k) in enumerate(zip(net.blocks, jax.random.split(key, len(net)))):
+    try:
+      p = block.init(k, x, method='fwd').get('params', {})
+      x, _ = block.apply({'params': p}, x, method='fwd')
+    except (ValueError, layers.FeedbackError) as e:
+      if type(e) not in (ValueError, layers.FeedbackError):
+        raise  # a library's own error type (its constructor may take other arguments)
+      raise type(e)(f'{net.name}: block {n} ({type(block).__name__}) on an input of '
+                    f'shape {x.shape}: {e}') from e
     params.append(p)
-    x, _ = block.apply({'params': p}, x, method='fwd')
   return tuple(params)
 
 
@@ -59,13 +73,24 @@ def block_forward(net: Net, n: int, p: dict, h: Array) -> tuple[Array, Any]:
 def block_feedback(net: Net, n: int, p: dict, t: Array, ctx: Any,
                    mode: layers.FeedbackMode = layers.TJMC) -> Array:
   """G_n(t): pass the forward params for TJMC, or separate feedback weights."""
-  return net.blocks[n].apply({'params': p}, t, ctx, mode, method='feedback')
+  with _naming_block(net, n):
+    return net.blocks[n].apply({'params': p}, t, ctx, mode, method='feedback')
 
 
 def block_feedback_difference(net: Net, n: int, p: dict, t: Array, h: Array, ctx: Any,
                               mode: layers.FeedbackMode = layers.TJMC) -> Array:
   """G_n(t) - G_n(h), each linear part of G_n applied once to a difference."""
-  return net.blocks[n].apply({'params': p}, t, h, ctx, mode, method='feedback_difference')
+  with _naming_block(net, n):
+    return net.blocks[n].apply({'params': p}, t, h, ctx, mode, method='feedback_difference')
+
+
+@contextlib.contextmanager
+def _naming_block(net: Net, n: int):
+  """A FeedbackError (a mode the block cannot give) says which block refused."""
+  try:
+    yield
+  except layers.FeedbackError as e:
+    raise layers.FeedbackError(f'{net.name}: block {n}: {e}') from e
 
 
 def forward(net: Net, params: Params, x: Array, detach: bool = False
