@@ -52,6 +52,9 @@ pseudo-inverse keeps singular values above 10 max(n_in, n_out) eps s_max, eps th
 the block's dtype, as ``jnp.linalg.pinv`` does. (The matrix functions
 ``pjml``/``target_matrix`` use ``jnp.linalg.pinv`` with that cutoff.) The matrix-free
 probes are drawn in the block's dtype too.
+
+PJMC builds G from the layers' own pseudo-inverses, which is J_F^+ only for some blocks:
+``pjmc_inexact_reason`` states the rule, ``check_pjmc_exact`` applies it to a network.
 """
 
 from __future__ import annotations
