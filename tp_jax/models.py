@@ -3,7 +3,10 @@ each definition; the feedback path is derived from it (``tp_jax.network``)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
+
+import flax.linen as nn
 
 from tp_jax import layers as L
 from tp_jax import reversible
@@ -121,3 +124,62 @@ def get(name: str, **kwargs) -> Net:
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid models: {sorted(MODELS)}')
   return MODELS[name](**kwargs)
+
+# --------------------------------------------------------------------------------------
+# ResNet-18 (an extension of the paper: it studies skip connections empirically only)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+  """GroupNorm with 32 groups (Wu & He 2018), fewer where the width has fewer channels.
+  Not BatchNorm: its batch statistics make a block's output depend on the other
+  examples and on running state, so a target for one example is not defined."""
+  return nn.GroupNorm(num_groups=math.gcd(32, channels))
+
+
+class PreActDownsample(nn.Module):
+  """The pre-activation unit that changes resolution and width (He et al. 2016b, with
+  the projection shortcut on the pre-activated input): a = act(GN(x)),
+  F(x) = conv3x3(act(GN(conv3x3/s(a)))) + conv1x1/s(a). A plain Flax module: its
+  feedback (g* + P^T, with P the projection) is derived by autodiff."""
+  features: int
+  strides: tuple[int, int] = (2, 2)
+  act: str = 'elu'
+  negative_slope: float = 0.01
+
+  @nn.compact
+  def __call__(self, x):
+    sigma = L.ACTIVATIONS[self.act](self.negative_slope).f
+    conv = lambda k, s, **kw: nn.Conv(self.features, k, s, padding='SAME',
+                                      kernel_init=L.torch_default_init, **kw)
+    a = sigma(_group_norm(x.shape[-1])(x))
+    y = conv((3, 3), self.strides)(a)
+    y = conv((3, 3), (1, 1))(sigma(_group_norm(self.features)(y)))
+    return y + conv((1, 1), self.strides, use_bias=False)(a)
+
+
+def resnet18(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
+             width: int = 64, conv_impl: str = 'auto') -> Net:
+  """ResNet-18, CIFAR variant (3x3 stem, no max-pool; four stages of two basic units,
+  ``width`` x (1, 2, 4, 8) channels, strides 1, 2, 2, 2), pre-activation (He et al.
+  2016b) so that every unit with an identity skip is exactly F = f + id, one DTP block
+  with G* = g* + id (``layers.Residual``): f = conv(act(GN(conv(act(GN(x)))))), its
+  convs closed-form, its GroupNorms derived. The three units that downsample are one
+  DTP block each too (``PreActDownsample``, derived). Blocks: the stem conv, the eight
+  units, and the head (GN, act, global average pooling, dense): 10 in all.
+  """
+  a = lambda: L.Activation(act, negative_slope)
+  conv = lambda c, s=(1, 1): L.Conv(c, (3, 3), s, padding='SAME', impl=conv_impl)
+  blocks = [L.Sequential([conv(width)])]
+  for stage, c in enumerate(width * m for m in (1, 2, 4, 8)):
+    for unit in range(2):
+      if stage > 0 and unit == 0:
+        blocks.append(PreActDownsample(c, (2, 2), act, negative_slope))
+      else:
+        blocks.append(L.Residual(L.Sequential(
+            [_group_norm(c), a(), conv(c), _group_norm(c), a(), conv(c)])))
+  blocks.append(L.Sequential([_group_norm(8 * width), a(), L.Mean(axis=(1, 2)),
+                              L.Dense(num_classes)]))
+  return Net(tuple(blocks), name='resnet18')
+
+
+MODELS['resnet18'] = resnet18
