@@ -23,9 +23,10 @@ import pytest
 
 from tp_jax import data
 
-# The real files live next to the repo: <repo>/../shared/data (read-only).
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real datasets not found at {REAL}")
+# The real files, found by the loader's own lookup at import (before tests scrub $TP_JAX_DATA);
+# tests that read them use conftest's real_data_dir fixture, which fails under CI when absent.
+REAL = data.resolve_data_dir()
+needs_real = pytest.mark.usefixtures("real_data_dir")
 
 MNIST_TEST = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -64,10 +65,8 @@ def no_external_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def real():
+def real(real_data_dir):
     """Cached loader for the real data (each split parsed once per module)."""
-    if not REAL.is_dir():
-        pytest.skip(f"real datasets not found at {REAL}")
     return functools.cache(lambda name, split: data.load(name, split, REAL, download=False))
 
 
@@ -133,10 +132,8 @@ class _FaultyHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def mnist_copy(tmp_path):
+def mnist_copy(tmp_path, real_data_dir):
     """A data dir in tmp_path holding copies of the real MNIST test files; returns (root, dir)."""
-    if not REAL.is_dir():
-        pytest.skip(f"real datasets not found at {REAL}")
     d = tmp_path / "data" / "mnist"
     d.mkdir(parents=True)
     for f in MNIST_TEST:
@@ -639,11 +636,9 @@ def test_train_val_split_is_disjoint_and_complete():
 
 
 @pytest.fixture(scope="module")
-def tfds_root(tmp_path_factory):
+def tfds_root(tmp_path_factory, real_data_dir):
     """TFDS's prepared-records dir, shared by the module (preparing MNIST takes ~20 s)."""
     pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed")
-    if not REAL.is_dir():
-        pytest.skip(f"real datasets not found at {REAL}")
     return tmp_path_factory.mktemp("tfds")
 
 
