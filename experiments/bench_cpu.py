@@ -1,16 +1,20 @@
 r"""CPU speed of whole training steps: BP and TJML-DTP on LeNet and Simplified-VGG, with
 tp_jax's fast convolution and with XLA's standard one, beside PyTorch's BP step of the
-same architecture (when torch is installed).
+same architecture (when torch is installed); and, with ``--layer``, one convolution's
+forward pass, input gradient and weight gradient under each implementation.
 
   python -m experiments.bench_cpu [--models=lenet,simple_vgg] [--rounds=7] [--steps=3]
+  python -m experiments.bench_cpu --models= --layer [--layer_shape=128,32,128,128,3,1]
 
-Every JAX step is the library's own jitted algorithm step (``tp_jax.algorithms``, the
-config of ``experiments/configs/{lenet,vgg}_cifar10.py``: batch, optimiser, beta) on
-random CIFAR-shaped data held on the device; the PyTorch step is the same layers, loss
-and SGD (momentum, weight decay) in NCHW. Compilation and two warm-up steps per variant
-are not timed; then ``rounds`` rounds, each timing ``steps`` consecutive steps of every
-variant in rotating order; the median over rounds is reported with the ratios to
-PyTorch's step (issue 7's target: <= 1.2) and to the fast BP step.
+Every JAX step is the training loop's own compiled step (``tp_jax.train.setup``: batch
+gather, augmentation, the method's step; the config of
+``experiments/configs/{lenet,vgg}_cifar10.py``: batch, optimiser, beta) on one batch
+of random CIFAR-shaped data held on the device; the PyTorch step is the same layers,
+loss and SGD (momentum, weight decay) in NCHW (``experiments.torch_reference``).
+Compilation and two warm-up steps per variant are not timed; then ``rounds`` rounds,
+each timing ``steps`` consecutive steps of every variant in rotating order
+(``experiments.timing``); the median over rounds is reported with the ratios to
+PyTorch's step and to the fast BP step.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from typing import Callable
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
+from experiments import synthetic
+from experiments import timing
+from experiments import torch_reference
 from experiments.configs import lenet_cifar10
 from experiments.configs import vgg_cifar10
-from tp_jax import algorithms
-from tp_jax import models
+from tp_jax import conv
 from tp_jax import train
 
 _MODELS = flags.DEFINE_list('models', ['lenet', 'simple_vgg'], 'lenet and/or simple_vgg.')
@@ -39,79 +44,64 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Consecutive steps per variant per rou
 _IMPLS = flags.DEFINE_list('conv_impls', ['fast', 'xla'], 'tp_jax.conv implementations.')
 _METHODS = flags.DEFINE_list('methods', ['bp', 'tjml_dtp'], 'JAX methods to time.')
 _TORCH = flags.DEFINE_bool('torch', True, "Time PyTorch's BP step when torch imports.")
+_LAYER = flags.DEFINE_bool('layer', False, 'Also time one convolution layer: forward, '
+                           'input gradient, weight gradient, per implementation.')
+_LAYER_SHAPE = flags.DEFINE_list('layer_shape', ['128', '32', '128', '128', '3', '1'],
+                                 'batch, image size, in channels, out channels, kernel '
+                                 'size, stride of --layer (SAME padding).')
 
 CONFIGS = {'lenet': lenet_cifar10.get_config, 'simple_vgg': vgg_cifar10.get_config}
-Step = Callable[[], float]  # one training step, blocking until done; -> the loss
+WARMUP = 2
+Steps = Callable[[int], object]  # k -> the loss (or output) after k steps, blocking
 
 
-def jax_step(model: str, method: str, conv_impl: str) -> Step:
-  """One jitted training step of ``method`` on ``model`` (CIFAR shapes, random data)."""
+def jax_step(model: str, method: str, conv_impl: str, **overrides) -> Steps:
+  """``method``'s training step on ``model`` (CIFAR shapes, one random batch), with
+  the config's fields updated by ``overrides``."""
   cfg = CONFIGS[model]()
-  net = models.get(model, **dict(cfg.model_kwargs, conv_impl=conv_impl))
   with cfg.unlocked():
     cfg.method = method
-  algo = algorithms.make(net, cfg, algorithms.make_optimizer(cfg.optimizer, 1000))
-  r = np.random.RandomState(0)
-  x = jax.device_put(r.randn(cfg.batch_size, 32, 32, 3).astype(np.float32))
-  y = jax.device_put(r.randint(0, 10, cfg.batch_size).astype(np.int32))
-  state = jax.jit(algo.init)(jax.random.key(0), x)
-  step = jax.jit(algo.step).lower(state, (x, y), jax.random.key(1)).compile()
-  box = [state]
+    cfg.model_kwargs.conv_impl = conv_impl
+    cfg.update(overrides)
+  run = train.setup(cfg, synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size))
+  idx = train.epoch_indices(run, 0)
+  box = [train.init_state(run)]
 
-  def run():
-    box[0], metrics = step(box[0], (x, y), jax.random.key(1))
+  def steps(k: int) -> float:
+    for _ in range(k):
+      box[0], metrics = run.train_step(box[0], run.x_train, run.y_train, idx, run.step_key)
     return float(metrics['loss'])
-  return run
+  return steps
 
 
-def torch_step(model: str) -> tuple[Step, str] | None:
+def torch_step(model: str) -> tuple[Steps, str] | None:
   """PyTorch's BP step of the same architecture, loss and optimiser, or None."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  nn = torch.nn
-  torch.set_num_threads(os.cpu_count() or 1)
-  cfg = CONFIGS[model]()
-  if model == 'lenet':
-    layers = [nn.Conv2d(3, 32, 5, padding=2), nn.ELU(), nn.MaxPool2d(3, 2, 1),
-              nn.Conv2d(32, 64, 5, padding=2), nn.ELU(), nn.MaxPool2d(3, 2, 1),
-              nn.Flatten(), nn.Linear(64 * 8 * 8, 512), nn.ELU(), nn.Linear(512, 10)]
-  else:
-    layers, c = [], 3
-    for co in (128, 128, 256, 256, 512):
-      layers += [nn.Conv2d(c, co, 3, padding=1), nn.ELU(), nn.MaxPool2d(2)]
-      c = co
-    layers += [nn.Flatten(), nn.Linear(512, 10)]
-  net = nn.Sequential(*layers)
-  opt = torch.optim.SGD(net.parameters(), lr=cfg.optimizer.lr,
-                        momentum=cfg.optimizer.momentum,
-                        weight_decay=cfg.optimizer.weight_decay)
-  x = torch.randn(cfg.batch_size, 3, 32, 32)
-  y = torch.randint(0, 10, (cfg.batch_size,))
-  loss_fn = nn.CrossEntropyLoss()
-
-  def run():
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(net(x), y)
-    loss.backward()
-    opt.step()
-    return loss.item()
-  return run, torch.__version__
+  return torch_reference.bp_step(model, CONFIGS[model]()), torch.__version__
 
 
-def time_interleaved(steps: dict[str, Step], rounds: int, k: int) -> dict[str, list[float]]:
-  """ms/step of each variant per round; the order rotates between rounds."""
-  for run in steps.values():  # warm-up: caches, page faults, thread pools
-    run(), run()
-  names, out = list(steps), {n: [] for n in steps}
-  for rnd in range(rounds):
-    for n in names[rnd % len(names):] + names[:rnd % len(names)]:
-      t0 = time.perf_counter()
-      for _ in range(k):
-        steps[n]()
-      out[n].append(1e3 * (time.perf_counter() - t0) / k)
-  return out
+def conv_layer_ops(batch: int, size: int, cin: int, cout: int, kernel: int, stride: int,
+                   impl: str) -> dict[str, Steps]:
+  """Forward, input gradient and weight gradient of one SAME convolution (``impl``)."""
+  k = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(k[0], (batch, size, size, cin))
+  w = jax.random.normal(k[1], (kernel, kernel, cin, cout)) * 0.05
+  g = jax.random.normal(k[2], (batch, -(-size // stride), -(-size // stride), cout))
+  f = lambda x, w: conv.conv2d(x, w, (stride, stride), 'SAME', impl=impl)
+  ops = {'forward': jax.jit(f),
+         'input-grad': jax.jit(lambda x, w: jax.vjp(lambda x: f(x, w), x)[1](g)[0]),
+         'weight-grad': jax.jit(lambda x, w: jax.vjp(lambda w: f(x, w), w)[1](g)[0])}
+
+  def repeat(op):
+    def steps(n: int) -> jax.Array:
+      for _ in range(n):
+        out = op(x, w)
+      return jax.block_until_ready(out)
+    return steps
+  return {name: repeat(op) for name, op in ops.items()}
 
 
 def report(model: str, times: dict[str, list[float]], batch: int) -> list[str]:
@@ -125,6 +115,17 @@ def report(model: str, times: dict[str, list[float]], batch: int) -> list[str]:
   return rows
 
 
+def layer_report(what: str, times: dict[str, list[float]]) -> list[str]:
+  """Rows 'op / impl': median ms, speed-up over the same op with XLA's convolution."""
+  med = {n: statistics.median(v) for n, v in times.items()}
+
+  def speedup(name: str) -> str:
+    xla = med.get(name.split(' / ')[0] + ' / xla')
+    return f'{xla / med[name]:.2f}' if xla else ''
+  return [f'| {what} | {n} | {ms:.2f} | {speedup(n)} | '
+          f'{min(times[n]):.2f}–{max(times[n]):.2f} |' for n, ms in med.items()]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -133,10 +134,11 @@ def main(argv):
       raise app.UsageError(f'unknown model {m!r}; valid: {sorted(CONFIGS)}')
   hw = train.hardware()
   load_before = os.getloadavg()[0]
-  rows = []
+  plan = timing.Plan(rounds=_ROUNDS.value, steps=_STEPS.value, warmup=WARMUP)
+  rows, layer_rows = [], []
   torch_version = None
   for model in _MODELS.value:
-    steps: dict[str, Step] = {}
+    steps: dict[str, Steps] = {}
     for method in _METHODS.value:
       for impl in _IMPLS.value:
         t0 = time.perf_counter()
@@ -145,19 +147,29 @@ def main(argv):
               file=sys.stderr)
     if _TORCH.value and (ts := torch_step(model)):
       steps['pytorch bp'], torch_version = ts
-    rows += report(model, time_interleaved(steps, _ROUNDS.value, _STEPS.value),
-                   CONFIGS[model]().batch_size)
-  print('\n'.join([
+    rows += report(model, timing.interleaved(steps, plan), CONFIGS[model]().batch_size)
+  if _LAYER.value:
+    b, s, ci, co, k, st = (int(v) for v in _LAYER_SHAPE.value)
+    ops = {f'{op} / {impl}': fn for impl in _IMPLS.value
+           for op, fn in conv_layer_ops(b, s, ci, co, k, st, impl).items()}
+    layer_rows = layer_report(f'conv {k}x{k} {ci}->{co} on {s}x{s}, stride {st} (batch {b})',
+                              timing.interleaved(ops, plan))
+  lines = [
       f'- command: `python -m experiments.bench_cpu {" ".join(sys.argv[1:])}`',
       f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
       f'- hardware: {hw["cpu_count"]} CPU cores visible, {hw["platform"]}; jax {hw["jax"]}'
       + (f', torch {torch_version}' if torch_version else '')
       + f'; load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after',
       f'- timing: {_ROUNDS.value} rounds × {_STEPS.value} steps per variant, rotating '
-      f'order, after compilation and 2 warm-up steps; median ms/step (range over rounds)',
-      '',
-      '| model | method / conv | ms/step | × PyTorch BP | × BP (fast conv) | range |',
-      '|---|---|---|---|---|---|', *rows]))
+      f'order, after compilation and {WARMUP} warm-up steps; median ms/step (range over '
+      f'rounds)']
+  if rows:
+    lines += ['', '| model | method / conv | ms/step | × PyTorch BP | × BP (fast conv) | range |',
+              '|---|---|---|---|---|---|', *rows]
+  if layer_rows:
+    lines += ['', '| layer | op / conv | ms | speed-up over xla | range |',
+              '|---|---|---|---|---|', *layer_rows]
+  print('\n'.join(lines))
 
 
 if __name__ == '__main__':

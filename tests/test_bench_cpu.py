@@ -1,20 +1,11 @@
-"""experiments.bench_cpu: the timing loop, the report, and one real step per kind."""
+"""experiments.bench_cpu: the reports, and one real step per kind."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from experiments import bench_cpu
-
-
-def test_time_interleaved_runs_every_variant_in_rotating_order():
-  calls = []
-  steps = {n: (lambda n=n: calls.append(n)) for n in 'abc'}
-  times = bench_cpu.time_interleaved(steps, rounds=3, k=2)
-  assert {n: len(v) for n, v in times.items()} == {'a': 3, 'b': 3, 'c': 3}
-  timed = calls[6:]  # after 2 warm-up calls each
-  firsts = [timed[6 * r] for r in range(3)]
-  assert firsts == ['a', 'b', 'c'], timed
 
 
 def test_report_ratios():
@@ -24,16 +15,32 @@ def test_report_ratios():
   assert rows[1].startswith('| lenet (batch 256) | pytorch bp | 5.5 | 1.00 | 0.50 |')
 
 
+def test_layer_report_speedup_over_xla():
+  rows = bench_cpu.layer_report('conv', {'forward / xla': [4.0, 6.0, 5.0],
+                                         'forward / fast': [2.0, 3.0, 2.5]})
+  assert rows == ['| conv | forward / xla | 5.00 | 1.00 | 4.00–6.00 |',
+                  '| conv | forward / fast | 2.50 | 2.00 | 2.00–3.00 |']
+
+
 @pytest.mark.parametrize('method', ['bp', 'tjml_dtp'])
 def test_jax_step_trains_on_its_batch(method):
-  run = bench_cpu.jax_step('lenet', method, 'fast')
-  losses = [run() for _ in range(3)]  # the same batch each step: the loss falls
+  run = bench_cpu.jax_step('lenet', method, 'fast', augment=False)
+  losses = [run(1) for _ in range(3)]  # the same batch each step: the loss falls
   assert losses[2] < losses[0], losses
+
+
+def test_conv_layer_ops_agree_across_implementations():
+  shape = dict(batch=2, size=8, cin=3, cout=4, kernel=3, stride=2)
+  fast = bench_cpu.conv_layer_ops(**shape, impl='fast')
+  xla = bench_cpu.conv_layer_ops(**shape, impl='xla')
+  assert set(fast) == set(xla) == {'forward', 'input-grad', 'weight-grad'}
+  for op in fast:
+    np.testing.assert_allclose(fast[op](2), xla[op](2), rtol=1e-4, atol=1e-4)
 
 
 def test_torch_step_trains_on_its_batch():
   pytest.importorskip('torch')
   run, version = bench_cpu.torch_step('lenet')
-  losses = [run() for _ in range(3)]
+  losses = [run(1) for _ in range(3)]
   assert losses[2] < losses[0], losses
   assert version

@@ -1,4 +1,4 @@
-"""experiments.plot: learning curves from metrics.jsonl as PNG."""
+"""tp_jax.plot and experiments.plot: learning curves from metrics.jsonl as PNG."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip('matplotlib')
 
-from experiments import plot  # pylint: disable=g-import-not-at-top
+from tp_jax import plot  # pylint: disable=g-import-not-at-top
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""experiments/reproduce.py and experiments/figure2.py: the smoke profile of every table
+"""experiments.reproduce: the smoke profile of every table
 and a tiny Figure 2, in-process on synthetic data of the real shapes (no dataset files).
 
 Checks the machinery, not accuracy or speed: every output file exists, each generated
@@ -17,8 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from experiments import figure2
-from experiments import reproduce as R
+from experiments import synthetic
+from experiments.reproduce import accuracy
+from experiments.reproduce import commands
+from experiments.reproduce import figure2
+from experiments.reproduce import speed
+from experiments.reproduce import tables
 from tp_jax import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +56,7 @@ def number(cell: str) -> float:
 @pytest.fixture(scope='module')
 def smoke_tables(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reproduce')
-  paths = {t: R.run_table(t, 'smoke', workdir, source='synthetic', log=lambda s: None)
+  paths = {t: commands.run_table(t, 'smoke', workdir, source='synthetic', log=lambda s: None)
            for t in (1, 2, 3, 4)}
   return workdir, paths
 
@@ -69,7 +73,7 @@ def test_smoke_table(smoke_tables, table):
     assert what in text
   assert (workdir / 'smoke' / f'table{table}_curves.png').stat().st_size > 1000
 
-  cols = R.TABLES[table]
+  cols = tables.TABLES[table]
   rows = parse_table(text)
   assert len(rows) == sum(len(c.methods) for c in cols)
   has_ldrl = any('ldrl' in c.methods for c in cols)
@@ -103,14 +107,14 @@ def test_smoke_table(smoke_tables, table):
     if 'bp' in by:
       assert by['bp']['Speed vs BP'] == '×1.00'
     for m, r in by.items():
-      paper = R.PAPER_TEST_ACC.get((table, col.id, m))
+      paper = tables.PAPER_TEST_ACC.get((table, col.id, m))
       assert r['Paper test acc (%)'] == ('' if paper is None else f'{paper:.1f}')
 
     root = workdir / 'smoke' / f'table{table}'
     speed = json.loads((root / f'speed_{col.id}.json').read_text())
     assert set(speed['methods']) == set(col.methods)
     for m in col.methods:
-      res = json.loads((R.run_dir(root, col, m, 0) / 'result.json').read_text())
+      res = json.loads((accuracy.run_dir(root, col, m, 0) / 'result.json').read_text())
       assert res['config']['method'] == m and res['config']['dataset'] == col.dataset
       assert res['config']['model'] == col.get_config().model
       assert res['steps_per_epoch'] == 2 and res['epochs'] == 1
@@ -118,7 +122,7 @@ def test_smoke_table(smoke_tables, table):
   assert ('Performance targets' in text) == (table != 4)
   assert ('GFLOP ratio' in text) == (table != 4)
   if table in (1, 2, 3):
-    assert [R.PAPER_TEST_ACC[(table, c.id, 'tjml_dtp')] for c in cols] == {
+    assert [tables.PAPER_TEST_ACC[(table, c.id, 'tjml_dtp')] for c in cols] == {
         1: [99.3, 91.4, 76.7], 2: [85.2], 3: [56.9]}[table]
 
 
@@ -129,18 +133,20 @@ def test_step_gflop_counts_the_step():
   cfg.model_kwargs = {'act': 'leaky_relu', 'widths': (256, 256)}
   dims = [(16 * 16, 256), (256, 256), (256, 10)]
   matmuls = 2 * cfg.batch_size * (3 * sum(a * b for a, b in dims) - dims[0][0] * dims[0][1])
-  assert R.step_gflop(cfg, (16, 16, 1)) == pytest.approx(matmuls / 1e9, rel=0.05)
+  ds = synthetic.dataset(cfg.dataset, n_train=cfg.batch_size, n_test=8,
+                         image_shape=(16, 16, 1))
+  assert speed.step_gflop(cfg, ds) == pytest.approx(matmuls / 1e9, rel=0.05)
   cfg.method = 'tjml_dtp'  # the same products: feedback W^T replaces the input gradients
-  assert R.step_gflop(cfg, (16, 16, 1)) == pytest.approx(matmuls / 1e9, rel=0.05)
+  assert speed.step_gflop(cfg, ds) == pytest.approx(matmuls / 1e9, rel=0.05)
   cfg.method = 'ldrl'
-  assert R.step_gflop(cfg, (16, 16, 1)) is None
+  assert speed.step_gflop(cfg, ds) is None
 
 
 def test_table4_rows():
   """Reversible Mixer (exact-inverse feedback) vs TJML-DTP and BP on the Mixer."""
-  rev, mixer = R.TABLES[4]
-  assert R.make_config(rev, 'tjml_dtp', R.PROFILES['paper'], 0).model == 'reversible_mixer'
-  cfg = R.make_config(mixer, 'tjml_dtp', R.PROFILES['paper'], 0)
+  rev, mixer = tables.TABLES[4]
+  assert tables.make_config(rev, 'tjml_dtp', tables.PROFILES['paper'], 0).model == 'reversible_mixer'
+  cfg = tables.make_config(mixer, 'tjml_dtp', tables.PROFILES['paper'], 0)
   assert cfg.model == 'mlp_mixer' and mixer.methods == ('tjml_dtp', 'bp')
   assert rev.id != mixer.id  # separate run directories
 
@@ -150,39 +156,39 @@ def test_table_regenerates_and_reuses_runs(smoke_tables):
   workdir, paths = smoke_tables
   before = parse_table(paths[2].read_text())
   logs = []
-  R.run_table(2, 'smoke', workdir, what='accuracy', source='synthetic', log=logs.append)
+  commands.run_table(2, 'smoke', workdir, what='accuracy', source='synthetic', log=logs.append)
   assert sum('reusing finished run' in l for l in logs) == 4
   assert [l.split(':')[0] for l in logs if ' run ' in l and 'training' in l] == [
       f'table 2 run {i}/4' for i in range(1, 5)]  # progress: which run of how many
-  after = parse_table(R.run_table(2, 'smoke', workdir, what='table',
+  after = parse_table(commands.run_table(2, 'smoke', workdir, what='table',
                                   log=logs.append).read_text())
   assert after == before
 
 
 def test_run_dir_with_other_config_is_refused(tmp_path):
-  col = R.TABLES[2][0]
-  cfg = R.make_config(col, 'bp', R.PROFILES['smoke'], 0)
+  col = tables.TABLES[2][0]
+  cfg = tables.make_config(col, 'bp', tables.PROFILES['smoke'], 0)
   d = tmp_path / 'run'
   d.mkdir()
-  other = R._jsonable(cfg)
+  other = accuracy._jsonable(cfg)
   other['batch_size'] = 9
   (d / 'reproduce_config.json').write_text(json.dumps(other))
   with pytest.raises(RuntimeError, match='another config'):
-    R.train_one(cfg, d, None, log=lambda s: None)
+    accuracy.train_one(cfg, d, None, log=lambda s: None)
 
 
 def test_profiles_are_config_overrides():
-  col = R.TABLES[1][0]
-  paper = R.make_config(col, 'ldrl', R.PROFILES['paper'], 3)
+  col = tables.TABLES[1][0]
+  paper = tables.make_config(col, 'ldrl', tables.PROFILES['paper'], 3)
   ref = col.get_config()
   assert paper.seed == 3 and paper.method == 'ldrl'
   assert paper.epochs == ref.epochs and list(paper.feedback.iterations) == [41, 51, 24]
-  cpu = R.make_config(col, 'ldrl', R.PROFILES['cpu'], 0)
+  cpu = tables.make_config(col, 'ldrl', tables.PROFILES['cpu'], 0)
   assert list(cpu.feedback.iterations) == [41, 51, 24]  # LDRL's K is never cut in cpu
-  assert cpu.steps_per_epoch == R._CPU_LDRL_STEPS[1]
-  smoke = R.make_config(R.TABLES[3][0], 'ldrl', R.PROFILES['smoke'], 0)
+  assert cpu.steps_per_epoch == tables._CPU_LDRL_STEPS[1]
+  smoke = tables.make_config(tables.TABLES[3][0], 'ldrl', tables.PROFILES['smoke'], 0)
   assert list(smoke.feedback.iterations) == [1] * 10
-  assert R.PROFILES['paper'].seeds == (0, 1, 2, 3, 4)
+  assert tables.PROFILES['paper'].seeds == (0, 1, 2, 3, 4)
 
 
 def test_cli_refuses_unknown_table(tmp_path):
@@ -195,7 +201,7 @@ def test_cli_refuses_unknown_table(tmp_path):
 
 
 def test_figure2(tmp_path):
-  csv_path = R.run_figure(2, 'smoke', tmp_path, sizes=(4, 8), log=lambda s: None)
+  csv_path = commands.run_figure(2, 'smoke', tmp_path, sizes=(4, 8), log=lambda s: None)
   assert csv_path == tmp_path / 'smoke' / 'figure2.csv'
   with open(csv_path) as f:
     rows = list(csv.DictReader(f))
@@ -220,23 +226,23 @@ def test_figure2_ops_are_what_they_claim():
 
 
 def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
-  real_train = R.train.train_and_evaluate
+  real_train = accuracy.train.train_and_evaluate
 
   def train_or_diverge(cfg, workdir, **kwargs):
     if cfg.method == 'ldrl':
-      raise R.train.DivergenceError('training diverged at step 1: non-finite targets at '
+      raise accuracy.train.DivergenceError('training diverged at step 1: non-finite targets at '
                                     'block(s) [1]')
     return real_train(cfg, workdir, **kwargs)
 
-  monkeypatch.setattr(R.train, 'train_and_evaluate', train_or_diverge)
+  monkeypatch.setattr(accuracy.train, 'train_and_evaluate', train_or_diverge)
   logs = []
-  R.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
+  commands.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
   rows = {r['Method']: r for r in parse_table(
-      R.run_table(3, 'smoke', tmp_path, what='table', log=logs.append).read_text())}
+      commands.run_table(3, 'smoke', tmp_path, what='table', log=logs.append).read_text())}
   assert rows['LDRL']['Trained'] == 'diverged: seed 0 at step 1'
   assert rows['LDRL']['Test acc (%)'] == rows['LDRL']['Train acc (%)'] == ''
   for m in ('FWDTP', 'TJML-DTP', 'BP'):
     assert 0 <= number(rows[m]['Test acc (%)']) <= 100
   # The record is reused like a finished run: no second attempt.
-  R.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
+  commands.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
   assert sum('reusing finished run' in l for l in logs) == 4

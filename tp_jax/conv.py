@@ -17,7 +17,7 @@ on 32x32: forward ~190-280 ms, input-grad ~300-380 ms, weight-grad
 PyTorch 2.13 CPU does a whole SimpleVGG BP step in ~333 ms vs ~1180 ms in Flax.
 
 What was tried (medians of interleaved runs in one process; see
-``experiments/bench_conv.py``):
+``python -m experiments.bench_cpu --layer``):
 
 * XLA flags present in this jaxlib (``--xla_cpu_use_xnnpack``,
   ``--xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type``,
@@ -54,7 +54,7 @@ What was tried (medians of interleaved runs in one process; see
   (interior padding, materialised behind an ``optimization_barrier``) and
   convolved with stride 1.
 
-Net effect (``python experiments/bench_conv.py --batch 128 --repeats 7``,
+Net effect (the retired ``experiments/bench_conv.py --batch 128 --repeats 7``,
 2-core Xeon, machine shared with other jobs, medians of interleaved runs):
 weight-grad 3x3 128->128 on 32x32 4.1x faster than impl='xla', forward and
 input-grad unchanged (0.94x / 0.99x, noise), whole SimpleVGG BP step 2.6x

@@ -1,0 +1,54 @@
+"""``python -m experiments.reproduce``: the command line (see the package's doc)."""
+
+import shlex
+import sys
+from pathlib import Path
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments.reproduce import commands
+from experiments.reproduce.tables import PROFILES, TABLES
+
+
+def main(argv):
+  f = flags.FLAGS
+  if not f['verbosity'].present:  # Orbax logs every checkpoint at INFO
+    logging.set_verbosity(logging.WARNING)
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not f.table and not f.figure:
+    raise app.UsageError('give --table=1|2|3|4 or --figure=2')
+  command = 'python -m experiments.reproduce ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+  seeds = [int(s) for s in f.seeds] if f.seeds else None
+  if f.table:
+    if f.table not in TABLES:
+      raise app.UsageError(f'unknown table {f.table}; valid: {sorted(TABLES)}')
+    path = commands.run_table(f.table, f.profile, f.workdir, seeds, f.what, f.data, command)
+    print(Path(path).read_text())
+  if f.figure:
+    sizes = [int(s) for s in f.figure_sizes] if f.figure_sizes else None
+    commands.run_figure(f.figure, f.profile, f.workdir, sizes, command)
+  return 0
+
+
+def define_flags() -> None:
+  """Defined only when run as a program, so that importing the package (tests) never
+  collides with another binary's flags of the same name."""
+  flags.DEFINE_integer('table', None, 'Table to reproduce: 1, 2, 3 or 4.')
+  flags.DEFINE_integer('figure', None, 'Figure to reproduce: 2.')
+  flags.DEFINE_enum('profile', 'smoke', list(PROFILES), 'Run size.')
+  flags.DEFINE_list('seeds', None, 'Seeds (default: the profile\'s).')
+  flags.DEFINE_string('workdir', 'runs/reproduce', 'Output root; <workdir>/<profile>/...')
+  flags.DEFINE_enum('what', 'all', ['all', 'speed', 'accuracy', 'table'],
+                    'Which part of a table to run; the table file is always regenerated.')
+  flags.DEFINE_enum('data', 'real', ['real', 'synthetic'],
+                    'Real datasets, or random images of the same shapes (machinery only).')
+  flags.DEFINE_list('figure_sizes', None, 'Matrix sizes for Figure 2 (default: the '
+                    'profile\'s: 100..500, 1024, 2048, 4096).')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
