@@ -156,8 +156,9 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
   assert res['state'].step == 8
 
 
-def test_binary_exits_nonzero_on_divergence(tmp_path):
-  d = tmp_path / 'data' / 'mnist'
+def _fake_mnist(root: Path) -> Path:
+  """A data root whose MNIST files hold 64 training and 16 test random images."""
+  d = root / 'mnist'
   d.mkdir(parents=True)
   r = np.random.RandomState(0)
   for n, (images, labels) in ((64, data.DATASETS['mnist'].files['train']),
@@ -167,6 +168,33 @@ def test_binary_exits_nonzero_on_divergence(tmp_path):
               + r.randint(0, 256, (n, 28, 28), dtype=np.uint8).tobytes())
     with gzip.open(d / labels, 'wb') as f:
       f.write(b'\0\0\x08\x01' + n.to_bytes(4, 'big') + r.randint(0, 10, n, dtype=np.uint8).tobytes())
+  return root
+
+
+def test_binary_prints_start_epoch_and_result_lines_only(tmp_path):
+  """Default verbosity: no library log lines (Orbax, JAX); --verbosity=0 brings them."""
+  _fake_mnist(tmp_path / 'data')
+  cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
+         '--config.batch_size=16', '--config.steps_per_epoch=2', '--config.epochs=2',
+         '--config.eval_batch_size=16', f'--data_dir={tmp_path / "data"}',
+         '--config.verify_checksums=False']
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  p = subprocess.run(cmd + [f'--workdir={tmp_path / "run"}'], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  lines = (p.stdout + p.stderr).splitlines()
+  assert len(lines) == 4, lines
+  assert ' on mlp/mnist: 64 training examples' in lines[0], lines
+  assert [l.split()[:2] for l in lines[1:]] == [
+      ['epoch', '1/2'], ['epoch', '2/2'], ['test', 'accuracy']], lines
+  p = subprocess.run(cmd + [f'--workdir={tmp_path / "verbose"}', '--verbosity=0'], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert 'CheckpointManager' in p.stderr, p.stderr[-3000:]
+
+
+def test_binary_exits_nonzero_on_divergence(tmp_path):
+  _fake_mnist(tmp_path / 'data')
   cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
          # beta = 1e30: the first target is ~1e30 away, its squared distance overflows.
          '--config.method=tjml_dtp', '--config.beta=1e30', '--config.batch_size=16',
