@@ -1,6 +1,13 @@
 """The training loop shared by every method: data on device, fused jitted steps,
 data-parallel sharding, evaluation, metrics, checkpoints and resume.
 
+Layout. ``setup(cfg)`` builds a ``Run`` (data on the mesh, model, algorithm, keys,
+the compiled step); ``train_and_evaluate`` is that set-up, the epoch loop
+(``_train_epochs``) and the summary (``_summary``). The speed harness and the benches
+of ``experiments/`` step the same ``Run``. No compiled program is kept between runs
+here: a second run of a config compiles again, unless JAX's persistent compilation
+cache (``jax_compilation_cache_dir``) is enabled, which serves identical programs.
+
 Reproducibility. One epoch = ``steps_per_epoch`` steps over a permutation drawn from
 (seed, epoch); a step's PRNG key is folded from (seed, global step). So the data order
 and noise of any step are functions of the config alone, the checkpoint needs to hold
