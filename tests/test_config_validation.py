@@ -1,26 +1,43 @@
 """Bad configs: each is refused up front with a ConfigError naming the field.
 
-Hand-written cases for every rule, then property tests: random malformed configs are
-either refused with a ConfigError/ValueError raised by tp_jax (never an error from
-deep inside JAX, Flax or Optax) whose message names a changed field, or accepted, in
-which case they must train one step.
+Hand-written cases for every rule, then the fields set from the command line (through
+ml_collections' flags and the absl binary), then property tests: random malformed
+configs are either refused with a ConfigError/ValueError raised by tp_jax (never an
+error from deep inside JAX, Flax or Optax) whose message names a changed field, or
+accepted, in which case they must train one step.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
+import os
+from pathlib import Path
+import subprocess
+import sys
 import traceback
 
+from absl import flags
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
+import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
 from tp_jax import algorithms
 from tp_jax import config as config_lib
 from tp_jax import data
+from tp_jax import layers
 from tp_jax import models
+from tp_jax import network
 from tp_jax import train
+from tp_jax.algorithms import feedback_training
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(f for f in (ROOT / 'experiments' / 'configs').glob('*.py')
+                 if f.name != '__init__.py')
 
 ConfigError = config_lib.ConfigError
 
@@ -56,32 +73,36 @@ def _set(cfg, path: str, value) -> None:
 # One test per rule
 
 
+def _experiment_config(f: Path):
+  return importlib.import_module(f'experiments.configs.{f.stem}').get_config()
+
+
 def test_default_and_experiment_configs_are_valid():
-  import importlib  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  """Every method on every experiment config validates, except where a layer refuses
+  the method's feedback: then validate refuses with the layer's own reason."""
   config_lib.validate(config_lib.default())
-  for f in sorted((Path(__file__).parents[1] / 'experiments' / 'configs').glob('*.py')):
-    if f.name == '__init__.py':
-      continue
-    cfg = importlib.import_module(f'experiments.configs.{f.stem}').get_config()
+  for f in CONFIGS:
+    cfg = _experiment_config(f)
     for method in algorithms.METHODS:
-      if method == 'ijml_dtp':
-        continue  # needs square blocks: not every model has them
       c = cfg.copy_and_resolve_references()
       c.method = method
-      if method == 'pjml_dtp' and c.model != 'mlp':
-        continue
-      if c.model == 'reversible_mixer' and method in config_lib.FEEDBACK_WEIGHTS:
+      if c.model == 'reversible_mixer' and algorithms.has_feedback_weights(method):
         with pytest.raises(ConfigError, match='exact inverse'):
           config_lib.validate(c)  # feedback weights have no meaning there
-        continue
-      config_lib.validate(c)
+      elif method == 'ijml_dtp' or (method == 'pjml_dtp' and c.model != 'mlp'):
+        # IJMC needs square dense blocks and PJMC dense ones: no experiment model has
+        # the first, only the MLP the second.
+        with pytest.raises(ConfigError, match=rf"method='{method}'.*(square|closed-form)"):
+          config_lib.validate(c)
+      else:
+        config_lib.validate(c)
 
 
 @pytest.mark.parametrize('field, value, valid', [
     ('model', 'resnet50', sorted(models.MODELS)),
     ('method', 'backprop', list(algorithms.METHODS)),
-    ('dataset', 'imagenet', list(config_lib.DATASETS)),
+    ('dataset', 'imagenet', list(data.DATASETS)),
+    ('model_kwargs.act', 'relu', list(layers.ACTIVATIONS)),
     ('model_kwargs.conv_impl', 'cudnn', ['auto', 'xla', 'fast']),
     ('data_backend', 'hdf5', ['native', 'tfds']),
 ])
@@ -120,15 +141,92 @@ def test_per_block_entries_must_be_positive(field, bad):
 
 @pytest.mark.parametrize('method', ['ldrl', 'dtp'])
 @pytest.mark.parametrize('field', ['iterations', 'noise', 'lr'])
-@pytest.mark.parametrize('length', [2, 4])
+@pytest.mark.parametrize('length', [0, 2, 4])
 def test_per_block_lists_of_the_wrong_length(method, field, length):
-  """LeNet has 4 blocks, 3 of whose feedback is trained: 3 values, not 2 or 4 (the
-  reference code silently truncated)."""
+  """LeNet has 4 blocks, 3 of whose feedback is trained: 3 values (or 1 for all), not
+  0, 2 or 4 (the reference code silently truncated). The message names the field, the
+  expected length and the blocks."""
   cfg = _ldrl_lenet()
   cfg.method = method
   _set(cfg, f'feedback.{field}', (list(cfg.feedback[field]) * 2)[:length])
   with pytest.raises(ConfigError, match=rf'feedback\.{field} has {length} entries but '
-                                        r'lenet has 3 blocks'):
+                                        r'lenet has 3 blocks whose feedback is trained '
+                                        r'\(blocks 2\.\.4\); give 3 values'):
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize('method', ['ldrl', 'dtp'])
+def test_one_per_block_value_is_used_for_every_block(method):
+  """(K,) trains exactly as (K, K) does: the same step, bit for bit."""
+  states = []
+  for iterations, noise, lr in (((2,), (0.1,), (1e-3,)), ((2, 2), (0.1, 0.1), (1e-3, 1e-3))):
+    cfg = _base()
+    cfg.method = method
+    cfg.feedback.iterations, cfg.feedback.noise, cfg.feedback.lr = iterations, noise, lr
+    config_lib.validate(cfg)
+    net = models.for_config(cfg)
+    assert feedback_training.per_block(cfg, 'iterations', net) == (2, 2)
+    x = jax.random.normal(jax.random.key(0), (8, 28, 28, 1))
+    algo = algorithms.make(net, cfg, algorithms.make_optimizer(cfg.optimizer, 10))
+    state = algo.init(jax.random.key(1), x)
+    states.append(jax.jit(algo.step)(state, (x, jnp.arange(8) % 10), jax.random.key(2)))
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_algorithms_declare_their_feedback():
+  assert [m for m in algorithms.METHODS if algorithms.has_feedback_weights(m)] == \
+      ['ldrl', 'fwdtp', 'dtp']
+  assert [m for m in algorithms.METHODS if algorithms.trains_feedback(m)] == ['ldrl', 'dtp']
+  with pytest.raises(ValueError, match="unknown method 'backprop'"):
+    algorithms.has_feedback_weights('backprop')
+
+
+@pytest.mark.parametrize('method, act, feedback_act, match', [
+    ('tjml_dtp', 'gelu', 'integral', r"gelu.*not invertible"),
+    ('ijml_dtp', 'tanh', 'hadamard', r"ijml_dtp supports feedback_act in \['integral'\]"),
+    ('ijml_dtp', 'tanh', 'integral', r"method='ijml_dtp'.*square"),
+])
+def test_feedback_a_layer_refuses_is_refused_up_front(method, act, feedback_act, match):
+  """The refusal comes from the layers (traced on the dataset's image shape), before
+  any data is loaded or anything compiled; GELU's Hadamard feedback is accepted."""
+  cfg = _base()
+  cfg.method, cfg.feedback_act = method, feedback_act
+  cfg.model_kwargs.act = act
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(cfg)
+  cfg.method, cfg.feedback_act = 'tjml_dtp', 'hadamard'
+  config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize('model, dataset, model_kwargs, shape', [
+    ('lenet', 'mnist', {}, (28, 28, 1)),
+    ('simple_vgg', 'cifar10', {}, (32, 32, 3)),
+    ('mlp_mixer', 'mnist', {}, (32, 32, 1)),  # the Mixer's default token grid
+    ('reversible_mixer', 'cifar10', {'image_hw': (8, 8)}, (8, 8, 3)),
+])
+def test_the_model_knows_its_input_shape(model, dataset, model_kwargs, shape):
+  cfg = config_lib.default()
+  cfg.model, cfg.dataset, cfg.model_kwargs = model, dataset, model_kwargs
+  assert models.input_shape(cfg) == shape
+
+
+@pytest.mark.parametrize('model', sorted(models.MODELS))
+def test_the_dataset_gives_every_model_its_classes(monkeypatch, model):
+  """A 7-class CIFAR-10 gives 7 logits, whatever the model; the class count is not a
+  model keyword of the config."""
+  seven = data.info('cifar10')._replace(num_classes=7)
+  monkeypatch.setattr(data, 'info', lambda name: seven)
+  cfg = config_lib.default()
+  cfg.model, cfg.dataset, cfg.model_kwargs = model, 'cifar10', {}
+  net = models.for_config(cfg)
+  x = jax.ShapeDtypeStruct((2, *seven.image_shape), jnp.float32)
+  logits = jax.eval_shape(lambda k, x: network.apply(net, network.init(net, k, x), x),
+                          jax.random.key(0), x)
+  assert logits.shape == (2, 7)
+  _set(cfg, 'model_kwargs.num_classes', 7)
+  with pytest.raises(ConfigError, match=r'model_kwargs\.num_classes: the number of classes '
+                                        r'comes from the dataset \(cifar10: 7\)'):
     config_lib.validate(cfg)
 
 
@@ -183,6 +281,93 @@ def test_bad_model_kwargs_name_the_field():
 
 
 # --------------------------------------------------------------------------------------
+# From the command line
+
+
+def _parse_flags(config: Path, *overrides: str):
+  """The config that ``experiments.train``'s flags make of these arguments."""
+  argv = ['train', f'--config={config}', *overrides]
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', str(config), flag_values=flag_values,
+                                           lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return holder.value
+
+
+def _leaves(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    out.update(_leaves(v, f'{prefix}{k}.') if isinstance(v, dict) else {prefix + k: v})
+  return out
+
+
+def _changed(v):
+  """Another value of the same type, and how a user types it."""
+  if isinstance(v, bool):
+    return not v, str(not v).lower()
+  if isinstance(v, (int, float)):
+    return v + 1, repr(v + 1)
+  if isinstance(v, tuple):
+    return v[:1] + v, repr(v[:1] + v)
+  return v + 'x', v + 'x'
+
+
+def test_per_block_values_from_flags():
+  """The issue's command line: a tuple per block, one value for all blocks, or the flag
+  repeated once per block."""
+  cfg = _parse_flags(ROOT / 'experiments' / 'configs' / 'lenet_mnist.py',
+                     '--config.method=ldrl', '--config.feedback.iterations=(10,10,10)',
+                     '--config.feedback.noise=0.2', '--config.feedback.lr=1e-3',
+                     '--config.feedback.lr=2e-3', '--config.feedback.lr=3e-3')
+  assert cfg.feedback.iterations == (10, 10, 10)
+  assert cfg.feedback.noise == (0.2,)
+  assert cfg.feedback.lr == (1e-3, 2e-3, 3e-3)
+  config_lib.validate(cfg)
+  net = models.for_config(cfg)
+  assert feedback_training.per_block(cfg, 'noise', net) == (0.2, 0.2, 0.2)
+  assert feedback_training.per_block(cfg, 'lr', net) == (1e-3, 2e-3, 3e-3)
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=lambda f: f.stem)
+def test_every_field_can_be_set_from_flags(config):
+  fields = _leaves(_experiment_config(config).to_dict())
+  changed = {path: _changed(v) for path, v in fields.items()}
+  cfg = _parse_flags(config, *(f'--config.{path}={text}' for path, (_, text) in changed.items()))
+  assert _leaves(cfg.to_dict()) == {path: v for path, (v, _) in changed.items()}
+
+
+def _train_binary(tmp_path, config: str, *overrides: str) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, '-m', 'experiments.train', f'--config=experiments/configs/{config}',
+         f'--workdir={tmp_path / "run"}', *overrides]
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_binary_refuses_a_per_block_list_of_the_wrong_length(tmp_path):
+  p = _train_binary(tmp_path, 'lenet_mnist.py', '--config.method=ldrl',
+                    '--config.feedback.iterations=(10,10)')
+  assert p.returncode == 1, p.stdout + p.stderr
+  assert ('error: ConfigError: feedback.iterations has 2 entries but lenet has 3 blocks '
+          'whose feedback is trained (blocks 2..4); give 3 values') in p.stderr, p.stderr
+  assert 'Traceback' not in p.stderr, p.stderr[-3000:]
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_binary_trains_with_per_block_values_from_flags(tmp_path):
+  """K per block and one sigma for all, on the real data ($TP_JAX_DATA, as CI sets)."""
+  p = _train_binary(tmp_path, 'mlp_mnist.py', '--config.method=ldrl',
+                    '--config.model_kwargs.widths=(16,16)',
+                    '--config.feedback.iterations=(3,2)', '--config.feedback.noise=0.05',
+                    '--config.epochs=1', '--config.steps_per_epoch=2',
+                    '--config.batch_size=16')
+  assert p.returncode == 0, p.stdout + p.stderr
+  result = json.loads((tmp_path / 'run' / 'result.json').read_text())
+  assert result['step'] == 2 and result['complete']
+  assert result['config']['feedback']['iterations'] == [3, 2]
+  assert result['config']['feedback']['noise'] == [0.05]
+
+
+# --------------------------------------------------------------------------------------
 # Property tests
 
 _JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=4),
@@ -199,8 +384,8 @@ _LIST = st.one_of(st.lists(st.one_of(st.integers(-1, 3), st.floats(-1, 1), _JUNK
 MUTATIONS = {
     'model': st.sampled_from(['mlp', 'mlp_mixer', 'resnet', '', 'MLP', None, 7]),
     'method': st.sampled_from(list(algorithms.METHODS) + ['backprop', '', None, 2]),
-    'dataset': st.sampled_from(list(config_lib.DATASETS) + ['imagenet', '', None]),
-    'model_kwargs.act': st.sampled_from(list(config_lib.ACTIVATIONS) + ['relu', '', None, 1]),
+    'dataset': st.sampled_from(list(data.DATASETS) + ['imagenet', '', None]),
+    'model_kwargs.act': st.sampled_from(list(layers.ACTIVATIONS) + ['relu', '', None, 1]),
     'model_kwargs.widths': st.one_of(st.lists(st.integers(-2, 12), max_size=3), _JUNK),
     'feedback_act': st.sampled_from(['integral', 'hadamard', 'sigma', None]),
     'batch_size': st.one_of(st.sampled_from([8, 16, 12, 33, 64]), _NUM),
@@ -234,7 +419,7 @@ def _base():
   c.model, c.method = 'mlp', 'tjml_dtp'
   c.model_kwargs = {'act': 'tanh', 'widths': (8, 8)}
   c.batch_size, c.epochs, c.steps_per_epoch, c.eval_batch_size = 8, 1, 2, 8
-  c.feedback.iterations, c.feedback.noise, c.feedback.lr = [1, 1], [0.1, 0.1], [1e-3, 1e-3]
+  c.feedback.iterations, c.feedback.noise, c.feedback.lr = (1, 1), (0.1, 0.1), (1e-3, 1e-3)
   return c
 
 

@@ -1,7 +1,15 @@
 """The training config: defaults, and a validator that refuses bad values up front.
 
 Experiment configs (``experiments/configs/*.py``) start from ``default()`` and state
-where each non-default hyper-parameter comes from.
+where each non-default hyper-parameter comes from. Every field can be set from the
+command line (``--config.<field>=<value>``): per-block values are tuples
+(``--config.feedback.iterations='(10,10,10)'``), and a single value
+(``--config.feedback.noise=0.2``) is used for every trained block.
+
+The validator holds no copies of what other parts know: datasets are ``data.DATASETS``,
+models ``models.MODELS``, activations ``layers.ACTIVATIONS``; each algorithm checks its
+own fields, and the layers themselves refuse a feedback they do not define
+(``algorithms.validate``).
 """
 
 from __future__ import annotations
@@ -10,15 +18,8 @@ import ml_collections
 
 from tp_jax import conv
 from tp_jax import data
+from tp_jax import layers
 from tp_jax import models
-from tp_jax import reversible
-
-DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
-ACTIVATIONS = ('leaky_relu', 'elu', 'tanh', 'sigmoid', 'gelu')
-# Methods whose feedback has per-block hyper-parameter lists (one per trained block).
-FEEDBACK_TRAINED = ('ldrl', 'dtp')
-# Methods whose feedback is a weight matrix per block (trained, or fixed random).
-FEEDBACK_WEIGHTS = FEEDBACK_TRAINED + ('fwdtp',)
 
 
 class ConfigError(ValueError):
@@ -54,12 +55,13 @@ def default() -> ml_collections.ConfigDict:
   c.optimizer.schedule = 'constant'  # 'constant' | 'cosine'
   c.optimizer.cosine_alpha = 0.0
 
-  # Learned / fixed feedback (LDRL, DTP, FWDTP): one entry per block whose feedback is
-  # trained, i.e. blocks 2..N (block 1's feedback is never used).
+  # Learned / fixed feedback (LDRL, DTP, FWDTP). Per-block tuples: one entry per block
+  # whose feedback is trained, i.e. blocks 2..N (block 1's feedback is never used), or
+  # one entry for all of them.
   c.feedback = ml_collections.ConfigDict()
-  c.feedback.iterations = [41, 51, 24]  # K per block (scalingDTP LeNet)
-  c.feedback.noise = [0.4164, 0.3826, 0.1395]  # sigma per block
-  c.feedback.lr = [7.19e-4, 1.25e-4, 3.54e-2]  # SGD-momentum lr per block
+  c.feedback.iterations = (41, 51, 24)  # K per block (scalingDTP LeNet)
+  c.feedback.noise = (0.4164, 0.3826, 0.1395)  # sigma per block
+  c.feedback.lr = (7.19e-4, 1.25e-4, 3.54e-2)  # SGD-momentum lr per block
   c.feedback.momentum = 0.9
   c.feedback.order = 'parallel'  # LDRL: 'parallel' (one scan over all blocks) | 'sequential'
   # Initial feedback kernels B ~ U(-scale, scale) (FWDTP's default 1e-3); 0 -> LeCun
@@ -74,7 +76,8 @@ def default() -> ml_collections.ConfigDict:
   return c
 
 
-def _positive(cfg, path: str, allow_zero: bool = False) -> None:
+def check_number(cfg, path: str, allow_zero: bool = False) -> None:
+  """Raises ConfigError unless the field at ``path`` is a positive (non-negative) number."""
   v = cfg
   for p in path.split('.'):
     v = v[p]
@@ -85,55 +88,49 @@ def _positive(cfg, path: str, allow_zero: bool = False) -> None:
 
 
 def num_trained_feedback_blocks(cfg) -> int:
-  return len(models.get(cfg.model, **cfg.model_kwargs)) - 1
+  """Blocks 2..N of ``cfg``'s model: those with per-block feedback hyper-parameters."""
+  return len(models.for_config(cfg)) - 1
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ConfigError naming the first bad field. Cheap: builds the model only."""
-  from tp_jax import algorithms  # pylint: disable=g-import-not-at-top
+  """Raises ConfigError naming the first bad field. Cheap: builds the model and traces
+  its feedback on shapes only."""
+  from tp_jax import algorithms  # pylint: disable=g-import-not-at-top (it imports this module)
   if cfg.model not in models.MODELS:
     raise ConfigError(f'unknown model {cfg.model!r}; valid models: {sorted(models.MODELS)}')
-  if cfg.dataset not in DATASETS:
-    raise ConfigError(f'unknown dataset {cfg.dataset!r}; valid datasets: {list(DATASETS)}')
+  if cfg.dataset not in data.DATASETS:
+    raise ConfigError(f'unknown dataset {cfg.dataset!r}; valid datasets: '
+                      f'{list(data.DATASETS)}')
   if cfg.method not in algorithms.METHODS:
     raise ConfigError(f'unknown method {cfg.method!r}; valid methods: '
                       f'{list(algorithms.METHODS)}')
+  act = cfg.model_kwargs.get('act')
+  if act is not None and act not in layers.ACTIVATIONS:
+    raise ConfigError(f'unknown activation model_kwargs.act={act!r}; valid: '
+                      f'{list(layers.ACTIVATIONS)}')
+  impl = cfg.model_kwargs.get('conv_impl', 'auto')
+  if impl not in conv.IMPLS:
+    raise ConfigError(f'unknown model_kwargs.conv_impl={impl!r}; valid: {list(conv.IMPLS)}')
   try:  # unknown, mistyped or empty keyword arguments of the model
-    net = models.get(cfg.model, **cfg.model_kwargs)
+    net = models.for_config(cfg)
   except (TypeError, ValueError, IndexError) as e:
     kw = cfg.model_kwargs.to_dict() if hasattr(cfg.model_kwargs, 'to_dict') else \
         cfg.model_kwargs
     raise ConfigError(f'model_kwargs={kw!r} do not fit model {cfg.model!r}: {e}') from None
-  if cfg.method in FEEDBACK_WEIGHTS and \
-      any(isinstance(b, reversible.Coupling) for b in net.blocks):
-    raise ConfigError(f'method {cfg.method!r} uses feedback weights, but {cfg.model!r} '
-                      f'has reversible blocks whose feedback is their exact inverse; use '
-                      f"method='tjml_dtp' (or 'bp')")
   if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or \
       not 0 <= cfg.seed < 2 ** 32:
     # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.
     raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
-  impl = cfg.model_kwargs.get('conv_impl', 'auto')
-  if impl not in conv.IMPLS:
-    raise ConfigError(f'unknown model_kwargs.conv_impl={impl!r}; valid: {list(conv.IMPLS)}')
-  act = cfg.model_kwargs.get('act')
-  if act is not None and act not in ACTIVATIONS:
-    raise ConfigError(f'unknown activation model_kwargs.act={act!r}; valid: '
-                      f'{list(ACTIVATIONS)}')
-  if act == 'gelu' and cfg.method in ('tjml_dtp', 'ijml_dtp', 'pjml_dtp') and \
-      cfg.feedback_act != 'hadamard':
-    raise ConfigError('GELU is not invertible: its integral feedback is undefined; set '
-                      'feedback_act=hadamard (TJML-DTP) or use an invertible activation')
   if cfg.data_backend not in data.BACKENDS:
     raise ConfigError(f'unknown data_backend={cfg.data_backend!r}; valid: {list(data.BACKENDS)}')
-  if cfg.feedback_act not in ('integral', 'hadamard'):
-    raise ConfigError(f"feedback_act must be 'integral' or 'hadamard', got "
+  if cfg.feedback_act not in algorithms.FEEDBACK_ACTS:
+    raise ConfigError(f'feedback_act must be one of {list(algorithms.FEEDBACK_ACTS)}, got '
                       f'{cfg.feedback_act!r}')
   for path in ('batch_size', 'epochs', 'beta', 'optimizer.lr', 'eval_batch_size'):
-    _positive(cfg, path)
+    check_number(cfg, path)
   for path in ('steps_per_epoch', 'check_every_steps', 'optimizer.weight_decay',
                'optimizer.momentum', 'checkpoint_every_steps', 'keep_checkpoints'):
-    _positive(cfg, path, allow_zero=True)
+    check_number(cfg, path, allow_zero=True)
   if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool):
     raise ConfigError(f'batch_size must be an integer, got {cfg.batch_size!r}')
   if cfg.batch_size % num_devices:
@@ -144,26 +141,4 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.optimizer.schedule not in ('constant', 'cosine'):
     raise ConfigError(f"optimizer.schedule must be 'constant' or 'cosine', got "
                       f'{cfg.optimizer.schedule!r}')
-  if cfg.method in FEEDBACK_TRAINED:
-    n = len(net) - 1  # num_trained_feedback_blocks, without building the model again
-    for field in ('iterations', 'noise', 'lr'):
-      if not isinstance(cfg.feedback[field], (list, tuple)):
-        raise ConfigError(f'feedback.{field} must be a list with one value per block '
-                          f'whose feedback is trained ({n}), got {cfg.feedback[field]!r}')
-      values = list(cfg.feedback[field])
-      if len(values) != n:
-        # The reference code silently truncated mismatched lists; we refuse.
-        raise ConfigError(
-            f'feedback.{field} has {len(values)} entries but {cfg.model} has {n} blocks '
-            f'whose feedback is trained (blocks 2..{n + 1}); give one value per block')
-      for i, v in enumerate(values):
-        ok = isinstance(v, int) and v >= 1 if field == 'iterations' else \
-            isinstance(v, (int, float)) and v > 0
-        if not ok or isinstance(v, bool):
-          raise ConfigError(f'feedback.{field}[{i}] must be a positive '
-                            f'{"integer" if field == "iterations" else "number"}, got {v!r}')
-    if cfg.feedback.order not in ('parallel', 'sequential'):
-      raise ConfigError(f"feedback.order must be 'parallel' or 'sequential', got "
-                        f'{cfg.feedback.order!r}')
-  if cfg.method in FEEDBACK_TRAINED + ('fwdtp',):
-    _positive(cfg, 'feedback.init_scale', allow_zero=True)
+  algorithms.validate(cfg, net, models.input_shape(cfg))

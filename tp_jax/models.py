@@ -3,11 +3,13 @@ each definition; the feedback path is derived from it (``tp_jax.network``)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable
 
 import flax.linen as nn
 
+from tp_jax import data
 from tp_jax import layers as L
 from tp_jax import reversible
 from tp_jax.network import Net
@@ -124,6 +126,26 @@ def get(name: str, **kwargs) -> Net:
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; valid models: {sorted(MODELS)}')
   return MODELS[name](**kwargs)
+
+
+def for_config(cfg) -> Net:
+  """``cfg.model`` built with ``cfg.model_kwargs`` for ``cfg.dataset``'s classes."""
+  num_classes = data.info(cfg.dataset).num_classes
+  if 'num_classes' in cfg.model_kwargs:
+    raise ValueError(f'model_kwargs.num_classes: the number of classes comes from the '
+                     f'dataset ({cfg.dataset}: {num_classes}); remove it')
+  return get(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+
+
+def input_shape(cfg) -> tuple[int, int, int]:
+  """The image shape ``cfg``'s model is built for: ``cfg.dataset``'s, at the model's own
+  ``image_hw`` where it has one (the Mixers: their token count is fixed)."""
+  h, w, c = data.info(cfg.dataset).image_shape
+  image_hw = inspect.signature(MODELS[cfg.model]).parameters.get('image_hw')
+  if image_hw is not None:
+    h, w = cfg.model_kwargs.get('image_hw', image_hw.default)
+  return h, w, c
+
 
 # --------------------------------------------------------------------------------------
 # ResNet-18 (an extension of the paper: it studies skip connections empirically only)

@@ -5,7 +5,8 @@ blocks (8 skip units), LeakyReLU.
       --config.method=tjml_dtp --workdir=runs/mixer_cifar10
 
 The paper gives no LDRL hyper-parameters for the Mixer; ours reuse the VGG values
-(first two) repeated per unit, our own choice, stated here.
+(first two), one value for every trained block (8 units, the mean block and the head),
+our own choice, stated here.
 """
 
 from tp_jax import config as config_lib
@@ -22,8 +23,7 @@ def get_config():
   c.beta = 0.7
   c.optimizer.lr = 0.05
   c.optimizer.schedule = 'cosine'
-  n = 2 * 4 + 2  # trained feedback blocks: 8 units, mean block, head
-  c.feedback.iterations = [20] * n
-  c.feedback.noise = [0.2] * n
-  c.feedback.lr = [1e-4] * n
+  c.feedback.iterations = (20,)
+  c.feedback.noise = (0.2,)
+  c.feedback.lr = (1e-4,)
   return c

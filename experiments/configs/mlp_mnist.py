@@ -13,14 +13,14 @@ from tp_jax import config as config_lib
 def get_config():
   c = config_lib.default()
   c.model = 'mlp'
-  c.model_kwargs = {'act': 'tanh'}
+  c.model_kwargs = {'act': 'tanh', 'widths': (256,) * 5}
   c.dataset = 'mnist'
   c.epochs = 100
   c.beta = 1e-2
   c.optimizer.lr = 1e-3
   c.optimizer.momentum = 0.0
   c.optimizer.weight_decay = 0.0
-  c.feedback.iterations = [1] * 5
-  c.feedback.noise = [0.1] * 5
-  c.feedback.lr = [1e-3] * 5
+  c.feedback.iterations = (1,)  # one value for each of the 5 trained blocks
+  c.feedback.noise = (0.1,)
+  c.feedback.lr = (1e-3,)
   return c

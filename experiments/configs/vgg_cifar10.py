@@ -22,7 +22,7 @@ def get_config():
   c.beta = 0.7
   c.optimizer.lr = 0.05
   c.optimizer.schedule = 'cosine'
-  c.feedback.iterations = [20, 30, 35, 55, 20]
-  c.feedback.noise = [0.4, 0.4, 0.2, 0.2, 0.08]
-  c.feedback.lr = [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18]
+  c.feedback.iterations = (20, 30, 35, 55, 20)
+  c.feedback.noise = (0.4, 0.4, 0.2, 0.2, 0.08)
+  c.feedback.lr = (1e-4, 3.5e-4, 8e-3, 8e-3, 0.18)
   return c

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import optax
 
+from tp_jax import config as config_lib
 from tp_jax import dtp
 from tp_jax import jml
 from tp_jax import layers
@@ -19,17 +20,25 @@ MODES = {
     'ijml_dtp': {'integral': layers.IJMC},
     'pjml_dtp': {'integral': layers.PJMC},
 }
+FEEDBACK_ACTS = tuple(sorted({act for acts in MODES.values() for act in acts}))
+HAS_FEEDBACK_WEIGHTS = False  # G is built from the forward weights
+TRAINS_FEEDBACK = False
 
 
-def feedback_mode(method: str, feedback_act: str) -> layers.FeedbackMode:
-  if feedback_act not in MODES[method]:
-    raise ValueError(f'{method} supports feedback_act in {sorted(MODES[method])}, got '
-                     f'{feedback_act!r}')
-  return MODES[method][feedback_act]
+def feedback_mode(cfg) -> layers.FeedbackMode:
+  if cfg.feedback_act not in MODES[cfg.method]:
+    raise config_lib.ConfigError(f'{cfg.method} supports feedback_act in '
+                                 f'{sorted(MODES[cfg.method])}, got {cfg.feedback_act!r}')
+  return MODES[cfg.method][cfg.feedback_act]
+
+
+def validate(cfg, net) -> None:
+  """The one field of its own, ``feedback_act``, is checked by ``feedback_mode``."""
+  del cfg, net
 
 
 def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> common.Algorithm:
-  mode = feedback_mode(cfg.method, cfg.feedback_act)
+  mode = feedback_mode(cfg)
 
   def step(state, batch, key):
     del key

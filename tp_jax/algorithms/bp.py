@@ -9,6 +9,19 @@ import optax
 from tp_jax import network
 from tp_jax.algorithms import common
 
+HAS_FEEDBACK_WEIGHTS = False
+TRAINS_FEEDBACK = False
+
+
+def feedback_mode(cfg) -> None:
+  """BP propagates no targets."""
+  del cfg
+
+
+def validate(cfg, net) -> None:
+  """BP reads no config field of its own."""
+  del cfg, net
+
 
 def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> common.Algorithm:
   del cfg

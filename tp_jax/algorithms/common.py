@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from tp_jax import config as config_lib
+from tp_jax import layers
 from tp_jax import network
 
 Array = jax.Array
@@ -33,6 +35,32 @@ class Algorithm(NamedTuple):
   """
   init: Callable[[Array, Array], TrainState]
   step: Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]
+
+
+def check_feedback_defined(method: str, net: network.Net, mode: layers.FeedbackMode,
+                           input_shape: tuple[int, ...]) -> None:
+  """Traces the feedback of blocks 2..N in ``mode`` on shapes only (nothing is computed),
+  so that a feedback one of net's layers refuses (GELU's integral, IJMC of a conv or of a
+  non-square dense, feedback weights on an exactly invertible coupling) is a ConfigError
+  before anything is compiled."""
+  def forward(key, x):
+    params = network.init(net, key, x)
+    return params, network.forward(net, params, x)
+
+  def feedbacks(params, hs, ctxs):
+    return [network.block_feedback(net, n, params[n], hs[n], ctxs[n], mode)
+            for n in range(1, len(net))]
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  try:
+    params, (hs, ctxs) = jax.eval_shape(forward, jax.random.key(0), x)
+  except Exception:  # pylint: disable=broad-except
+    return  # net does not take these images: the run's input check says so, with its data
+  try:
+    jax.eval_shape(feedbacks, params, hs, ctxs)
+  except layers.FeedbackError as e:
+    raise config_lib.ConfigError(f'method={method!r} propagates targets with {mode}, '
+                                 f'which {net.name} does not define: {e}') from None
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int

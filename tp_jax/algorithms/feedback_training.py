@@ -6,6 +6,9 @@ iterations (block n stops after K_n, via ``lax.cond``); ``'sequential'`` runs th
 block after block as the reference code does. Both draw the same noise for (block n,
 iteration i), so they give the same result. Block 1's feedback is never trained: its
 target is never propagated further.
+
+The per-block fields ``feedback.iterations`` (K), ``feedback.noise`` (sigma) and
+``feedback.lr`` hold one value per trained block (blocks 2..N), or one value for all.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tp_jax import config as config_lib
 from tp_jax import dtp
 from tp_jax import layers
 from tp_jax import network
@@ -24,12 +28,50 @@ from tp_jax.algorithms import common
 Array = jax.Array
 # loss(net, n, fwd_params_n, fb_params_n, x_in, y_out, ctx, key, sigma) -> scalar
 FeedbackLoss = Callable[..., Array]
+PER_BLOCK = ('iterations', 'noise', 'lr')
+HAS_FEEDBACK_WEIGHTS = True
+TRAINS_FEEDBACK = True
 
 
-def optimizers(cfg) -> tuple[optax.GradientTransformation, ...]:
+def feedback_mode(cfg) -> layers.FeedbackMode:
+  del cfg
+  return layers.LEARNED
+
+
+def per_block(cfg, field: str, net: network.Net) -> tuple:
+  """``cfg.feedback.<field>`` with one value per trained block: one value is broadcast."""
+  values = cfg.feedback[field]
+  values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+  return values * (len(net) - 1) if len(values) == 1 else values
+
+
+def validate(cfg, net: network.Net) -> None:
+  """The per-block fields fit net's trained blocks; ``feedback.order`` is known."""
+  n = len(net) - 1
+  for field in PER_BLOCK:
+    given = cfg.feedback[field]
+    if isinstance(given, (list, tuple)) and len(given) not in (1, n):
+      # The reference code silently truncated mismatched lists; we refuse.
+      raise config_lib.ConfigError(
+          f'feedback.{field} has {len(given)} entries but {cfg.model} has {n} blocks '
+          f'whose feedback is trained (blocks 2..{n + 1}); give {n} values, one per '
+          f'block, or one value for all of them')
+    integer = field == 'iterations'
+    for i, v in enumerate(per_block(cfg, field, net)):
+      if isinstance(v, bool) or not (isinstance(v, int) and v >= 1 if integer else
+                                     isinstance(v, (int, float)) and v > 0):
+        raise config_lib.ConfigError(
+            f'feedback.{field}[{i}] must be a positive '
+            f'{"integer" if integer else "number"} (the value for block {i + 2}), got {v!r}')
+  if cfg.feedback.order not in ('parallel', 'sequential'):
+    raise config_lib.ConfigError(f"feedback.order must be 'parallel' or 'sequential', "
+                                 f'got {cfg.feedback.order!r}')
+
+
+def optimizers(cfg, net: network.Net) -> tuple[optax.GradientTransformation, ...]:
   """One SGD-momentum optimiser per trained block (blocks 2..N)."""
   return tuple(optax.sgd(lr, momentum=cfg.feedback.momentum or None)
-               for lr in cfg.feedback.lr)
+               for lr in per_block(cfg, 'lr', net))
 
 
 def init_state(fb_params: network.Params, txs) -> tuple:
@@ -49,8 +91,8 @@ def train(net: network.Net, loss_fn: FeedbackLoss, cfg, txs, params, fb_params,
   """
   ins = (x,) + tuple(jax.lax.stop_gradient(hs[:-1]))
   hs, ctxs = jax.lax.stop_gradient((hs, ctxs))
-  iters = tuple(cfg.feedback.iterations)
-  sigmas = tuple(cfg.feedback.noise)
+  iters = per_block(cfg, 'iterations', net)
+  sigmas = per_block(cfg, 'noise', net)
 
   def update(n, b, s, i):
     k = jax.random.fold_in(jax.random.fold_in(key, n), i)
@@ -83,7 +125,8 @@ def train(net: network.Net, loss_fn: FeedbackLoss, cfg, txs, params, fb_params,
 
 def make(net, cfg, tx, loss_fn: FeedbackLoss) -> common.Algorithm:
   """A method that trains its feedback on ``loss_fn`` before each forward update."""
-  txs = optimizers(cfg)
+  validate(cfg, net)
+  txs = optimizers(cfg, net)
 
   def init(key, x):
     k_fwd, k_fb = jax.random.split(key)

@@ -10,6 +10,20 @@ from tp_jax import layers
 from tp_jax import network
 from tp_jax.algorithms import common
 
+HAS_FEEDBACK_WEIGHTS = True
+TRAINS_FEEDBACK = False
+
+
+def feedback_mode(cfg) -> layers.FeedbackMode:
+  del cfg
+  return layers.LEARNED
+
+
+def validate(cfg, net) -> None:
+  """FWDTP's only field of its own, ``feedback.init_scale``, is checked for every method
+  with feedback weights (``algorithms.validate``)."""
+  del cfg, net
+
 
 def make(net, cfg, tx):
   def init(key, x):

@@ -17,6 +17,11 @@ import jax.numpy as jnp
 from tp_jax import network
 from tp_jax.algorithms import feedback_training as fbt
 
+HAS_FEEDBACK_WEIGHTS = fbt.HAS_FEEDBACK_WEIGHTS
+TRAINS_FEEDBACK = fbt.TRAINS_FEEDBACK
+feedback_mode = fbt.feedback_mode
+validate = fbt.validate
+
 
 def ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
   k_x, k_y = jax.random.split(key)
