@@ -173,7 +173,7 @@ SMALL_MODELS = {
     'reversible_mixer': ({'hidden': 8, 'channel_dim': 8, 'num_blocks': 1,
                           'image_hw': (16, 16)}, (2, 16, 16, 3)),
     'mlp': ({'widths': (8, 8)}, (2, 28, 28, 1)),
-    'resnet18': ({'width': 4}, (2, 8, 8, 3)),
+    'resnet18': ({'width': 4}, (2, 16, 16, 3)),
 }
 # Closed forms that are exactly J^T (in the Hadamard mode); the others (LayerNorm's
 # frozen s, the coupling's inverse, NormDense's LayerNorm) are not J^T by definition.

@@ -1,0 +1,117 @@
+"""models.resnet18 (CIFAR variant) and its config: structure, the skip rule's exactness,
+and a step of every method its config trains with."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.configs import resnet18_cifar10
+from tp_jax import algorithms
+from tp_jax import config as config_lib
+from tp_jax import derived
+from tp_jax import dtp
+from tp_jax import layers as L
+from tp_jax import models
+from tp_jax import network
+
+
+def _shapes(net, x_shape):
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  params = jax.eval_shape(lambda k, x: network.init(net, k, x), jax.random.key(0), x)
+  hs = jax.eval_shape(lambda p, x: network.forward(net, p, x)[0], params, x)
+  return params, [h.shape for h in hs]
+
+
+def test_full_width_structure_and_size():
+  """Stem, eight units (stride 2 at the first unit of stages 2-4), head: 10 DTP blocks;
+  ~11.2M parameters, as ResNet-18's CIFAR variant (shapes only, nothing computed)."""
+  net = models.resnet18()
+  kinds = [type(b).__name__ for b in net.blocks]
+  assert kinds == ['Sequential', 'Residual', 'Residual', 'Derived', 'Residual', 'Derived',
+                   'Residual', 'Derived', 'Residual', 'Sequential']
+  params, hs = _shapes(net, (2, 32, 32, 3))
+  assert hs == [(2, 32, 32, 64)] * 3 + [(2, 16, 16, 128)] * 2 + [(2, 8, 8, 256)] * 2 + \
+      [(2, 4, 4, 512)] * 2 + [(2, 10)]
+  size = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+  assert 11.0e6 < size < 11.3e6, size
+
+
+def test_width_scales_the_channels():
+  _, hs = _shapes(models.resnet18(width=8, num_classes=3), (1, 16, 16, 3))
+  assert [h[-1] for h in hs] == [8, 8, 8, 16, 16, 32, 32, 64, 64, 3]
+
+
+def test_group_norm_groups_divide_the_channels():
+  """32 groups (Wu & He) where the width allows, else a divisor of the channels."""
+  for c in (4, 16, 48, 64, 512):
+    groups = models._group_norm(c).num_groups  # pylint: disable=protected-access
+    assert c % groups == 0 and groups <= 32, (c, groups)
+    assert groups == 32 or c % 32, (c, groups)
+
+
+def test_tjml_dtp_update_tends_to_bp_gradient():
+  """Every unit's feedback is exactly J^T in the Hadamard mode (closed-form convs and
+  activations, derived GroupNorms and downsampling units, + id at the skips), so as
+  beta -> 0 each block's TJML-DTP update is beta times BP's gradient."""
+  net = models.resnet18(width=4)
+  # 16x16: stage 4 is then 2x2, so that its GroupNorms (one channel per group at this
+  # width) do not normalise single values to 0.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16, 16, 3)), jnp.float32)
+  y = jnp.arange(4)
+  params = network.init(net, jax.random.key(0), x)
+  beta = 1e-3
+  tp, _ = jax.jit(lambda p: dtp.local_grads(net, p, None, L.TJMC_HADAMARD, beta, x, y))(
+      params)
+  bp = jax.jit(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      network.apply(net, p, x), y).mean()))(params)
+  for n in range(len(net)):
+    g_tp = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tp[n])])
+    g_bp = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(bp[n])])
+    cos = np.vdot(g_tp, g_bp) / (np.linalg.norm(g_tp) * np.linalg.norm(g_bp))
+    ratio = np.linalg.norm(g_tp) / (beta * np.linalg.norm(g_bp))
+    assert cos > 0.999 and abs(ratio - 1) < 0.01, (n, cos, ratio)
+
+
+def test_config_validates_for_every_method():
+  cfg = resnet18_cifar10.get_config()
+  n = len(models.resnet18()) - 1
+  assert all(len(cfg.feedback[f]) == n for f in ('iterations', 'noise', 'lr'))
+  for method in ('bp', 'tjml_dtp', 'fwdtp', 'ldrl', 'dtp'):
+    cfg.method = method
+    config_lib.validate(cfg)
+
+
+@pytest.mark.parametrize('method', ['bp', 'tjml_dtp', 'fwdtp', 'ldrl'])
+def test_every_method_takes_a_step(method):
+  """A narrow ResNet-18 on 16x16 images: one step of each method moves every block
+  (a nonzero gradient in each) and keeps its parameters finite."""
+  cfg = resnet18_cifar10.get_config()
+  cfg.method = method
+  cfg.model_kwargs.width = 4
+  cfg.optimizer.weight_decay = 0.0  # so that a leaf moves only by its gradient
+  cfg.feedback.iterations = (1,) * len(cfg.feedback.iterations)
+  # LeCun-scale feedback weights: with FWDTP's U(-1e-3, 1e-3) the three downsampling
+  # units (no identity path in their feedback) shrink the stem's target difference by
+  # ~1e-3 each, below float32 resolution of its parameters.
+  cfg.feedback.init_scale = 0.0
+  net = models.get(cfg.model, **cfg.model_kwargs)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 16, 16, 3)), jnp.float32)
+  y = jnp.arange(4)
+  algo = algorithms.make(net, cfg, algorithms.make_optimizer(cfg.optimizer, 10))
+  state = algo.init(jax.random.key(0), x)
+  new, metrics = jax.jit(algo.step)(state, (x, y), jax.random.key(1))
+  assert bool(metrics['finite'])
+  for n, (before, after) in enumerate(zip(state.params, new.params)):
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(before),
+                                                         jax.tree_util.tree_leaves(after))]
+    assert max(moved) > 0, (method, n)
+
+
+def test_downsampling_unit_is_a_plain_module_with_derived_feedback():
+  unit = models.resnet18(width=4).blocks[3]
+  assert isinstance(unit, derived.Derived)
+  assert isinstance(unit.module, models.PreActDownsample)
