@@ -7,8 +7,14 @@ the forward input x (``jax.vjp``), formed in the forward pass and carried in ``c
 
 so TJML is 0 to round-off and no target needs a second forward. ``jax.vjp`` returns a
 pytree (its residuals are the leaves), so the map survives ``jit``, ``stop_gradient``
-and being returned from the forward pass. Its residuals are those of the gradient with
-respect to the input only, a subset of what BP keeps for the block.
+and being returned from the forward pass. It is taken with respect to the input only:
+its residuals are values the forward pass computes (the kernel, GroupNorm's statistics,
+an activation's input) that BP's backward through the block keeps too. (The compiled
+steps' peak memory is compared in BUILD_NOTES.)
+
+Its ctx leaves include parameters (e.g. a conv kernel), which have no batch axis: code
+that slices or vmaps a ctx per example must instead take each example's ctx from its
+own forward pass.
 
 ``Derived(module)`` wraps a ``flax.linen`` module whose only collection is ``params``;
 ``Function(apply_fn, init_fn)`` turns a pure function F(params, x) into one, and
@@ -118,7 +124,8 @@ class Derived(layers.Layer):
   module: nn.Module
 
   def _what(self) -> str:
-    return f'Derived({type(self.module).__name__}, name={self.name!r})'
+    name = f' {self.name!r}' if self.name else ''
+    return f'Derived({type(self.module).__name__}){name}'
 
   def _apply(self, params, x):
     return self.module.clone(parent=None).apply({'params': params}, x)
