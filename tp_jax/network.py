@@ -28,7 +28,8 @@ Params = tuple[dict, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Net:
-  """An ordered tuple of DTP blocks. Jitted steps close over it (it is not hashable: a
+  """An ordered tuple of DTP blocks: ``tp_jax.layers`` layers, or plain Flax modules
+  (wrapped as ``layers.Derived``). Jitted steps close over it (it is not hashable: a
   Sequential holds a list, so it cannot be a static argument)."""
   blocks: tuple[layers.Layer, ...]
   name: str = 'net'
@@ -38,7 +39,7 @@ class Net:
     for i, block in enumerate(self.blocks):
       try:
         wrapped.append(derived.as_layer(block))
-      except (ValueError, layers.FeedbackError) as e:
+      except ValueError as e:  # FeedbackError included
         raise type(e)(f'{self.name}: block {i}: {e}') from e
     object.__setattr__(self, 'blocks', tuple(wrapped))
 
@@ -56,7 +57,7 @@ def init(net: Net, key: Array, x: Array) -> Params:
     try:
       p = block.init(k, x, method='fwd').get('params', {})
       x, _ = block.apply({'params': p}, x, method='fwd')
-    except (ValueError, layers.FeedbackError) as e:
+    except ValueError as e:  # FeedbackError included
       if type(e) not in (ValueError, layers.FeedbackError):
         raise  # a library's own error type (its constructor may take other arguments)
       raise type(e)(f'{net.name}: block {n} ({type(block).__name__}) on an input of '
