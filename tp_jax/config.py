@@ -40,6 +40,9 @@ def default() -> ml_collections.ConfigDict:
   c.feedback_act = 'integral'  # TJMC activation feedback: 'integral' (varsigma) | 'hadamard'
   c.beta = 0.4655  # first-target step; scalingDTP LeNet config
   c.seed = 0
+  # S > 1: S independent runs (seeds seed, ..., seed + S - 1) in one program, the step
+  # vmapped over a leading seed axis of the state; each seed equals its separate run.
+  c.num_seeds = 1
   c.epochs = 10
   c.batch_size = 256
   c.steps_per_epoch = 0  # 0 -> a full pass over the training set
@@ -72,6 +75,7 @@ def default() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0  # 0 -> at the end of every epoch
   c.keep_checkpoints = 2
   c.log_every_steps = 0
+  c.diagnostics = True  # per-block bp_angle, bp_norm_ratio, tjml at log steps and epoch ends
   c.num_processes = 1  # >1: jax.distributed.initialize() (multi-host)
   return c
 
@@ -121,6 +125,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       not 0 <= cfg.seed < 2 ** 32:
     # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.
     raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
+  if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or \
+      cfg.num_seeds < 1:
+    raise ConfigError(f'num_seeds must be a positive integer, got {cfg.num_seeds!r}')
+  if cfg.seed + cfg.num_seeds > 2 ** 32:
+    raise ConfigError(f'seed + num_seeds - 1 = {cfg.seed + cfg.num_seeds - 1} exceeds '
+                      f'2**32 - 1: the last seeds would repeat the first')
   if cfg.data_backend not in data.BACKENDS:
     raise ConfigError(f'unknown data_backend={cfg.data_backend!r}; valid: {list(data.BACKENDS)}')
   if cfg.feedback_act not in algorithms.FEEDBACK_ACTS:
@@ -136,6 +146,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if cfg.batch_size % num_devices:
     raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the number of '
                       f'devices ({num_devices}); the global batch is split evenly')
+  if not isinstance(cfg.diagnostics, bool):
+    raise ConfigError(f'diagnostics must be True or False, got {cfg.diagnostics!r}')
   if cfg.optimizer.name not in ('sgd', 'adam'):
     raise ConfigError(f"optimizer.name must be 'sgd' or 'adam', got {cfg.optimizer.name!r}")
   if cfg.optimizer.schedule not in ('constant', 'cosine'):

@@ -129,21 +129,33 @@ def _keys(seed: int):
   return jax.random.split(jax.random.key(seed), 3)
 
 
+def _run_keys(cfg):
+  """(init, data order, step noise) keys of ``cfg``; with ``num_seeds`` S > 1 each is
+  an [S] key array whose row s is the key of the separate run with seed ``seed + s``."""
+  if cfg.num_seeds == 1:
+    return _keys(cfg.seed)
+  keys = jnp.stack([_keys(cfg.seed + s) for s in range(cfg.num_seeds)])
+  return keys[:, 0], keys[:, 1], keys[:, 2]
+
+
 def _key_data(key, sharding: NamedSharding) -> Array:
   """A key as a replicated uint32 array: jitted functions take the seed as an input, so
   one executable serves every seed (and works across processes)."""
   return _put(np.asarray(jax.random.key_data(key)), sharding)
 
 
-def make_init(algo: algorithms.Algorithm, mesh: Mesh) -> Callable:
+def make_init(algo: algorithms.Algorithm, mesh: Mesh, num_seeds: int = 1) -> Callable:
   """(init key data, x_example) -> state, replicated over ``mesh``.
 
+  ``num_seeds`` > 1: the key data has a leading seed axis, and so has the state.
   Initialisation runs once: on CPU it compiles without LLVM's optimisations (LeNet:
   about 4x faster to compile), which gives the same values.
   """
   fast = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  return jax.jit(lambda k, x: algo.init(jax.random.wrap_key_data(k), x),
-                 out_shardings=NamedSharding(mesh, P()), compiler_options=fast)
+  init = lambda k, x: algo.init(jax.random.wrap_key_data(k), x)
+  if num_seeds > 1:  # one state per seed's key; the example batch (shapes only) shared
+    init = jax.vmap(init, in_axes=(0, None))
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=fast)
 
 
 def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
@@ -157,6 +169,11 @@ def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
   gathers and processes its own slice of the global batch. The step's key is folded
   from (``step_key``, step); ``step_key`` is the raw data of the run's step key. Metrics add ``params_finite`` (one bool per block, after the
   update) to the algorithm's.
+
+  ``cfg.num_seeds`` S > 1: the step is vmapped over a leading seed axis of the state,
+  ``idx_epoch`` and ``step_key`` (the dataset is shared), so S runs train in one
+  program; the seed axis is replicated over the mesh and each seed's batch is still
+  sharded over ``'data'``. Metrics get the seed axis too.
   """
   batch = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
@@ -176,6 +193,8 @@ def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
                                new_state, state._replace(step=state.step + 1))
     return new_state, metrics
 
+  if cfg.num_seeds > 1:
+    train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
   return jax.jit(train_step, in_shardings=replicated, out_shardings=replicated,
                  donate_argnums=(0,))
 
@@ -288,13 +307,14 @@ def setup(cfg: ml_collections.ConfigDict, dataset: data.Dataset | None = None, *
                                     dataset.x_test, dataset.y_test.astype(jnp.int32)))
   tx = algorithms.make_optimizer(cfg.optimizer, spe * cfg.epochs)
   algo = algorithms.make(net, cfg, tx)
-  init = make_init(algo, mesh)
-  k_init, k_data, k_steps = _keys(cfg.seed)
+  init = make_init(algo, mesh, cfg.num_seeds)
+  k_init, k_data, k_steps = _run_keys(cfg)
   init_key, step_key = _key_data(k_init, replicated), _key_data(k_steps, replicated)
   state_spec = jax.eval_shape(init, init_key, x_train[:cfg.batch_size])
   state_spec = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec)
-  idx_spec = jax.ShapeDtypeStruct((spe, cfg.batch_size), jnp.int32, sharding=replicated)
+  idx_spec = jax.ShapeDtypeStruct((*_seed_axis(cfg), spe, cfg.batch_size), jnp.int32,
+                                  sharding=replicated)
   before_compile(state_spec)
   t0 = time.perf_counter()
   step = make_train_step(algo, cfg, mesh, spe).lower(
@@ -306,16 +326,33 @@ def setup(cfg: ml_collections.ConfigDict, dataset: data.Dataset | None = None, *
              init_key=init_key, data_key=k_data, step_key=step_key, compile_s=compile_s)
 
 
+def _seed_axis(cfg) -> tuple[int, ...]:
+  """The leading axis the state, epoch indices and step metrics get from ``num_seeds``."""
+  return () if cfg.num_seeds == 1 else (cfg.num_seeds,)
+
+
 def init_state(run: Run) -> algorithms.TrainState:
   """The run's initial ``TrainState`` (a function of the seed alone)."""
   return run.init(run.init_key, run.x_train[:run.cfg.batch_size])
 
 
+def seed_states(run: Run, state) -> list:
+  """Each seed's ``TrainState``: [state] when ``num_seeds`` is 1, else the slices of the
+  seed axis (each as the separate run with that seed holds it)."""
+  if run.cfg.num_seeds == 1:
+    return [state]
+  return [jax.tree.map(lambda a, s=s: a[s], state) for s in range(run.cfg.num_seeds)]
+
+
 def epoch_indices(run: Run, epoch: int) -> Array:
-  """[steps_per_epoch, batch_size] example indices of (0-based) ``epoch``, replicated."""
-  idx = data.batches(jax.random.fold_in(run.data_key, epoch), run.n_train,
-                     run.cfg.batch_size)
-  idx = np.asarray(idx)[:run.steps_per_epoch].astype(np.int32)
+  """[steps_per_epoch, batch_size] example indices of (0-based) ``epoch``, replicated;
+  with ``num_seeds`` S > 1, [S, steps_per_epoch, batch_size]: each seed's own order."""
+  def order(data_key):
+    idx = data.batches(jax.random.fold_in(data_key, epoch), run.n_train, run.cfg.batch_size)
+    return np.asarray(idx)[:run.steps_per_epoch].astype(np.int32)
+
+  idx = order(run.data_key) if run.cfg.num_seeds == 1 else \
+      np.stack([order(run.data_key[s]) for s in range(run.cfg.num_seeds)])
   return _put(idx, NamedSharding(run.mesh, P()))
 
 
@@ -405,7 +442,7 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def _check_resumable(saved: dict, cfg, workdir: Path, step: int) -> None:
   now = _flat(json.loads(cfg.to_json_best_effort()))
-  saved = _flat(saved)
+  saved = {'num_seeds': 1, **_flat(saved)}  # checkpoints from before num_seeds: one seed
   diff = sorted(k for k in set(now) | set(saved)
                 if now.get(k) != saved.get(k) and k.split('.')[0] not in RESUMABLE_CHANGES)
   if diff:
@@ -581,6 +618,8 @@ def _start_line(run: Run) -> str:
           f'batch {cfg.batch_size} over {run.mesh.devices.size} device(s)'
           + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
           + f', {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
+          + (f', seeds {cfg.seed}..{cfg.seed + cfg.num_seeds - 1} in one program'
+             if cfg.num_seeds > 1 else '')
           + (f'; step compiled in {run.compile_s:.1f} s' if run.compile_s else ''))
 
 
@@ -632,7 +671,7 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
         dt = time.perf_counter() - t0
         train_s, this_s = train_s + dt, this_s + dt
         m = {k: np.stack([s[k] for s in ms]) for k in ms[0]}
-        msg = divergence_message(m, step)
+        msg = _seeds_divergence_message(cfg, m, step)
         if msg and not cfg.skip_nonfinite:
           bar.clear()
           where = (f'the last good checkpoint (step {last_saved}) is kept in '
@@ -641,7 +680,9 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
                                 f'skip_nonfinite=True to skip (and count) such steps.')
         chunks.append(m)
         if cfg.log_every_steps:
-          _log_steps(m, step, cfg.log_every_steps, log, writer, bar)
+          for s, m_seed in enumerate(_seed_metrics(cfg, m)):
+            _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar,
+                       _seed_suffix(cfg, s))
         step, done = stop, stop - epoch * spe
         bar.update(metrics_writer.progress_line(
             epoch + 1, cfg.epochs, done, spe, this_s / max(done - first, 1) * done,
@@ -651,18 +692,25 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
       if done < spe:
         break  # stopped at until_step
       m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-      row = _epoch_row(run, state, m, epoch, step, train_s, this_s, done - first)
+      row = merge_seeds([_epoch_row(run, st, m_seed, epoch, step, train_s, this_s, done - first)
+                         for st, m_seed in zip(seed_states(run, state), _seed_metrics(cfg, m))])
       history.append(row)
       if primary:
         _write_history(workdir / 'metrics.jsonl', history)
-        writer.scalars(step, _tb_scalars(row))
+        writer.scalars(step, {f'{k}{_seed_suffix(cfg, s)}': v
+                              for s, r in enumerate(split_seeds(row, cfg.num_seeds))
+                              for k, v in _tb_scalars(r).items()})
         writer.flush()
       save([], 0.0)
       bar.clear()
-      log(f'epoch {epoch + 1}/{cfg.epochs}  loss {row["train_loss"]:.4f}  '
-          f'train {100 * row["train_accuracy"]:.2f}%  test {100 * row["test_accuracy"]:.2f}%  '
+      seed_mean = lambda k: float(np.mean(row[k]))  # a seed's value when num_seeds is 1
+      skipped = int(np.sum(row['skipped_steps']))
+      log(f'epoch {epoch + 1}/{cfg.epochs}  loss {seed_mean("train_loss"):.4f}  '
+          f'train {100 * seed_mean("train_accuracy"):.2f}%  '
+          f'test {100 * seed_mean("test_accuracy"):.2f}%  '
           f'{row["ms_per_step"]:.1f} ms/step  ({this_s:.1f} s train)'
-          + (f'  {row["skipped_steps"]} steps skipped' if row['skipped_steps'] else ''))
+          + (f'  {skipped} steps skipped' if skipped else '')
+          + (f'  (means of {cfg.num_seeds} seeds)' if cfg.num_seeds > 1 else ''))
   finally:
     bar.clear()
     if writer is not None:
@@ -689,21 +737,78 @@ def _epoch_row(run: Run, state, m: dict[str, np.ndarray], epoch: int, step: int,
   return row
 
 
+# Fields of a metrics row that every seed shares; with ``num_seeds`` > 1 each other field
+# is a list with one value per seed.
+SEED_SHARED_KEYS = ('epoch', 'step') + TIMING_KEYS
+
+
+def merge_seeds(rows: list[dict]) -> dict:
+  """One metrics row from each seed's row: the shared fields once, the others as lists
+  (a single seed's row unchanged)."""
+  if len(rows) == 1:
+    return rows[0]
+  return {k: rows[0][k] if k in SEED_SHARED_KEYS else [r[k] for r in rows] for k in rows[0]}
+
+
+def split_seeds(row: dict, num_seeds: int) -> list[dict]:
+  """Each seed's row of a ``merge_seeds`` row (its inverse)."""
+  if num_seeds == 1:
+    return [row]
+  return [{k: v if k in SEED_SHARED_KEYS else v[s] for k, v in row.items()}
+          for s in range(num_seeds)]
+
+
+def _seed_metrics(cfg, m: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Each seed's per-step metrics of a chunk ([steps, S, ...] -> S x [steps, ...])."""
+  if cfg.num_seeds == 1:
+    return [m]
+  return [{k: v[:, s] for k, v in m.items()} for s in range(cfg.num_seeds)]
+
+
+def _seed_suffix(cfg, s: int) -> str:
+  """The TensorBoard tag suffix of seed index ``s``: '' for a single seed."""
+  return '' if cfg.num_seeds == 1 else f'/seed_{cfg.seed + s}'
+
+
+def _seeds_divergence_message(cfg, m: dict[str, np.ndarray], first_step: int) -> str | None:
+  msgs = [divergence_message(m_seed, first_step) for m_seed in _seed_metrics(cfg, m)]
+  if cfg.num_seeds == 1:
+    return msgs[0]
+  return '; '.join(f'seed {cfg.seed + s}: {msg}' for s, msg in enumerate(msgs) if msg) or None
+
+
 def _summary(run: Run, state, step: int, history: list[dict], workdir: Path
              ) -> dict[str, Any]:
-  """The result dict; written to result.json when the run is complete."""
+  """The result dict; written to result.json when the run is complete.
+
+  With ``num_seeds`` > 1 the accuracies, losses and skipped steps are per-seed lists,
+  and ``<name>_mean`` / ``<name>_std`` (sample std) summarise the final accuracies and
+  train loss over the seeds.
+  """
+  num_seeds = run.cfg.num_seeds
   timed = [r for r in history if r['steps'] == run.steps_per_epoch]
+  seed_histories = [[split_seeds(r, num_seeds)[s] for r in history] for s in range(num_seeds)]
   result = dict(
       config=run.cfg.to_dict(), hardware=hardware(), epochs=len(history),
       steps_per_epoch=run.steps_per_epoch, step=step, complete=step >= run.total_steps,
-      test_accuracy=history[-1]['test_accuracy'] if history else None,
-      skipped_steps=sum(r['skipped_steps'] for r in history),
+      **merge_seeds([dict(test_accuracy=h[-1]['test_accuracy'] if h else None,
+                          skipped_steps=sum(r['skipped_steps'] for r in h))
+                     for h in seed_histories]),
       epoch_train_s=float(np.median([r['epoch_train_s'] for r in timed])) if timed else None,
       ms_per_step=float(np.median([r['ms_per_step'] for r in history])) if history else None,
       compile_s=run.compile_s, history=history)
   if result['complete']:
-    train_loss, train_acc = _fetch(run.evaluate(state.params, run.x_train, run.y_train))
-    result.update(train_accuracy=float(train_acc), train_loss=float(train_loss))
+    train = merge_seeds([
+        dict(zip(('train_loss', 'train_accuracy'),
+                 map(float, _fetch(run.evaluate(st.params, run.x_train, run.y_train)))))
+        for st in seed_states(run, state)])
+    result.update(train_accuracy=train['train_accuracy'], train_loss=train['train_loss'])
+  if num_seeds > 1:
+    for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
+      if None not in result.get(k, [None]):
+        result.update({f'{k}_mean': float(np.mean(result[k])),
+                       f'{k}_std': float(np.std(result[k], ddof=1))})
+  if result['complete']:
     if jax.process_index() == 0:
       tmp = workdir / 'result.json.tmp'
       tmp.write_text(json.dumps(result, indent=1, default=str))
@@ -722,7 +827,9 @@ def _tb_scalars(row: dict) -> dict[str, float]:
   return out
 
 
-def _log_steps(m, first_step, every, log, writer, bar) -> None:
+def _log_steps(m, first_step, every, log, writer, bar, suffix: str = '') -> None:
+  """Per-step TensorBoard scalars and log lines of a chunk (of one seed: tags and lines
+  end with ``suffix``)."""
   for i in range(len(m['loss'])):
     s = first_step + i + 1
     if s % every:
@@ -731,9 +838,10 @@ def _log_steps(m, first_step, every, log, writer, bar) -> None:
     for n, v in enumerate(m.get('block_loss', [[]] * (i + 1))[i], 1):
       values[f'step/block_loss/block{n}'] = float(v)
     bar.clear()
-    log(f'step {s}  loss {values["step/loss"]:.4f}  accuracy {values["step/accuracy"]:.3f}')
+    log(f'step {s}{suffix}  loss {values["step/loss"]:.4f}  '
+        f'accuracy {values["step/accuracy"]:.3f}')
     if writer is not None:
-      writer.scalars(s, values)
+      writer.scalars(s, {f'{k}{suffix}': v for k, v in values.items()})
   if writer is not None:
     writer.flush()
 
