@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from tp_jax import train
 
 
@@ -24,6 +26,7 @@ class Line:
   style: str = '-'  # a matplotlib format string
   color: str | None = None
   alpha: float = 1.0
+  band: tuple[Sequence[float], Sequence[float]] | None = None  # (low, high), shaded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,11 @@ def save_figure(grid: Sequence[Sequence[Panel]], out: str | Path, title: str | N
     for j, panel in enumerate(row):
       ax = axes[i, j]
       for line in panel.lines:
-        ax.plot(line.x, line.y, line.style, color=line.color, alpha=line.alpha,
-                label=line.label)
+        (drawn,) = ax.plot(line.x, line.y, line.style, color=line.color, alpha=line.alpha,
+                           label=line.label)
+        if line.band is not None:
+          ax.fill_between(line.x, *line.band, color=drawn.get_color(),
+                          alpha=0.2 * line.alpha, linewidth=0)
       ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
       if panel.log_y:
         ax.set_yscale('log')
@@ -94,6 +100,23 @@ def run_label(workdir: str | Path) -> str:
   return Path(workdir).name
 
 
+def num_seeds(rows: list[dict]) -> int:
+  """Seeds of a workdir's metrics rows: a ``num_seeds`` > 1 run has per-seed lists."""
+  accuracy = rows[0]['train_accuracy']
+  return len(accuracy) if isinstance(accuracy, list) else 1
+
+
+def seed_line(label: str, x: Sequence[float], per_seed: Sequence[Sequence[float]],
+              style: str = '-', color: str | None = None, alpha: float = 1.0) -> Line:
+  """The line of ``per_seed`` [seeds][len(x)] values: one seed's own values, or the mean
+  over the seeds with a min-max band."""
+  if len(per_seed) == 1:
+    return Line(label, x, per_seed[0], style, color, alpha)
+  y = np.asarray(per_seed, np.float64)
+  return Line(f'{label} (mean, min-max of {len(y)} seeds)', x, list(y.mean(0)), style,
+              color, alpha, band=(list(y.min(0)), list(y.max(0))))
+
+
 # (row key, panel title, y label, log scale): per-block lists of a metrics row.
 PER_BLOCK = [('block_loss', 'per-block local loss', 'loss', True),
              ('feedback_loss', 'feedback loss (LDRL/DTP)', 'loss', False)]
@@ -115,19 +138,24 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path | None = None,
   for i, (label, rows) in enumerate(runs):
     c = colors[i % len(colors)]
     ep = [r['epoch'] for r in rows]
+    seeds = num_seeds(rows)
+    seed_rows = [[train.split_seeds(r, seeds)[s] for r in rows] for s in range(seeds)]
     for split, style in (('train', '--'), ('test', '-')):
-      accuracy.append(Line(f'{label} {split}', ep,
-                           [100 * r[f'{split}_accuracy'] for r in rows], style, c))
-      loss.append(Line(f'{label} {split}', ep, [r[f'{split}_loss'] for r in rows], style, c))
+      accuracy.append(seed_line(f'{label} {split}', ep,
+                                [[100 * r[f'{split}_accuracy'] for r in h] for h in seed_rows],
+                                style, c))
+      loss.append(seed_line(f'{label} {split}', ep,
+                            [[r[f'{split}_loss'] for r in h] for h in seed_rows], style, c))
     for key in per_block:
-      have = [(r['epoch'], r[key]) for r in rows if key in r]
+      have = [r['epoch'] for r in rows if key in r]
       if not have:
         continue
-      nblocks = len(have[0][1])
+      values = [[r[key] for r in h if key in r] for h in seed_rows]  # [seed][epoch][block]
+      nblocks = len(values[0][0])
       for b in range(nblocks):
-        per_block[key].append(Line(
-            f'{label} block {b + 1}' if len(runs) > 1 else f'block {b + 1}',
-            [e for e, _ in have], [v[b] for _, v in have], '-', c,
+        per_block[key].append(seed_line(
+            f'{label} block {b + 1}' if len(runs) > 1 else f'block {b + 1}', have,
+            [[v[b] for v in h] for h in values], '-', c,
             alpha=0.35 + 0.65 * (b + 1) / nblocks))
   panels = [Panel('accuracy', 'epoch', '%', accuracy, integer_x=True),
             Panel('cross-entropy', 'epoch', 'loss', loss, integer_x=True)]

@@ -336,12 +336,12 @@ def init_state(run: Run) -> algorithms.TrainState:
   return run.init(run.init_key, run.x_train[:run.cfg.batch_size])
 
 
-def seed_states(run: Run, state) -> list:
+def seed_states(state, num_seeds: int) -> list:
   """Each seed's ``TrainState``: [state] when ``num_seeds`` is 1, else the slices of the
   seed axis (each as the separate run with that seed holds it)."""
-  if run.cfg.num_seeds == 1:
+  if num_seeds == 1:
     return [state]
-  return [jax.tree.map(lambda a, s=s: a[s], state) for s in range(run.cfg.num_seeds)]
+  return [jax.tree.map(lambda a, s=s: a[s], state) for s in range(num_seeds)]
 
 
 def epoch_indices(run: Run, epoch: int) -> Array:
@@ -692,8 +692,9 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
       if done < spe:
         break  # stopped at until_step
       m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-      row = merge_seeds([_epoch_row(run, st, m_seed, epoch, step, train_s, this_s, done - first)
-                         for st, m_seed in zip(seed_states(run, state), _seed_metrics(cfg, m))])
+      row = merge_seeds([
+          _epoch_row(run, state_s, m_s, epoch, step, train_s, this_s, done - first)
+          for state_s, m_s in zip(seed_states(state, cfg.num_seeds), _seed_metrics(cfg, m))])
       history.append(row)
       if primary:
         _write_history(workdir / 'metrics.jsonl', history)
@@ -801,7 +802,7 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path
     train = merge_seeds([
         dict(zip(('train_loss', 'train_accuracy'),
                  map(float, _fetch(run.evaluate(st.params, run.x_train, run.y_train)))))
-        for st in seed_states(run, state)])
+        for st in seed_states(state, num_seeds)])
     result.update(train_accuracy=train['train_accuracy'], train_loss=train['train_loss'])
   if num_seeds > 1:
     for k in ('test_accuracy', 'train_accuracy', 'train_loss'):

@@ -1,0 +1,214 @@
+"""``config.num_seeds``: S seeds trained in one program equal S separate runs.
+
+Seed s of a ``num_seeds`` run has the keys (init, data order, noise) of the separate
+run with ``seed + s``, so its metrics rows, summary and final state must equal that
+run's, to float32 tolerance (the vmapped step batches the same arithmetic), for every
+method on the MLP and on LeNet; checkpoints and resume must keep that.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import lenet_mnist
+from experiments.configs import mlp_mnist
+from tp_jax import config as config_lib
+from tp_jax import data
+from tp_jax import plot
+from tp_jax import train
+
+METHODS = ('bp', 'tjml_dtp', 'fwdtp', 'ldrl')
+NUM_SEEDS = 3
+FIRST_SEED = 5  # not 0: seed s must be FIRST_SEED + s, not s
+
+
+def _dataset(n_train: int = 64, n_test: int = 16, seed: int = 0) -> data.Dataset:
+  r = np.random.RandomState(seed)
+  return data.Dataset(r.randn(n_train, 28, 28, 1).astype(np.float32),
+                      r.randint(0, 10, n_train).astype(np.int32),
+                      r.randn(n_test, 28, 28, 1).astype(np.float32),
+                      r.randint(0, 10, n_test).astype(np.int32), data.info('mnist'))
+
+
+def _mlp(method: str):
+  c = mlp_mnist.get_config()
+  c.method, c.seed = method, FIRST_SEED
+  c.model_kwargs.widths = (16, 16)
+  c.batch_size, c.epochs, c.steps_per_epoch, c.eval_batch_size = 16, 2, 3, 16
+  c.optimizer.lr = 0.05  # large enough that the parameters move visibly in 6 steps
+  return _without_diagnostics(c)
+
+
+def _lenet(method: str):
+  c = lenet_mnist.get_config()
+  c.method, c.seed = method, FIRST_SEED
+  c.batch_size, c.epochs, c.steps_per_epoch, c.eval_batch_size = 16, 1, 2, 16
+  c.feedback.iterations = (2,)  # LDRL's inner loops: the test is about seeds, not K
+  return _without_diagnostics(c)
+
+
+def _without_diagnostics(cfg):
+  """Runs of several seeds have no BP-alignment diagnostics yet (``diagnostics``): the
+  separate runs they are compared with go without them too."""
+  cfg.diagnostics = False
+  return cfg
+
+
+def _quiet(_):
+  pass
+
+
+def _without_timing(rows):
+  return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
+
+
+def _assert_close(a, b, what):
+  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                             rtol=2e-5, atol=1e-6, err_msg=what)
+
+
+def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
+  """The ``num_seeds`` run of ``cfg`` against one separate run per seed."""
+  cfg.num_seeds = NUM_SEEDS
+  together = train.train_and_evaluate(cfg, tmp_path / 'together', dataset, log=_quiet)
+  assert together['complete']
+  rows = train.read_history(tmp_path / 'together' / 'metrics.jsonl')
+  assert len(rows[-1]['test_accuracy']) == NUM_SEEDS
+  states = train.seed_states(together['state'], NUM_SEEDS)
+  differ = False
+  for s in range(NUM_SEEDS):
+    one = cfg.copy_and_resolve_references()
+    one.num_seeds, one.seed = 1, cfg.seed + s
+    alone = train.train_and_evaluate(one, tmp_path / f'seed{s}', dataset, log=_quiet)
+    mine = [train.split_seeds(r, NUM_SEEDS)[s] for r in rows]
+    for got, want in zip(_without_timing(mine), _without_timing(alone['history']),
+                         strict=True):
+      assert got.keys() == want.keys()
+      for k in got:
+        _assert_close(got[k], want[k], f'seed {s}, epoch {got["epoch"]}, {k}')
+    for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
+      _assert_close(together[k][s], alone[k], f'seed {s}, {k}')
+    for a, b in zip(jax.tree.leaves(states[s]), jax.tree.leaves(alone['state']), strict=True):
+      _assert_close(a, b, f'seed {s}, final state')
+    differ |= not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(states[s].params),
+                                                        jax.tree.leaves(states[0].params)))
+  assert differ, 'the seeds must differ, or equality says nothing about each seed'
+  result = json.loads((tmp_path / 'together' / 'result.json').read_text())
+  accs = result['test_accuracy']
+  assert result['test_accuracy_mean'] == pytest.approx(np.mean(accs))
+  assert result['test_accuracy_std'] == pytest.approx(np.std(accs, ddof=1))
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_mlp_seeds_equal_separate_runs(method, tmp_path):
+  _assert_seeds_equal_separate_runs(_mlp(method), _dataset(), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', METHODS)
+def test_lenet_seeds_equal_separate_runs(method, tmp_path):
+  _assert_seeds_equal_separate_runs(_lenet(method), _dataset(), tmp_path)
+
+
+def test_num_seeds_is_validated():
+  cfg = _mlp('bp')
+  for bad in (0, -1, 2.0, True):
+    with cfg.ignore_type():
+      cfg.num_seeds = bad
+    with pytest.raises(config_lib.ConfigError, match='num_seeds must be a positive integer'):
+      config_lib.validate(cfg)
+  cfg = _mlp('bp')
+  cfg.num_seeds, cfg.seed = 2, 2 ** 32 - 1
+  with pytest.raises(config_lib.ConfigError, match='exceeds 2\\*\\*32 - 1'):
+    config_lib.validate(cfg)
+
+
+def test_merge_and_split_seeds_are_inverse():
+  rows = [dict(epoch=1, step=3, train_loss=float(s), block_loss=[s, 2 * s], steps=3,
+               epoch_train_s=0.5, ms_per_step=1.0, skipped_steps=s) for s in range(3)]
+  merged = train.merge_seeds(rows)
+  assert merged['train_loss'] == [0.0, 1.0, 2.0] and merged['epoch'] == 1
+  assert merged['block_loss'] == [[0, 0], [1, 2], [2, 4]] and merged['steps'] == 3
+  assert train.split_seeds(merged, 3) == rows
+  assert train.merge_seeds(rows[:1]) is rows[0] and train.split_seeds(rows[0], 1) == rows[:1]
+
+
+def test_seed_runs_share_one_program():
+  """The state has a leading seed axis, each seed's indices and keys its own run's."""
+  cfg, ds = _mlp('ldrl'), _dataset()
+  cfg.num_seeds = NUM_SEEDS
+  run = train.setup(cfg, ds)
+  state = train.init_state(run)
+  assert {a.shape[0] for a in jax.tree.leaves(state)} == {NUM_SEEDS}
+  idx = np.asarray(train.epoch_indices(run, 1))
+  for s, state_s in enumerate(train.seed_states(state, NUM_SEEDS)):
+    one = cfg.copy_and_resolve_references()
+    one.num_seeds, one.seed = 1, cfg.seed + s
+    alone = train.setup(one, ds)
+    np.testing.assert_array_equal(idx[s], np.asarray(train.epoch_indices(alone, 1)))
+    for a, b in zip(jax.tree.leaves(state_s), jax.tree.leaves(train.init_state(alone))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(idx[0], idx[1])
+
+
+def _resume_config():
+  """LDRL (forward and feedback state, noise every step), checkpoints mid-epoch."""
+  c = _mlp('ldrl')
+  c.num_seeds, c.checkpoint_every_steps, c.check_every_steps = 2, 2, 1
+  return c
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_seeds(tmp_path_factory):
+  return train.train_and_evaluate(_resume_config(), tmp_path_factory.mktemp('full'),
+                                  _dataset(), log=_quiet)
+
+
+@pytest.mark.parametrize('stop', [3, 4])  # after epoch 1; mid-epoch 2
+def test_seeds_resume_equals_uninterrupted(uninterrupted_seeds, tmp_path, stop):
+  ds, full = _dataset(), uninterrupted_seeds
+  part = train.train_and_evaluate(_resume_config(), tmp_path / 'part', ds, log=_quiet,
+                                  until_step=stop)
+  assert not part['complete'] and part['step'] == stop
+  logs = []
+  res = train.train_and_evaluate(_resume_config(), tmp_path / 'part', ds, log=logs.append)
+  assert f'resumed from checkpoint at step {stop}' in logs
+  assert res['complete']
+  assert _without_timing(res['history']) == _without_timing(full['history'])
+  assert _without_timing(train.read_history(tmp_path / 'part' / 'metrics.jsonl')) == \
+      _without_timing(full['history'])
+  for k in ('test_accuracy', 'train_accuracy', 'train_loss', 'test_accuracy_std'):
+    assert res[k] == full[k], k
+  for a, b in zip(jax.tree.leaves(res['state']), jax.tree.leaves(full['state']), strict=True):
+    assert a.shape[0] == 2
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_seed_line_is_the_mean_with_a_min_max_band():
+  r = np.random.RandomState(0)
+  per_seed = r.rand(3, 5)
+  line = plot.seed_line('tp', range(5), per_seed.tolist())
+  np.testing.assert_allclose(line.y, per_seed.mean(0))
+  np.testing.assert_allclose(line.band, (per_seed.min(0), per_seed.max(0)))
+  assert '3 seeds' in line.label
+  one = plot.seed_line('tp', range(5), per_seed[:1].tolist())
+  assert one.y == per_seed[0].tolist() and one.band is None and one.label == 'tp'
+
+
+def test_plot_of_a_seeds_workdir(tmp_path):
+  pytest.importorskip('matplotlib')
+  rows = []
+  for epoch in (1, 2):
+    rows.append(train.merge_seeds([
+        dict(epoch=epoch, step=3 * epoch, train_loss=2.0 / epoch + s, train_accuracy=0.1 * s,
+             test_loss=2.0, test_accuracy=0.1 * epoch + 0.01 * s, epoch_train_s=1.0, steps=3,
+             ms_per_step=1.0, skipped_steps=0, block_loss=[0.1 * s, 0.2 * epoch])
+        for s in range(NUM_SEEDS)]))
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  assert plot.num_seeds(rows) == NUM_SEEDS
+  out = plot.plot_runs([tmp_path])
+  assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
