@@ -54,9 +54,11 @@ def main(argv):
     # The run's own diagnoses already name the problem: one line, no traceback.
     print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
     return 1
-  print(f'test accuracy {100 * result["test_accuracy"]:.2f}%  train accuracy '
-        f'{100 * result["train_accuracy"]:.2f}%  {result["ms_per_step"]:.1f} ms/step  '
-        f'-> {_WORKDIR.value}/result.json')
+  mean = lambda k: result.get(f'{k}_mean', result[k])  # over seeds (num_seeds > 1)
+  print(f'test accuracy {100 * mean("test_accuracy"):.2f}%  train accuracy '
+        f'{100 * mean("train_accuracy"):.2f}%  {result["ms_per_step"]:.1f} ms/step  '
+        + (f'(means of {cfg.num_seeds} seeds)  ' if cfg.num_seeds > 1 else '')
+        + f'-> {_WORKDIR.value}/result.json')
 
 
 if __name__ == '__main__':

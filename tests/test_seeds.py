@@ -164,13 +164,13 @@ def _resume_config():
 
 @pytest.fixture(scope='module')
 def uninterrupted_seeds(tmp_path_factory):
-  return train.train_and_evaluate(_resume_config(), tmp_path_factory.mktemp('full'),
-                                  _dataset(), log=_quiet)
+  workdir = tmp_path_factory.mktemp('full')
+  return train.train_and_evaluate(_resume_config(), workdir, _dataset(), log=_quiet), workdir
 
 
 @pytest.mark.parametrize('stop', [3, 4])  # after epoch 1; mid-epoch 2
 def test_seeds_resume_equals_uninterrupted(uninterrupted_seeds, tmp_path, stop):
-  ds, full = _dataset(), uninterrupted_seeds
+  ds, (full, _) = _dataset(), uninterrupted_seeds
   part = train.train_and_evaluate(_resume_config(), tmp_path / 'part', ds, log=_quiet,
                                   until_step=stop)
   assert not part['complete'] and part['step'] == stop
@@ -212,3 +212,17 @@ def test_plot_of_a_seeds_workdir(tmp_path):
   assert plot.num_seeds(rows) == NUM_SEEDS
   out = plot.plot_runs([tmp_path])
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_tensorboard_has_each_seed(uninterrupted_seeds):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  full, workdir = uninterrupted_seeds
+  acc = event_accumulator.EventAccumulator(str(workdir))
+  acc.Reload()
+  tags = acc.Tags()['scalars']
+  for s in range(2):
+    seed = FIRST_SEED + s
+    series = [e.value for e in acc.Scalars(f'test/accuracy/seed_{seed}')]
+    assert series == pytest.approx([r['test_accuracy'][s] for r in full['history']])
+    assert f'train/block_loss/block1/seed_{seed}' in tags
+  assert 'test/accuracy' not in tags
