@@ -9,6 +9,10 @@ method on the MLP and on LeNet; checkpoints and resume must keep that.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -226,3 +230,46 @@ def test_tensorboard_has_each_seed(uninterrupted_seeds):
     assert series == pytest.approx([r['test_accuracy'][s] for r in full['history']])
     assert f'train/block_loss/block1/seed_{seed}' in tags
   assert 'test/accuracy' not in tags
+
+
+# Run with 4 CPU devices (the device count is fixed when JAX starts): a 2-seed LDRL run
+# through the training loop; its final state, and whether the compiled step holds each
+# device's quarter of the batch for both seeds.
+_MESH_WORKER = """
+import json, sys, tempfile
+import jax, numpy as np
+import test_seeds as t
+from tp_jax import train
+cfg = t._mlp('ldrl')
+cfg.num_seeds, cfg.epochs = 2, 1
+res = train.train_and_evaluate(cfg, tempfile.mkdtemp(), t._dataset(), log=t._quiet)
+hlo = train.setup(cfg, t._dataset()).train_step.as_text()
+np.savez(sys.argv[1], *[np.asarray(a.addressable_data(0)) for a in jax.tree.leaves(res['state'])])
+print(json.dumps(dict(devices=jax.device_count(),
+                      seeds_local_batch=any(f'f32[2,4,{s}]' in hlo for s in ('28,28,1', '784')))))
+"""
+
+
+def test_seeds_compose_with_the_data_mesh(tmp_path):
+  """2 seeds on 4 devices: each seed's batch is split over the devices, and each seed
+  reaches the parameters of its separate 1-device run."""
+  root = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
+                        ' --xla_force_host_platform_device_count=4').strip(),
+             PYTHONPATH=os.pathsep.join([str(root / 'tests'), str(root),
+                                         os.environ.get('PYTHONPATH', '')]))
+  out = tmp_path / 'state.npz'
+  proc = subprocess.run([sys.executable, '-c', _MESH_WORKER, str(out)], env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert report == dict(devices=4, seeds_local_batch=True)
+  on_mesh = np.load(out)
+  on_mesh = [on_mesh[f'arr_{i}'] for i in range(len(on_mesh.files))]
+  for s in range(2):
+    cfg = _mlp('ldrl')
+    cfg.epochs, cfg.seed = 1, FIRST_SEED + s
+    alone = train.train_and_evaluate(cfg, tmp_path / f'seed{s}', _dataset(), log=_quiet)
+    for a, b in zip(on_mesh, jax.tree.leaves(alone['state']), strict=True):
+      _assert_close(a[s], b, f'seed {s} on 4 devices')
