@@ -13,17 +13,20 @@ Where each value comes from:
   variant for CPU runs (ours).
 * ELU: as every other model here (scalingDTP's LeNet/VGG); ResNet's own is ReLU.
 * LDRL (K, sigma, feedback lr per block, blocks 2..10 = the eight units and the
-  head): scalingDTP has no ResNet configuration that we could find, so these are ours,
-  VGG's per-block values mapped by stage: the two units of stage s take VGG block
-  s + 1's values, the head takes VGG's head's.
+  head): scalingDTP has no ResNet configuration that we could find, so these are ours.
+  K and sigma are VGG's per-block values mapped by stage (the two units of stage s take
+  VGG block s + 1's, the head VGG's head's). The feedback lr is VGG's first trained
+  block's, 1e-4, for every unit (the head keeps VGG's head's 0.18): with VGG's values
+  mapped by stage (up to 8e-3) the last unit's feedback weights became non-finite in
+  the first step (measured: width 8, batch 32, one step).
 """
 
 from tp_jax import config as config_lib
 
-# VGG's LDRL values for its blocks 2..5 (one per stage here) and its head.
-_VGG_STAGES = dict(iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2),
-                   lr=(1e-4, 3.5e-4, 8e-3, 8e-3))
-_VGG_HEAD = dict(iterations=20, noise=0.08, lr=0.18)
+# LDRL values per stage (VGG's for its blocks 2..5; the lr ours) and for the head.
+_PER_STAGE = dict(iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2),
+                  lr=(1e-4,) * 4)
+_HEAD = dict(iterations=20, noise=0.08, lr=0.18)
 
 
 def get_config():
@@ -38,6 +41,6 @@ def get_config():
   c.optimizer.lr = 0.05
   c.optimizer.schedule = 'cosine'
   for field in ('iterations', 'noise', 'lr'):
-    per_unit = tuple(v for v in _VGG_STAGES[field] for _ in range(2))
-    c.feedback[field] = per_unit + (_VGG_HEAD[field],)
+    per_unit = tuple(v for v in _PER_STAGE[field] for _ in range(2))
+    c.feedback[field] = per_unit + (_HEAD[field],)
   return c
