@@ -119,7 +119,10 @@ def seed_line(label: str, x: Sequence[float], per_seed: Sequence[Sequence[float]
 
 # (row key, panel title, y label, log scale): per-block lists of a metrics row.
 PER_BLOCK = [('block_loss', 'per-block local loss', 'loss', True),
-             ('feedback_loss', 'feedback loss (LDRL/DTP)', 'loss', False)]
+             ('feedback_loss', 'feedback loss (LDRL/DTP)', 'loss', False),
+             ('bp_angle', 'angle of the TP update to BP\'s gradient', 'degrees', False),
+             ('bp_norm_ratio', '|TP update| / |beta BP gradient|', 'ratio', True),
+             ('tjml', 'relative TJML of the feedback (blocks 2..N)', 'relative TJML', True)]
 
 
 def plot_runs(workdirs: Sequence[str | Path], out: str | Path | None = None,

@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tp_jax import algorithms
 from tp_jax import config as config_lib
 from tp_jax import data
+from tp_jax import diagnostics
 from tp_jax import metrics_writer
 from tp_jax import models
 from tp_jax import network
@@ -643,6 +644,8 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
     writer = metrics_writer.EventWriter(workdir, start_step=start)
   bar = metrics_writer.Progress(progress if primary else False)
   config_json = json.loads(cfg.to_json_best_effort())
+  # Compiled before the loop, a program of its own: the step is not changed by it.
+  diagnose = diagnostics.compile_for_run(run, state) if cfg.diagnostics else None
 
   def save(chunks, train_s):
     nonlocal last_saved
@@ -664,9 +667,12 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
         stop = min((epoch + 1) * spe, step + chunk, next_save, stop_step)
         t0 = time.perf_counter()
         ms = []
-        for _ in range(step, stop):
+        step_diagnostics = []
+        for s in range(step + 1, stop + 1):
           state, m = run.train_step(state, run.x_train, run.y_train, idx, run.step_key)
           ms.append(m)
+          if diagnose and cfg.log_every_steps and s % cfg.log_every_steps == 0:
+            step_diagnostics.append((s, diagnose(state, idx)))
         ms = _fetch(ms)
         dt = time.perf_counter() - t0
         train_s, this_s = train_s + dt, this_s + dt
@@ -679,6 +685,8 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
           raise DivergenceError(f'{msg}; {where}. Lower the learning rate or beta, or set '
                                 f'skip_nonfinite=True to skip (and count) such steps.')
         chunks.append(m)
+        for s, values in step_diagnostics if writer is not None else ():
+          writer.scalars(s, diagnostics.scalars(values, 'step'))
         if cfg.log_every_steps:
           for s, m_seed in enumerate(_seed_metrics(cfg, m)):
             _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar,
@@ -695,6 +703,8 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
       row = merge_seeds([
           _epoch_row(run, state_s, m_s, epoch, step, train_s, this_s, done - first)
           for state_s, m_s in zip(seed_states(state, cfg.num_seeds), _seed_metrics(cfg, m))])
+      if diagnose:
+        row.update(diagnose(state, idx))
       history.append(row)
       if primary:
         _write_history(workdir / 'metrics.jsonl', history)
@@ -825,6 +835,7 @@ def _tb_scalars(row: dict) -> dict[str, float]:
   for k in ('block_loss', 'feedback_loss'):
     for n, v in enumerate(row.get(k, ()), 1):
       out[f'train/{k}/block{n}'] = v
+  out.update(diagnostics.scalars(row, 'train'))
   return out
 
 
