@@ -102,9 +102,11 @@ def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
                                                         jax.tree.leaves(states[0].params)))
   assert differ, 'the seeds must differ, or equality says nothing about each seed'
   result = json.loads((tmp_path / 'together' / 'result.json').read_text())
-  accs = result['test_accuracy']
-  assert result['test_accuracy_mean'] == pytest.approx(np.mean(accs))
-  assert result['test_accuracy_std'] == pytest.approx(np.std(accs, ddof=1))
+  for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
+    assert len(result[k]) == NUM_SEEDS
+    assert result[f'{k}_mean'] == pytest.approx(np.mean(result[k]))
+    assert result[f'{k}_std'] == pytest.approx(np.std(result[k], ddof=1))  # sample std
+  assert result['train_loss_std'] > 0  # the seeds differ: the std says which std it is
 
 
 @pytest.mark.parametrize('method', METHODS)
