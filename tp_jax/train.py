@@ -24,6 +24,15 @@ feedback-training gradients of LDRL/DTP). Random numbers are partitionable
 (``jax_threefry_partitionable``), so 1 and 8 devices draw the same noise and reach the
 same parameters up to float32 summation order.
 
+Seeds. ``num_seeds`` S > 1 trains seeds ``seed .. seed + S - 1`` in one program: the
+state, the epoch indices and the step keys get a leading seed axis, seed s's keys are
+those of the separate run with seed ``seed + s``, and the step is ``jax.vmap``-ed over
+that axis (the seed axis is replicated over the mesh; each seed's batch is sharded
+over ``'data'``). Each seed is evaluated on its own and equals its separate run to
+float32 tolerance. metrics.jsonl rows and result.json hold per-seed lists
+(``merge_seeds``; result.json adds ``<name>_mean`` and the sample ``<name>_std``),
+TensorBoard tags end with ``/seed_<seed>``. S = 1 is the unvmapped program of before.
+
 Multi-host. With ``num_processes > 1`` the loop first calls
 ``jax.distributed.initialize(num_processes=..., process_id=$TP_JAX_PROCESS_ID)``: on
 Cloud TPU, SLURM, Open MPI or Kubernetes the coordinator and process id are detected;
@@ -258,6 +267,7 @@ class Run:
   init: Callable  # (init_key, x batch) -> TrainState
   train_step: Callable  # (state, x_train, y_train, epoch indices, step_key) -> (state, metrics)
   evaluate: Callable  # (params, x, y) -> (mean loss, accuracy)
+  # With num_seeds S > 1 each key below has a leading seed axis [S].
   init_key: Array  # raw key data, replicated: the seed is an input, not a constant
   data_key: Array  # folded with the epoch: that epoch's permutation
   step_key: Array  # raw key data, replicated; folded with the step inside the step
