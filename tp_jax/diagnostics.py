@@ -15,7 +15,8 @@ For a state and a batch, per block n:
                     feedback, blocks 2..N only (block 1's feedback is never used), so
                     the list is one shorter. Matrix-free (``jml``'s estimator) with
                     ``NUM_PROBES`` Gaussian probes per example drawn from an explicit
-                    key; the batch mean of the per-example ratios, as ``jml.block_jml``.
+                    key, on the batch's first ``TJML_EXAMPLES`` examples; the mean of
+                    the per-example ratios, as ``jml.block_jml``.
 
 The analytical methods' feedback is built from the forward parameters; LDRL, DTP and
 FWDTP use their feedback weights ``state.fb_params`` in ``layers.LEARNED`` mode. For
@@ -47,7 +48,11 @@ from tp_jax import network
 Array = jax.Array
 
 NUM_PROBES = 4
-"""Probes per example for the TJML estimate: enough averaged over a batch, cheap."""
+"""Probes per example for the TJML estimate: enough averaged over examples, cheap."""
+
+TJML_EXAMPLES = 32
+"""The TJML estimate takes the batch's first (at most) this many examples: on LeNet a
+probe of the second block costs about a training step of the whole batch."""
 
 FIRST_BLOCK = {'bp_angle': 1, 'bp_norm_ratio': 1, 'tjml': 2}
 """The per-block lists ``block_diagnostics`` returns (metrics.jsonl keys), and the
@@ -103,8 +108,8 @@ def block_diagnostics(net: network.Net, params: network.Params,
       bp_angle=jnp.stack([angle_degrees(t, b) for t, b in flat]),
       bp_norm_ratio=jnp.stack([jnp.linalg.norm(t) / (beta * jnp.linalg.norm(b))
                                for t, b in flat]),
-      tjml=jnp.stack([relative_tjml(net, params, fb, n, hs[n - 1], mode, keys[n],
-                                    num_probes) for n in range(1, len(net))]))
+      tjml=jnp.stack([relative_tjml(net, params, fb, n, hs[n - 1][:TJML_EXAMPLES], mode,
+                                    keys[n], num_probes) for n in range(1, len(net))]))
 
 
 def method_feedback(cfg, state) -> tuple[network.Params | None, layers.FeedbackMode] | None:
