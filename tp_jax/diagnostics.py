@@ -25,8 +25,9 @@ batch (the step trains them first). BP has no DTP blocks: it gets no diagnostics
 
 ``compile_for_run`` compiles the diagnostics as their own program, off the training
 step's path. It reads the state without changing it and draws its probes from a key
-of its own (folded from the step), so training is unchanged by it. The
-batch is the one the next step trains on, without augmentation.
+of its own (folded from the step), so training is unchanged by it. The batch is
+the epoch's row ``state.step % steps_per_epoch`` (within an epoch the batch of the
+next step; at an epoch's end its first one), without augmentation.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def block_diagnostics(net: network.Net, params: network.Params,
   """``bp_angle`` and ``bp_norm_ratio`` of shape (N,), ``tjml`` of shape (N - 1,).
 
   ``fb_params`` None: the feedback is built from ``params`` (the analytical methods,
-  as in ``dtp.local_grads``)."""
+  as in ``dtp.local_grads``). ``tjml`` takes the first ``TJML_EXAMPLES`` of ``x``."""
   tp, _ = dtp.local_grads(net, params, fb_params, mode, beta, x, labels)
   bp = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
       network.apply(net, p, x), labels).mean())(params)
