@@ -297,7 +297,7 @@ def _exact_losses(net: network.Net, params: network.Params,
   (a FeedbackError if the block refuses the mode, a JMLError for IJML of a singular J_F).
   """
   f0 = lambda h: network.block_forward(net, n, params[n], h)[0]
-  y, ctx = _jit(lambda h: network.block_forward(net, n, params[n], h))(h_in)
+  y = _jit(f0)(h_in)
   B, n_in, n_out = h_in.shape[0], _size(h_in.shape[1:]), _size(y.shape[1:])
   chunk = max(1, min(B, MAX_EXACT_SIZE // max(n_in * n_out, 1)))
   while B % chunk:
@@ -306,19 +306,22 @@ def _exact_losses(net: network.Net, params: network.Params,
   jac_f = _jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
   jac_gs = []
   for fb_params, mode in feedbacks:
-    g1 = _per_example(lambda t, c, fb=fb_params, mode=mode:
-                      network.block_feedback(net, n, fb[n], t, c, mode))
-    jac_gs.append(_jit(jax.vmap(
-        lambda y1, c1, g1=g1: _jac(lambda t: g1(t, c1), n_out, n_in)(y1).reshape(n_in, n_out))))
+    def jac_g_at(x1, fb=fb_params, mode=mode):
+      # Each example's ctx comes from its own forward: a derived block's ctx (its vjp)
+      # holds the parameters, which have no batch axis to slice per example.
+      y1, c1 = network.block_forward(net, n, params[n], x1[None])
+      g1 = lambda t: network.block_feedback(net, n, fb[n], t[None], c1, mode)[0]
+      return _jac(g1, n_out, n_in)(y1[0]).reshape(n_in, n_out)
+    jac_gs.append(_jit(jax.vmap(jac_g_at)))
   out: list[dict[str, Any]] = [{} for _ in feedbacks]
   sums: list[dict[str, tuple[list, list]]] = [{k: ([], []) for k in kinds} for _ in feedbacks]
   for start in range(0, B, chunk):
-    xc, yc, cc = jax.tree_util.tree_map(lambda a: a[start:start + chunk], (h_in, y, ctx))
+    xc = h_in[start:start + chunk]
     J_F = np.asarray(jac_f(xc), np.float64)
     J_G = []
     for i, jac_g in enumerate(jac_gs):
       try:
-        J_G.append(None if out[i].get('*') else np.asarray(jac_g(yc, cc), np.float64))
+        J_G.append(None if out[i].get('*') else np.asarray(jac_g(xc), np.float64))
       except layers.FeedbackError as e:
         out[i]['*'] = e
         J_G.append(None)
