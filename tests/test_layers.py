@@ -808,3 +808,10 @@ def test_difference_correction_cancels_a_first_dense_bias():
   # The offset itself is not zero: G differs by b W^-1 between the two.
   W = np.asarray(params['layers_0']['kernel'], np.float64)
   assert np.linalg.norm(np.asarray(params['layers_0']['bias']) @ np.linalg.inv(W)) > 0.1
+
+
+@pytest.mark.parametrize('make', [lambda f: L.Dense(f), lambda f: L.Conv(f, (3, 3))])
+@pytest.mark.parametrize('features', [0, -3, 2.5, True])
+def test_a_layer_without_a_positive_width_is_refused_when_built(make, features):
+  with pytest.raises(ValueError, match='features must be a positive integer'):
+    make(features)

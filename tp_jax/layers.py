@@ -148,6 +148,14 @@ torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'
 # Dense
 
 
+def _check_features(layer: Layer) -> None:
+  """Refuses a width that cannot be right when the layer is built, before any init."""
+  if isinstance(layer.features, bool) or not isinstance(layer.features, int) or \
+      layer.features < 1:
+    raise ValueError(f'{type(layer).__name__}: features must be a positive integer, got '
+                     f'{layer.features!r}')
+
+
 class Dense(Layer):
   """y = x W + b on the last axis; G*(t) = t W^T (TJMC matches Jacobians: no bias).
 
@@ -159,6 +167,10 @@ class Dense(Layer):
   features: int
   use_bias: bool = True
   kernel_init: Callable = torch_default_init
+
+  def __post_init__(self):
+    _check_features(self)
+    super().__post_init__()
 
   @nn.compact
   def fwd(self, x):
@@ -226,6 +238,10 @@ class Conv(Layer):
   kernel_init: Callable = torch_default_init
   # tp_jax.conv implementation: 'auto' (fast derivatives on CPU), 'fast' or 'xla'.
   impl: str = 'auto'
+
+  def __post_init__(self):
+    _check_features(self)
+    super().__post_init__()
 
   @nn.compact
   def fwd(self, x):
