@@ -9,20 +9,13 @@ The paper gives no LDRL hyper-parameters for the Mixer; ours reuse the VGG value
 our own choice, stated here.
 """
 
-from tp_jax import config as config_lib
+from experiments.configs import vgg_cifar10
 
 
 def get_config():
-  c = config_lib.default()
+  c = vgg_cifar10.get_config()  # the training protocol: scalingDTP's VGG defaults
   c.model = 'mlp_mixer'
   c.model_kwargs = {'act': 'leaky_relu', 'num_blocks': 4}
-  c.dataset = 'cifar10'
-  c.augment = True
-  c.epochs = 90
-  c.batch_size = 128
-  c.beta = 0.7
-  c.optimizer.lr = 0.05
-  c.optimizer.schedule = 'cosine'
   c.feedback.iterations = (20,)
   c.feedback.noise = (0.2,)
   c.feedback.lr = (1e-4,)

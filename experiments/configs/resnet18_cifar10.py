@@ -21,7 +21,7 @@ Where each value comes from:
   the first step (measured: width 8, batch 32, one step).
 """
 
-from tp_jax import config as config_lib
+from experiments.configs import vgg_cifar10
 
 # LDRL values per stage (VGG's for its blocks 2..5; the lr ours) and for the head.
 _PER_STAGE = dict(iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2),
@@ -30,16 +30,9 @@ _HEAD = dict(iterations=20, noise=0.08, lr=0.18)
 
 
 def get_config():
-  c = config_lib.default()
+  c = vgg_cifar10.get_config()  # the training protocol: scalingDTP's VGG defaults
   c.model = 'resnet18'
   c.model_kwargs.width = 64
-  c.dataset = 'cifar10'
-  c.augment = True
-  c.epochs = 90
-  c.batch_size = 128
-  c.beta = 0.7
-  c.optimizer.lr = 0.05
-  c.optimizer.schedule = 'cosine'
   for field in ('iterations', 'noise', 'lr'):
     per_unit = tuple(v for v in _PER_STAGE[field] for _ in range(2))
     c.feedback[field] = per_unit + (_HEAD[field],)
