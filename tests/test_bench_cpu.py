@@ -7,6 +7,8 @@ import pytest
 
 from experiments import bench_cpu
 
+pytestmark = pytest.mark.slow
+
 
 def test_report_ratios():
   rows = bench_cpu.report('lenet', {'bp / fast': [10.0, 12.0, 11.0], 'pytorch bp': [5.5]},

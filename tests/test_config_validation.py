@@ -343,6 +343,7 @@ def _train_binary(tmp_path, config: str, *overrides: str) -> subprocess.Complete
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_binary_refuses_a_per_block_list_of_the_wrong_length(tmp_path):
   p = _train_binary(tmp_path, 'lenet_mnist.py', '--config.method=ldrl',
                     '--config.feedback.iterations=(10,10)')
@@ -353,6 +354,7 @@ def test_binary_refuses_a_per_block_list_of_the_wrong_length(tmp_path):
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+@pytest.mark.slow
 def test_binary_trains_with_per_block_values_from_flags(tmp_path):
   """K per block and one sigma for all, on the real data ($TP_JAX_DATA, as CI sets)."""
   p = _train_binary(tmp_path, 'mlp_mnist.py', '--config.method=ldrl',
@@ -468,6 +470,7 @@ def test_validator_refuses_cleanly_or_accepts(case):
 _TRIED = {'accepted': 0, 'refused': 0}
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(malformed())
 def test_malformed_configs_are_refused_or_train_one_step(tmp_path_factory, case):

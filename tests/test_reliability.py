@@ -171,6 +171,7 @@ def _fake_mnist(root: Path) -> Path:
   return root
 
 
+@pytest.mark.slow
 def test_binary_prints_start_epoch_and_result_lines_only(tmp_path):
   """Default verbosity: no library log lines (Orbax, JAX); --verbosity=0 brings them."""
   _fake_mnist(tmp_path / 'data')
@@ -193,6 +194,7 @@ def test_binary_prints_start_epoch_and_result_lines_only(tmp_path):
   assert 'CheckpointManager' in p.stderr, p.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_binary_exits_nonzero_on_divergence(tmp_path):
   _fake_mnist(tmp_path / 'data')
   cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
@@ -215,6 +217,7 @@ def test_binary_exits_nonzero_on_divergence(tmp_path):
     ('--config.model=resnet', "error: ConfigError: unknown model 'resnet'"),
     ('--data_dir=/nonexistent/tp_jax_data', 'error: DataError: '),
 ])
+@pytest.mark.slow
 def test_binary_reports_bad_input_in_one_line(tmp_path, flag, message):
   cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
          f'--workdir={tmp_path / "run"}', flag]

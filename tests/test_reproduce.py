@@ -61,6 +61,7 @@ def smoke_tables(tmp_path_factory):
   return workdir, paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('table', [1, 2, 3, 4])
 def test_smoke_table(smoke_tables, table):
   workdir, paths = smoke_tables
@@ -151,6 +152,7 @@ def test_table4_rows():
   assert rev.id != mixer.id  # separate run directories
 
 
+@pytest.mark.slow
 def test_table_regenerates_and_reuses_runs(smoke_tables):
   """--what=table rebuilds the table from the files alone; finished runs are reused."""
   workdir, paths = smoke_tables

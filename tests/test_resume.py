@@ -267,6 +267,7 @@ def _resumed_step(run: Run) -> int:
   return found[0] if found else 0
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_restart(tmp_path):
   seed = int(os.environ.get('TP_JAX_KILL_SEED', time.time_ns() % 2**31))
   rng = random.Random(seed)

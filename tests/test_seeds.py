@@ -252,6 +252,7 @@ print(json.dumps(dict(devices=jax.device_count(),
 """
 
 
+@pytest.mark.slow
 def test_seeds_compose_with_the_data_mesh(tmp_path):
   """2 seeds on 4 devices: each seed's batch is split over the devices, and each seed
   reaches the parameters of its separate 1-device run."""
