@@ -76,6 +76,7 @@ PAIRS = [(m, a) for m in ('lenet', 'simple_vgg', 'mlp_mixer')
         [('mlp', a) for a in ('bp', 'tjml_dtp', 'pjml_dtp', 'ldrl', 'fwdtp', 'dtp')]
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize('model,method', PAIRS)
 def test_loss_drops_on_a_fixed_real_batch(model, method):
@@ -118,6 +119,7 @@ def test_tjml_dtp_update_tends_to_bp_gradient(mode, norm_tol):
       assert abs(ratio - 1) < norm_tol, (n, name, ratio)
 
 
+@pytest.mark.slow
 def test_local_grads_ignore_other_blocks_losses():
   """Each block's gradient is that of its own loss: perturbing block 1's target
   path must not change the head's gradient (targets are held fixed)."""
@@ -164,6 +166,7 @@ def test_ijml_dtp_refuses_non_square_layers():
     algo.step(state, (x, jnp.zeros(2, jnp.int32)), jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_ldrl_parallel_and_sequential_orders_agree():
   x, y = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)), jnp.arange(8) % 10
   results = []

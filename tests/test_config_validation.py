@@ -456,6 +456,7 @@ def _check_refusal(e: Exception, changes: dict) -> None:
   assert any(n in msg for n in names), f'message names none of {sorted(changes)}: {e}'
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(malformed())
 def test_validator_refuses_cleanly_or_accepts(case):

@@ -198,6 +198,7 @@ def test_every_model_is_covered():
   assert set(SMALL_MODELS) == set(models.MODELS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('model', sorted(SMALL_MODELS))
 def test_closed_forms_equal_derived_feedback(model):
   kwargs, shape = SMALL_MODELS[model]
@@ -259,6 +260,7 @@ def _plain_net():
       nn.Dense(10)), name='plain')
 
 
+@pytest.mark.slow
 def test_tjml_dtp_update_tends_to_bp_gradient_through_derived_feedback():
   """t_n - h_n = -beta dL/dh_n + O(beta^2) with exact J^T feedback, so each block's
   update is beta times BP's gradient as beta -> 0: parallel, and of the same norm."""

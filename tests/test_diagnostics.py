@@ -79,6 +79,7 @@ def test_angle_agrees_with_the_arccos_of_the_cosine(seed):
 # Alignment with BP
 
 
+@pytest.mark.slow
 def test_tjmc_update_tends_to_bp_gradient_as_beta_to_0():
   """TJMC (varsigma) on the tanh MLP: G's Jacobian at h is J_F^T, but G is nonlinear,
   so every block's update tends to beta times BP's gradient, in direction and size,
@@ -101,6 +102,7 @@ def test_hadamard_update_is_bp_gradient_at_any_beta():
   np.testing.assert_allclose(out['bp_norm_ratio'], 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_random_fixed_feedback_is_far_from_bp():
   """FWDTP's random feedback (its init, U(-s, s)): the top block's target is exact
   whatever the feedback, the lower blocks' updates are far from BP's gradient."""
@@ -116,6 +118,7 @@ def test_random_fixed_feedback_is_far_from_bp():
 # TJML
 
 
+@pytest.mark.slow
 def test_tjml_is_zero_for_exact_feedback_and_positive_for_random_feedback():
   net, params = _mlp_params()
   fb_params = network.init_feedback(params, jax.random.key(7), None)
@@ -203,6 +206,7 @@ def _tensorboard_tags(logdir) -> dict[str, list[int]]:
   return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['tjml_dtp', 'ldrl'])
 def test_training_logs_diagnostics_and_is_unchanged_by_them(tmp_path, method):
   """metrics.jsonl rows and TensorBoard get the diagnostics (epoch ends, and every

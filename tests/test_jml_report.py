@@ -41,6 +41,7 @@ def rows():
 EXACT_BLOCKS = (0, 5)
 
 
+@pytest.mark.slow
 def test_rows_cover_every_block_and_feedback(rows):
   """A TJML row per block and feedback; PJML rows only for the exact blocks; no IJML
   (the square blocks are estimated: IJML has no matrix-free form); error bars exactly

@@ -59,6 +59,7 @@ def test_missing_or_empty_metrics_are_clear_errors(tmp_path):
     plot.plot_runs([tmp_path])
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
   tp = _run(tmp_path / 'tp', 'tjml_dtp', blocks=2)
   env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -114,6 +114,7 @@ def _poison_step(cfg, n_train: int, step: int) -> int:
   return int(idx[step - 1][0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['tjml_dtp', 'bp'])
 def test_divergence_names_step_and_block_and_keeps_last_checkpoint(tmp_path, method):
   cfg = _mlp(method)
@@ -241,6 +242,7 @@ def _lenet(seed):
   return c
 
 
+@pytest.mark.slow
 def test_same_seed_bit_identical_different_seed_different(tmp_path):
   runs = []
   # The runs share one executable (the seed is an input). Separate processes agreeing

@@ -227,6 +227,7 @@ def test_figure2_ops_are_what_they_claim():
   np.testing.assert_array_equal(figure2.OPS['transpose'](a), np.asarray(a).T)
 
 
+@pytest.mark.slow
 def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch):
   real_train = accuracy.train.train_and_evaluate
 

@@ -53,6 +53,7 @@ def test_group_norm_groups_divide_the_channels():
     assert groups == 32 or c % 32, (c, groups)
 
 
+@pytest.mark.slow
 def test_tjml_dtp_update_tends_to_bp_gradient():
   """Every unit's feedback is exactly J^T in the Hadamard mode (closed-form convs and
   activations, derived GroupNorms and downsampling units, + id at the skips), so as
@@ -76,6 +77,7 @@ def test_tjml_dtp_update_tends_to_bp_gradient():
     assert cos > 0.999 and abs(ratio - 1) < 0.01, (n, cos, ratio)
 
 
+@pytest.mark.slow
 def test_config_validates_for_every_method():
   cfg = resnet18_cifar10.get_config()
   n = len(models.resnet18()) - 1
@@ -85,6 +87,7 @@ def test_config_validates_for_every_method():
     config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['bp', 'tjml_dtp', 'fwdtp', 'ldrl'])
 def test_every_method_takes_a_step(method):
   """A narrow ResNet-18 on 16x16 images: one step of each method moves every block

@@ -78,6 +78,7 @@ def uninterrupted(tmp_path_factory):
   return train.train_and_evaluate(_config(), wd, _dataset(), log=_quiet), wd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop', [6, 9])  # after epoch 1; mid-epoch 2 (no checkpoint due)
 def test_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, stop):
   full, _ = uninterrupted
@@ -102,6 +103,7 @@ def test_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, stop):
                                            jax.tree.leaves(part['state'].fb_params)))
 
 
+@pytest.mark.slow
 def test_rows_and_events_past_the_checkpoint_are_dropped(uninterrupted, tmp_path):
   """A killed run may have logged past its last checkpoint: those rows and events
   must not appear twice (or at all, if the resumed run computes different values)."""
@@ -118,6 +120,7 @@ def test_rows_and_events_past_the_checkpoint_are_dropped(uninterrupted, tmp_path
   assert [s for s, _ in series['train/loss']] == [6, 12]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(uninterrupted, tmp_path):
   train.train_and_evaluate(_config(), tmp_path, _dataset(), log=_quiet, until_step=2)
   cfg = _config()
@@ -131,6 +134,7 @@ def test_resume_refuses_a_different_config(uninterrupted, tmp_path):
   assert res['complete'] and _metrics(res['history']) == _metrics(uninterrupted[0]['history'])
 
 
+@pytest.mark.slow
 def test_restart_of_a_finished_run_changes_nothing(uninterrupted):
   full, wd = uninterrupted
   before = (wd / 'metrics.jsonl').read_text()
@@ -404,6 +408,7 @@ def test_event_writer_needs_no_tensorflow(tmp_path):
   assert out.stdout.strip() == '[(7, 0.25)]'
 
 
+@pytest.mark.slow
 def test_training_writes_event_files(uninterrupted):
   full, wd = uninterrupted
   series = _tensorboard_scalars(wd)

@@ -37,6 +37,7 @@ def _coupling_and_params(key=0):
   return block, p, x
 
 
+@pytest.mark.slow
 def test_coupling_feedback_is_the_exact_inverse():
   block, p, x = _coupling_and_params()
   fwd, fb = _jitted(block)
@@ -117,6 +118,7 @@ def test_reversible_mixer_targets_are_exact_inverses():
     assert float(jnp.max(jnp.abs(targets[n] - hs[n]))) > 1e-3  # the targets moved
 
 
+@pytest.mark.slow
 def test_reversible_mixer_trains_with_tjml_dtp():
   cfg = config_lib.default()
   cfg.model = 'reversible_mixer'

@@ -109,6 +109,7 @@ def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
   assert result['train_loss_std'] > 0  # the seeds differ: the std says which std it is
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', METHODS)
 def test_mlp_seeds_equal_separate_runs(method, tmp_path):
   _assert_seeds_equal_separate_runs(_mlp(method), _dataset(), tmp_path)
@@ -143,6 +144,7 @@ def test_merge_and_split_seeds_are_inverse():
   assert train.merge_seeds(rows[:1]) is rows[0] and train.split_seeds(rows[0], 1) == rows[:1]
 
 
+@pytest.mark.slow
 def test_seed_runs_share_one_program():
   """The state has a leading seed axis, each seed's indices and keys its own run's."""
   cfg, ds = _mlp('ldrl'), _dataset()
@@ -174,6 +176,7 @@ def uninterrupted_seeds(tmp_path_factory):
   return train.train_and_evaluate(_resume_config(), workdir, _dataset(), log=_quiet), workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('stop', [3, 4])  # after epoch 1; mid-epoch 2
 def test_seeds_resume_equals_uninterrupted(uninterrupted_seeds, tmp_path, stop):
   ds, (full, _) = _dataset(), uninterrupted_seeds
@@ -220,6 +223,7 @@ def test_plot_of_a_seeds_workdir(tmp_path):
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_tensorboard_has_each_seed(uninterrupted_seeds):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   full, workdir = uninterrupted_seeds
