@@ -55,12 +55,13 @@ def check_tjml_step() -> None:
   y = jax.random.randint(ky, (8,), 0, 10)
   params = network.init(net, kp, x)
   grads, metrics = dtp.local_grads(net, params, None, layers.TJMC, 0.5, x, y)
-  norms = [float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(b))))
-           for b in grads]
+  norms = [float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(b)))) for b in grads]
   if not all(jnp.isfinite(jnp.array(norms))) or not all(n > 0 for n in norms):
     sys.exit(f'TJML-DTP step: block gradient norms {norms}')
-  print(f'TJML-DTP step: loss {float(metrics["loss"]):.4f}, block gradient norms '
-        f'{[round(n, 4) for n in norms]}')
+  print(
+      f'TJML-DTP step: loss {float(metrics["loss"]):.4f}, block gradient norms '
+      f'{[round(n, 4) for n in norms]}'
+  )
 
 
 def check_main_job() -> None:
@@ -68,9 +69,17 @@ def check_main_job() -> None:
     print('main job: skipped ($TP_JAX_DATA is not set)')
     return
   import experiments.configs.lenet_mnist as lenet_mnist
+
   with tempfile.TemporaryDirectory() as workdir:
-    cmd = [sys.executable, '-m', 'experiments.train', f'--config={lenet_mnist.__file__}',
-           f'--workdir={workdir}/run', '--config.epochs=1', '--config.steps_per_epoch=5']
+    cmd = [
+        sys.executable,
+        '-m',
+        'experiments.train',
+        f'--config={lenet_mnist.__file__}',
+        f'--workdir={workdir}/run',
+        '--config.epochs=1',
+        '--config.steps_per_epoch=5',
+    ]
     subprocess.run(cmd, check=True, cwd=workdir)
     if not pathlib.Path(workdir, 'run', 'result.json').is_file():
       sys.exit('main job: no result.json')
@@ -79,8 +88,10 @@ def check_main_job() -> None:
 
 def main() -> None:
   wheel, checkout = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-  if pathlib.Path.cwd().resolve() == checkout.resolve() or \
-      checkout.resolve() in pathlib.Path.cwd().resolve().parents:
+  if (
+      pathlib.Path.cwd().resolve() == checkout.resolve()
+      or checkout.resolve() in pathlib.Path.cwd().resolve().parents
+  ):
     sys.exit('run the smoke from outside the checkout')
   check_wheel_files(wheel, checkout)
   check_imports(checkout)

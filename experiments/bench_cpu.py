@@ -44,11 +44,18 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Consecutive steps per variant per rou
 _IMPLS = flags.DEFINE_list('conv_impls', ['fast', 'xla'], 'tp_jax.conv implementations.')
 _METHODS = flags.DEFINE_list('methods', ['bp', 'tjml_dtp'], 'JAX methods to time.')
 _TORCH = flags.DEFINE_bool('torch', True, "Time PyTorch's BP step when torch imports.")
-_LAYER = flags.DEFINE_bool('layer', False, 'Also time one convolution layer: forward, '
-                           'input gradient, weight gradient, per implementation.')
-_LAYER_SHAPE = flags.DEFINE_list('layer_shape', ['128', '32', '128', '128', '3', '1'],
-                                 'batch, image size, in channels, out channels, kernel '
-                                 'size, stride of --layer (SAME padding).')
+_LAYER = flags.DEFINE_bool(
+    'layer',
+    False,
+    'Also time one convolution layer: forward, '
+    'input gradient, weight gradient, per implementation.',
+)
+_LAYER_SHAPE = flags.DEFINE_list(
+    'layer_shape',
+    ['128', '32', '128', '128', '3', '1'],
+    'batch, image size, in channels, out channels, kernel '
+    'size, stride of --layer (SAME padding).',
+)
 
 CONFIGS = {'lenet': lenet_cifar10.get_config, 'simple_vgg': vgg_cifar10.get_config}
 WARMUP = 2
@@ -71,6 +78,7 @@ def jax_step(model: str, method: str, conv_impl: str, **overrides) -> Steps:
     for _ in range(k):
       box[0], metrics = run.train_step(box[0], run.x_train, run.y_train, idx, run.step_key)
     return float(metrics['loss'])
+
   return steps
 
 
@@ -83,24 +91,29 @@ def torch_step(model: str) -> tuple[Steps, str] | None:
   return torch_reference.bp_step(model, CONFIGS[model]()), torch.__version__
 
 
-def conv_layer_ops(batch: int, size: int, cin: int, cout: int, kernel: int, stride: int,
-                   impl: str) -> dict[str, Steps]:
+def conv_layer_ops(
+    batch: int, size: int, cin: int, cout: int, kernel: int, stride: int, impl: str
+) -> dict[str, Steps]:
   """Forward, input gradient and weight gradient of one SAME convolution (``impl``)."""
   k = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(k[0], (batch, size, size, cin))
   w = jax.random.normal(k[1], (kernel, kernel, cin, cout)) * 0.05
   g = jax.random.normal(k[2], (batch, -(-size // stride), -(-size // stride), cout))
   f = lambda x, w: conv.conv2d(x, w, (stride, stride), 'SAME', impl=impl)
-  ops = {'forward': jax.jit(f),
-         'input-grad': jax.jit(lambda x, w: jax.vjp(lambda x: f(x, w), x)[1](g)[0]),
-         'weight-grad': jax.jit(lambda x, w: jax.vjp(lambda w: f(x, w), w)[1](g)[0])}
+  ops = {
+      'forward': jax.jit(f),
+      'input-grad': jax.jit(lambda x, w: jax.vjp(lambda x: f(x, w), x)[1](g)[0]),
+      'weight-grad': jax.jit(lambda x, w: jax.vjp(lambda w: f(x, w), w)[1](g)[0]),
+  }
 
   def repeat(op):
     def steps(n: int) -> jax.Array:
       for _ in range(n):
         out = op(x, w)
       return jax.block_until_ready(out)
+
     return steps
+
   return {name: repeat(op) for name, op in ops.items()}
 
 
@@ -108,10 +121,13 @@ def report(model: str, times: dict[str, list[float]], batch: int) -> list[str]:
   med = {n: statistics.median(v) for n, v in times.items()}
   torch_ms = med.get('pytorch bp')
   bp_ms = med.get('bp / fast')
-  rows = [f'| {model} (batch {batch}) | {n} | {ms:.1f} | '
-          f'{"" if not torch_ms else f"{ms / torch_ms:.2f}"} | '
-          f'{"" if not bp_ms else f"{ms / bp_ms:.2f}"} | '
-          f'{min(times[n]):.1f}–{max(times[n]):.1f} |' for n, ms in med.items()]
+  rows = [
+      f'| {model} (batch {batch}) | {n} | {ms:.1f} | '
+      f'{"" if not torch_ms else f"{ms / torch_ms:.2f}"} | '
+      f'{"" if not bp_ms else f"{ms / bp_ms:.2f}"} | '
+      f'{min(times[n]):.1f}–{max(times[n]):.1f} |'
+      for n, ms in med.items()
+  ]
   return rows
 
 
@@ -122,8 +138,11 @@ def layer_report(what: str, times: dict[str, list[float]]) -> list[str]:
   def speedup(name: str) -> str:
     xla = med.get(name.split(' / ')[0] + ' / xla')
     return f'{xla / med[name]:.2f}' if xla else ''
-  return [f'| {what} | {n} | {ms:.2f} | {speedup(n)} | '
-          f'{min(times[n]):.2f}–{max(times[n]):.2f} |' for n, ms in med.items()]
+
+  return [
+      f'| {what} | {n} | {ms:.2f} | {speedup(n)} | ' f'{min(times[n]):.2f}–{max(times[n]):.2f} |'
+      for n, ms in med.items()
+  ]
 
 
 def main(argv):
@@ -143,17 +162,24 @@ def main(argv):
       for impl in _IMPLS.value:
         t0 = time.perf_counter()
         steps[f'{method} / {impl}'] = jax_step(model, method, impl)
-        print(f'{model}: compiled {method} / {impl} in {time.perf_counter() - t0:.1f} s',
-              file=sys.stderr)
+        print(
+            f'{model}: compiled {method} / {impl} in {time.perf_counter() - t0:.1f} s',
+            file=sys.stderr,
+        )
     if _TORCH.value and (ts := torch_step(model)):
       steps['pytorch bp'], torch_version = ts
     rows += report(model, timing.interleaved(steps, plan), CONFIGS[model]().batch_size)
   if _LAYER.value:
     b, s, ci, co, k, st = (int(v) for v in _LAYER_SHAPE.value)
-    ops = {f'{op} / {impl}': fn for impl in _IMPLS.value
-           for op, fn in conv_layer_ops(b, s, ci, co, k, st, impl).items()}
-    layer_rows = layer_report(f'conv {k}x{k} {ci}->{co} on {s}x{s}, stride {st} (batch {b})',
-                              timing.interleaved(ops, plan))
+    ops = {
+        f'{op} / {impl}': fn
+        for impl in _IMPLS.value
+        for op, fn in conv_layer_ops(b, s, ci, co, k, st, impl).items()
+    }
+    layer_rows = layer_report(
+        f'conv {k}x{k} {ci}->{co} on {s}x{s}, stride {st} (batch {b})',
+        timing.interleaved(ops, plan),
+    )
   lines = [
       f'- command: `python -m experiments.bench_cpu {" ".join(sys.argv[1:])}`',
       f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
@@ -162,13 +188,22 @@ def main(argv):
       + f'; load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after',
       f'- timing: {_ROUNDS.value} rounds × {_STEPS.value} steps per variant, rotating '
       f'order, after compilation and {WARMUP} warm-up steps; median ms/step (range over '
-      f'rounds)']
+      f'rounds)',
+  ]
   if rows:
-    lines += ['', '| model | method / conv | ms/step | × PyTorch BP | × BP (fast conv) | range |',
-              '|---|---|---|---|---|---|', *rows]
+    lines += [
+        '',
+        '| model | method / conv | ms/step | × PyTorch BP | × BP (fast conv) | range |',
+        '|---|---|---|---|---|---|',
+        *rows,
+    ]
   if layer_rows:
-    lines += ['', '| layer | op / conv | ms | speed-up over xla | range |',
-              '|---|---|---|---|---|', *layer_rows]
+    lines += [
+        '',
+        '| layer | op / conv | ms | speed-up over xla | range |',
+        '|---|---|---|---|---|',
+        *layer_rows,
+    ]
   print('\n'.join(lines))
 
 

@@ -51,17 +51,26 @@ flags.DEFINE_string('data_dir', None, 'dataset root (default: tp_jax.data resolu
 flags.DEFINE_integer('seed', 0, 'seed of the model init, random feedback and probes')
 flags.DEFINE_string('act', None, "the model's activation (default: the model's own)")
 flags.DEFINE_integer('num_probes', 32, 'Gaussian probes per example for estimated TJML')
-flags.DEFINE_integer('max_exact_size', 2 ** 22,
-                     'largest n_in*n_out per example computed exactly (time, not memory, '
-                     'bound: LeNet block 0 is 4.9M and takes ~1.5 s/example exactly on a '
-                     'CPU core)')
+flags.DEFINE_integer(
+    'max_exact_size',
+    2**22,
+    'largest n_in*n_out per example computed exactly (time, not memory, '
+    'bound: LeNet block 0 is 4.9M and takes ~1.5 s/example exactly on a '
+    'CPU core)',
+)
 flags.DEFINE_list('kinds', list(jml.KINDS), 'subset of tjml,ijml,pjml')
 flags.DEFINE_float('fb_scale', 1e-3, 'U(-scale, scale) of the fixed random feedback')
 flags.DEFINE_bool('json', False, 'print one JSON object per row instead of a table')
 
-def load_batch(dataset: str, batch_size: int, data_dir: str | None = None,
-               split: str = 'test', seed: int = 0,
-               synthetic_shape: tuple[int, int, int] = (28, 28, 1)) -> tuple[jax.Array, str]:
+
+def load_batch(
+    dataset: str,
+    batch_size: int,
+    data_dir: str | None = None,
+    split: str = 'test',
+    seed: int = 0,
+    synthetic_shape: tuple[int, int, int] = (28, 28, 1),
+) -> tuple[jax.Array, str]:
   """A normalised float32 NHWC batch (the first ``batch_size`` examples of the split,
   found by ``tp_jax.data.load``'s own lookup) and a note on where it came from."""
   if dataset == 'synthetic':
@@ -69,8 +78,10 @@ def load_batch(dataset: str, batch_size: int, data_dir: str | None = None,
     x = np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
     return jnp.asarray(x), f'synthetic N(0, 1) batch of shape {shape}'
   images, _ = data.load(dataset, split, data_dir)
-  return (data.normalise(images[:batch_size], dataset),
-          f'{data.resolve_data_dir(data_dir) / dataset}, {split} split')
+  return (
+      data.normalise(images[:batch_size], dataset),
+      f'{data.resolve_data_dir(data_dir) / dataset}, {split} split',
+  )
 
 
 def num_classes(dataset: str) -> int:
@@ -78,8 +89,9 @@ def num_classes(dataset: str) -> int:
   return 10 if dataset == 'synthetic' else data.info(dataset).num_classes
 
 
-def build_model(name: str, x: jax.Array, num_classes: int = 10, act: str | None = None
-                ) -> network.Net:
+def build_model(
+    name: str, x: jax.Array, num_classes: int = 10, act: str | None = None
+) -> network.Net:
   kwargs = dict(num_classes=num_classes)
   if act is not None:
     kwargs['act'] = act
@@ -93,39 +105,83 @@ def feedbacks(params: network.Params, key: jax.Array, fb_scale: float = 1e-3) ->
   return {
       'tjmc_integral': (params, layers.TJMC),
       'tjmc_hadamard': (params, layers.TJMC_HADAMARD),
-      'fwdtp_random': (jax.jit(lambda p, k: network.init_feedback(p, k, scale=fb_scale))(
-          params, key), layers.LEARNED),
+      'fwdtp_random': (
+          jax.jit(lambda p, k: network.init_feedback(p, k, scale=fb_scale))(params, key),
+          layers.LEARNED,
+      ),
       # Last: the probes of the estimated rows above stay those of earlier reports.
       'pjmc': (params, layers.PJMC),
   }
 
 
-def run(model: str, x: jax.Array, seed: int = 0, num_classes: int = 10,
-        act: str | None = None, num_probes: int = 32, max_exact_size: int = 2 ** 22,
-        kinds=jml.KINDS, fb_scale: float = 1e-3) -> list[dict]:
+def run(
+    model: str,
+    x: jax.Array,
+    seed: int = 0,
+    num_classes: int = 10,
+    act: str | None = None,
+    num_probes: int = 32,
+    max_exact_size: int = 2**22,
+    kinds=jml.KINDS,
+    fb_scale: float = 1e-3,
+) -> list[dict]:
   """Builds and initialises the model on x and returns ``jml.report`` rows."""
   net = build_model(model, x, num_classes, act)
   k_init, k_fb, k_probe = jax.random.split(jax.random.PRNGKey(seed), 3)
   # Jitted: one compile for all initialisers instead of one per kernel shape.
   params = jax.jit(lambda k, h: network.init(net, k, h))(k_init, x)
-  return jml.report(net, params, feedbacks(params, k_fb, fb_scale), x, kinds=tuple(kinds),
-                    num_probes=num_probes, key=k_probe, max_exact_size=max_exact_size)
+  return jml.report(
+      net,
+      params,
+      feedbacks(params, k_fb, fb_scale),
+      x,
+      kinds=tuple(kinds),
+      num_probes=num_probes,
+      key=k_probe,
+      max_exact_size=max_exact_size,
+  )
 
 
 def main(argv):
   del argv
   start = time.time()
-  x, source = load_batch(FLAGS.dataset, FLAGS.batch_size, FLAGS.data_dir, FLAGS.split,
-                         FLAGS.seed, tuple(int(d) for d in FLAGS.synthetic_shape))
-  rows = run(FLAGS.model, x, FLAGS.seed, num_classes(FLAGS.dataset), FLAGS.act,
-             FLAGS.num_probes, FLAGS.max_exact_size, FLAGS.kinds, FLAGS.fb_scale)
+  x, source = load_batch(
+      FLAGS.dataset,
+      FLAGS.batch_size,
+      FLAGS.data_dir,
+      FLAGS.split,
+      FLAGS.seed,
+      tuple(int(d) for d in FLAGS.synthetic_shape),
+  )
+  rows = run(
+      FLAGS.model,
+      x,
+      FLAGS.seed,
+      num_classes(FLAGS.dataset),
+      FLAGS.act,
+      FLAGS.num_probes,
+      FLAGS.max_exact_size,
+      FLAGS.kinds,
+      FLAGS.fb_scale,
+  )
   if FLAGS.json:
     for r in rows:
-      print(json.dumps(dict(r, model=FLAGS.model, dataset=FLAGS.dataset,
-                            batch_size=int(x.shape[0]), seed=FLAGS.seed)))
+      print(
+          json.dumps(
+              dict(
+                  r,
+                  model=FLAGS.model,
+                  dataset=FLAGS.dataset,
+                  batch_size=int(x.shape[0]),
+                  seed=FLAGS.seed,
+              )
+          )
+      )
   else:
-    print(f'# {FLAGS.model} on {FLAGS.dataset} ({source}), batch {x.shape[0]}, '
-          f'seed {FLAGS.seed}; block indices are 0-based, block 0 feedback unused by DTP')
+    print(
+        f'# {FLAGS.model} on {FLAGS.dataset} ({source}), batch {x.shape[0]}, '
+        f'seed {FLAGS.seed}; block indices are 0-based, block 0 feedback unused by DTP'
+    )
     print(jml.format_rows(rows))
     print(f'# {time.time() - start:.1f} s', file=sys.stderr)
 

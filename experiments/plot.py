@@ -15,8 +15,9 @@ from absl import flags
 
 from tp_jax import plot
 
-_WORKDIR = flags.DEFINE_multi_string('workdir', None, 'Run directory holding metrics.jsonl; '
-                                     'repeat to overlay runs.')
+_WORKDIR = flags.DEFINE_multi_string(
+    'workdir', None, 'Run directory holding metrics.jsonl; ' 'repeat to overlay runs.'
+)
 _OUT = flags.DEFINE_string('out', None, 'PNG path (default: <first workdir>/curves.png).')
 _TITLE = flags.DEFINE_string('title', None, 'Figure title.')
 

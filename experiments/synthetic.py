@@ -9,8 +9,13 @@ import jax.numpy as jnp
 from tp_jax import data
 
 
-def dataset(name: str, n_train: int = 256, n_test: int = 128, seed: int = 0,
-            image_shape: tuple[int, ...] | None = None) -> data.Dataset:
+def dataset(
+    name: str,
+    n_train: int = 256,
+    n_test: int = 128,
+    seed: int = 0,
+    image_shape: tuple[int, ...] | None = None,
+) -> data.Dataset:
   """Standard-normal images and uniform labels of ``name``'s classes and image shape
   (or ``image_shape``)."""
   info = data.info(name)
@@ -20,4 +25,6 @@ def dataset(name: str, n_train: int = 256, n_test: int = 128, seed: int = 0,
       jax.random.normal(k[0], (n_train, *shape)),
       jax.random.randint(k[1], (n_train,), 0, info.num_classes, jnp.int32),
       jax.random.normal(k[2], (n_test, *shape)),
-      jax.random.randint(k[3], (n_test,), 0, info.num_classes, jnp.int32), info)
+      jax.random.randint(k[3], (n_test,), 0, info.num_classes, jnp.int32),
+      info,
+  )

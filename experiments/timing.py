@@ -21,6 +21,7 @@ class Plan:
   ``inner`` windows of ``steps`` steps of each other variant, in an order that rotates
   by one at every window), after ``warmup`` steps of every variant (``slow_warmup``
   for the slow ones)."""
+
   rounds: int
   steps: int
   warmup: int
@@ -29,9 +30,13 @@ class Plan:
   slow_warmup: int = 0
 
 
-def interleaved(variants: Mapping[str, Steps], plan: Plan, slow: Sequence[str] = (),
-                log: Callable[[str], None] = lambda s: None,
-                clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+def interleaved(
+    variants: Mapping[str, Steps],
+    plan: Plan,
+    slow: Sequence[str] = (),
+    log: Callable[[str], None] = lambda s: None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
   """ms per step of each variant, one value per timed window, in window order."""
   if set(slow) - set(variants):
     raise ValueError(f'slow variants {sorted(set(slow) - set(variants))} are not timed')
@@ -53,9 +58,12 @@ def interleaved(variants: Mapping[str, Steps], plan: Plan, slow: Sequence[str] =
       out[name].append(window(name, plan.slow_steps))
     for _ in range(plan.inner):
       if others:
-        for name in others[rot % len(others):] + others[:rot % len(others)]:
+        for name in others[rot % len(others) :] + others[: rot % len(others)]:
           out[name].append(window(name, plan.steps))
       rot += 1
-    log(f'  round {rnd + 1}/{plan.rounds}: ' + ', '.join(
-        f'{n} {v[-1]:.1f}' for n, v in out.items() if v) + ' ms/step')
+    log(
+        f'  round {rnd + 1}/{plan.rounds}: '
+        + ', '.join(f'{n} {v[-1]:.1f}' for n, v in out.items() if v)
+        + ' ms/step'
+    )
   return out

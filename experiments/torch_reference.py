@@ -19,11 +19,20 @@ MODELS = ('lenet', 'simple_vgg')
 def model(name: str, num_classes: int = 10):
   """The ``torch.nn.Sequential`` of ``name`` for 32x32x3 images."""
   from torch import nn  # pylint: disable=g-import-not-at-top
+
   if name == 'lenet':
     return nn.Sequential(
-        nn.Conv2d(3, 32, 5, padding=2), nn.ELU(), nn.MaxPool2d(3, 2, 1),
-        nn.Conv2d(32, 64, 5, padding=2), nn.ELU(), nn.MaxPool2d(3, 2, 1),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 512), nn.ELU(), nn.Linear(512, num_classes))
+        nn.Conv2d(3, 32, 5, padding=2),
+        nn.ELU(),
+        nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(32, 64, 5, padding=2),
+        nn.ELU(),
+        nn.MaxPool2d(3, 2, 1),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 512),
+        nn.ELU(),
+        nn.Linear(512, num_classes),
+    )
   if name == 'simple_vgg':
     layers, c = [], 3
     for co in (128, 128, 256, 256, 512):
@@ -33,17 +42,20 @@ def model(name: str, num_classes: int = 10):
   raise ValueError(f'no PyTorch reference for {name!r}; valid: {list(MODELS)}')
 
 
-def bp_step(name: str, cfg: ml_collections.ConfigDict, seed: int = 0
-            ) -> Callable[[int], float]:
+def bp_step(name: str, cfg: ml_collections.ConfigDict, seed: int = 0) -> Callable[[int], float]:
   """k -> the loss after k BP steps of ``name`` on one random batch of ``cfg.batch_size``
   CIFAR-shaped images, with ``cfg.optimizer``'s SGD; uses every CPU core."""
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(seed)
   net = model(name)
-  opt = torch.optim.SGD(net.parameters(), lr=cfg.optimizer.lr,
-                        momentum=cfg.optimizer.momentum,
-                        weight_decay=cfg.optimizer.weight_decay)
+  opt = torch.optim.SGD(
+      net.parameters(),
+      lr=cfg.optimizer.lr,
+      momentum=cfg.optimizer.momentum,
+      weight_decay=cfg.optimizer.weight_decay,
+  )
   x = torch.randn(cfg.batch_size, 3, 32, 32)
   y = torch.randint(0, 10, (cfg.batch_size,))
   loss_fn = torch.nn.CrossEntropyLoss()
@@ -55,4 +67,5 @@ def bp_step(name: str, cfg: ml_collections.ConfigDict, seed: int = 0
       loss.backward()
       opt.step()
     return loss.item()
+
   return steps

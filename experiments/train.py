@@ -25,12 +25,15 @@ from tp_jax import data
 from tp_jax import layers
 from tp_jax import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/lenet_mnist.py',
-                                          'Training config file.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Where metrics, result.json and '
-                               'checkpoints are written.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Dataset root (overrides '
-                                'config.data_dir and $TP_JAX_DATA).')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', 'experiments/configs/lenet_mnist.py', 'Training config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', 'runs/default', 'Where metrics, result.json and ' 'checkpoints are written.'
+)
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'Dataset root (overrides ' 'config.data_dir and $TP_JAX_DATA).'
+)
 
 
 def quiet_unless_asked() -> None:
@@ -49,16 +52,23 @@ def main(argv):
       cfg.data_dir = _DATA_DIR.value
   try:
     result = train.train_and_evaluate(cfg, _WORKDIR.value)
-  except (config_lib.ConfigError, data.DataError, layers.FeedbackError,
-          train.WorkdirError, train.DivergenceError) as e:
+  except (
+      config_lib.ConfigError,
+      data.DataError,
+      layers.FeedbackError,
+      train.WorkdirError,
+      train.DivergenceError,
+  ) as e:
     # The run's own diagnoses already name the problem: one line, no traceback.
     print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
     return 1
   mean = lambda k: result.get(f'{k}_mean', result[k])  # over seeds (num_seeds > 1)
-  print(f'test accuracy {100 * mean("test_accuracy"):.2f}%  train accuracy '
-        f'{100 * mean("train_accuracy"):.2f}%  {result["ms_per_step"]:.1f} ms/step  '
-        + (f'(means of {cfg.num_seeds} seeds)  ' if cfg.num_seeds > 1 else '')
-        + f'-> {_WORKDIR.value}/result.json')
+  print(
+      f'test accuracy {100 * mean("test_accuracy"):.2f}%  train accuracy '
+      f'{100 * mean("train_accuracy"):.2f}%  {result["ms_per_step"]:.1f} ms/step  '
+      + (f'(means of {cfg.num_seeds} seeds)  ' if cfg.num_seeds > 1 else '')
+      + f'-> {_WORKDIR.value}/result.json'
+  )
 
 
 if __name__ == '__main__':

@@ -18,8 +18,13 @@ def real_data_dir() -> Path:
   Where a file is absent the test fails under CI, which always has the data, and is
   skipped elsewhere.
   """
-  missing = [p for name in data.DATASETS for split in data.SPLITS
-             for p in data.expected_paths(name, split, REAL_DATA_DIR) if not p.is_file()]
+  missing = [
+      p
+      for name in data.DATASETS
+      for split in data.SPLITS
+      for p in data.expected_paths(name, split, REAL_DATA_DIR)
+      if not p.is_file()
+  ]
   if missing:
     message = f'{len(missing)} real data files missing under {REAL_DATA_DIR}, e.g. {missing[0]}'
     if os.environ.get('CI'):

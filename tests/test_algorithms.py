@@ -25,8 +25,10 @@ needs_data = pytest.mark.usefixtures('real_data_dir')
 SMOKE_MODELS = {
     'lenet': ('mnist', {}),
     'simple_vgg': ('cifar10', {'channels': (8, 8, 16, 16, 16)}),
-    'mlp_mixer': ('cifar10', {'hidden': 16, 'channel_dim': 32, 'num_blocks': 1,
-                              'act': 'leaky_relu'}),
+    'mlp_mixer': (
+        'cifar10',
+        {'hidden': 16, 'channel_dim': 32, 'num_blocks': 1, 'act': 'leaky_relu'},
+    ),
     # LeakyReLU: sigma^-1 (IJMC/PJMC) is defined on all of R, tanh's only on (-1, 1).
     # (slope 0.2: its inverse scales negative targets by 5, not 100).
     'mlp': ('mnist', {'widths': (32, 32), 'act': 'leaky_relu', 'negative_slope': 0.2}),
@@ -67,13 +69,20 @@ def build(cfg, x):
 
 
 def mean_ce(net, params, x, y):
-  return float(jax.jit(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      network.apply(net, p, x), y).mean())(params))
+  return float(
+      jax.jit(
+          lambda p: optax.softmax_cross_entropy_with_integer_labels(
+              network.apply(net, p, x), y
+          ).mean()
+      )(params)
+  )
 
 
-PAIRS = [(m, a) for m in ('lenet', 'simple_vgg', 'mlp_mixer')
-         for a in ('bp', 'tjml_dtp', 'ldrl', 'fwdtp', 'dtp')] + \
-        [('mlp', a) for a in ('bp', 'tjml_dtp', 'pjml_dtp', 'ldrl', 'fwdtp', 'dtp')]
+PAIRS = [
+    (m, a)
+    for m in ('lenet', 'simple_vgg', 'mlp_mixer')
+    for a in ('bp', 'tjml_dtp', 'ldrl', 'fwdtp', 'dtp')
+] + [('mlp', a) for a in ('bp', 'tjml_dtp', 'pjml_dtp', 'ldrl', 'fwdtp', 'dtp')]
 
 
 @pytest.mark.slow
@@ -107,12 +116,14 @@ def test_tjml_dtp_update_tends_to_bp_gradient(mode, norm_tol):
   params = network.init(net, jax.random.key(1), x)
   beta = 1e-4
   tp, _ = dtp.local_grads(net, params, None, mode, beta, x, y)
-  bp = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      network.apply(net, p, x), y).mean())(params)
+  bp = jax.grad(
+      lambda p: optax.softmax_cross_entropy_with_integer_labels(network.apply(net, p, x), y).mean()
+  )(params)
   for n in range(len(net)):
     for name, g_tp in jax.tree_util.tree_leaves_with_path(tp[n]):
       g_bp = jax.tree_util.tree_leaves(bp[n])[
-          [p for p, _ in jax.tree_util.tree_leaves_with_path(tp[n])].index(name)]
+          [p for p, _ in jax.tree_util.tree_leaves_with_path(tp[n])].index(name)
+      ]
       cos = float(jnp.vdot(g_tp, g_bp) / (jnp.linalg.norm(g_tp) * jnp.linalg.norm(g_bp)))
       ratio = float(jnp.linalg.norm(g_tp) / (beta * jnp.linalg.norm(g_bp)))
       assert cos > 0.99, (n, name, cos)
@@ -130,10 +141,12 @@ def test_local_grads_ignore_other_blocks_losses():
   grads, _ = dtp.local_grads(net, params, None, layers.TJMC, 0.1, x, y)
   hs, _ = network.forward(net, params, x)
   t_N = dtp.first_target(hs[-1], y, 0.1)
-  head_only = jax.grad(lambda p: 0.5 * jnp.mean(jnp.sum(
-      (network.block_forward(net, 2, p, hs[1])[0] - t_N) ** 2, -1)))(params[2])
-  np.testing.assert_allclose(grads[2]['layers_0']['kernel'],
-                             head_only['layers_0']['kernel'], rtol=1e-5, atol=1e-7)
+  head_only = jax.grad(
+      lambda p: 0.5 * jnp.mean(jnp.sum((network.block_forward(net, 2, p, hs[1])[0] - t_N) ** 2, -1))
+  )(params[2])
+  np.testing.assert_allclose(
+      grads[2]['layers_0']['kernel'], head_only['layers_0']['kernel'], rtol=1e-5, atol=1e-7
+  )
 
 
 def test_ijml_dtp_targets_are_exact_inverses():
@@ -181,8 +194,9 @@ def test_ldrl_parallel_and_sequential_orders_agree():
   # the first block's feedback is never trained, the others are
   init_fb = build(make_cfg('lenet', 'ldrl'), x)[2].fb_params
   fb = results[0].fb_params
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fb[0]),
-                                                  jax.tree.leaves(init_fb[0])))
+  assert all(
+      np.array_equal(a, b) for a, b in zip(jax.tree.leaves(fb[0]), jax.tree.leaves(init_fb[0]))
+  )
   assert not np.array_equal(fb[3]['layers_0']['kernel'], init_fb[3]['layers_0']['kernel'])
 
 
@@ -200,9 +214,22 @@ def test_ldrl_feedback_training_moves_towards_the_transpose():
   txs = feedback_training.optimizers(cfg, net)
   hs, ctxs = network.forward(net, params, x)
   from tp_jax.algorithms import ldrl  # pylint: disable=g-import-not-at-top
-  new_fb, _, _ = jax.jit(lambda fb: feedback_training.train(
-      net, ldrl.ldrl_loss, cfg, txs, params, fb, feedback_training.init_state(fb, txs), x,
-      hs, ctxs, jax.random.key(3)))(fb)
+
+  new_fb, _, _ = jax.jit(
+      lambda fb: feedback_training.train(
+          net,
+          ldrl.ldrl_loss,
+          cfg,
+          txs,
+          params,
+          fb,
+          feedback_training.init_state(fb, txs),
+          x,
+          hs,
+          ctxs,
+          jax.random.key(3),
+      )
+  )(fb)
   w = params[1]['layers_0']['kernel']
   dist = lambda b: float(jnp.linalg.norm(b['layers_0']['kernel'] - w) / jnp.linalg.norm(w))
   assert dist(new_fb[1]) < 0.5 * dist(fb[1]), (dist(fb[1]), dist(new_fb[1]))

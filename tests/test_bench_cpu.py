@@ -11,17 +11,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_report_ratios():
-  rows = bench_cpu.report('lenet', {'bp / fast': [10.0, 12.0, 11.0], 'pytorch bp': [5.5]},
-                          256)
+  rows = bench_cpu.report('lenet', {'bp / fast': [10.0, 12.0, 11.0], 'pytorch bp': [5.5]}, 256)
   assert rows[0] == '| lenet (batch 256) | bp / fast | 11.0 | 2.00 | 1.00 | 10.0–12.0 |'
   assert rows[1].startswith('| lenet (batch 256) | pytorch bp | 5.5 | 1.00 | 0.50 |')
 
 
 def test_layer_report_speedup_over_xla():
-  rows = bench_cpu.layer_report('conv', {'forward / xla': [4.0, 6.0, 5.0],
-                                         'forward / fast': [2.0, 3.0, 2.5]})
-  assert rows == ['| conv | forward / xla | 5.00 | 1.00 | 4.00–6.00 |',
-                  '| conv | forward / fast | 2.50 | 2.00 | 2.00–3.00 |']
+  rows = bench_cpu.layer_report(
+      'conv', {'forward / xla': [4.0, 6.0, 5.0], 'forward / fast': [2.0, 3.0, 2.5]}
+  )
+  assert rows == [
+      '| conv | forward / xla | 5.00 | 1.00 | 4.00–6.00 |',
+      '| conv | forward / fast | 2.50 | 2.00 | 2.00–3.00 |',
+  ]
 
 
 @pytest.mark.parametrize('method', ['bp', 'tjml_dtp'])

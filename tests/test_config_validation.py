@@ -36,8 +36,9 @@ from tp_jax import train
 from tp_jax.algorithms import feedback_training
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(f for f in (ROOT / 'experiments' / 'configs').glob('*.py')
-                 if f.name != '__init__.py')
+CONFIGS = sorted(
+    f for f in (ROOT / 'experiments' / 'configs').glob('*.py') if f.name != '__init__.py'
+)
 
 ConfigError = config_lib.ConfigError
 
@@ -50,10 +51,13 @@ def _ldrl_lenet():
 
 def _dataset(shape=(28, 28, 1), n_train=32, n_test=8):
   r = np.random.RandomState(0)
-  return data.Dataset(jnp.asarray(r.randn(n_train, *shape), jnp.float32),
-                      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
-                      jnp.asarray(r.randn(n_test, *shape), jnp.float32),
-                      jnp.asarray(r.randint(0, 10, n_test), jnp.int32), data.info('mnist'))
+  return data.Dataset(
+      jnp.asarray(r.randn(n_train, *shape), jnp.float32),
+      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
+      jnp.asarray(r.randn(n_test, *shape), jnp.float32),
+      jnp.asarray(r.randint(0, 10, n_test), jnp.int32),
+      data.info('mnist'),
+  )
 
 
 def _set(cfg, path: str, value) -> None:
@@ -98,14 +102,17 @@ def test_default_and_experiment_configs_are_valid():
         config_lib.validate(c)
 
 
-@pytest.mark.parametrize('field, value, valid', [
-    ('model', 'resnet50', sorted(models.MODELS)),
-    ('method', 'backprop', list(algorithms.METHODS)),
-    ('dataset', 'imagenet', list(data.DATASETS)),
-    ('model_kwargs.act', 'relu', list(layers.ACTIVATIONS)),
-    ('model_kwargs.conv_impl', 'cudnn', ['auto', 'xla', 'fast']),
-    ('data_backend', 'hdf5', ['native', 'tfds']),
-])
+@pytest.mark.parametrize(
+    'field, value, valid',
+    [
+        ('model', 'resnet50', sorted(models.MODELS)),
+        ('method', 'backprop', list(algorithms.METHODS)),
+        ('dataset', 'imagenet', list(data.DATASETS)),
+        ('model_kwargs.act', 'relu', list(layers.ACTIVATIONS)),
+        ('model_kwargs.conv_impl', 'cudnn', ['auto', 'xla', 'fast']),
+        ('data_backend', 'hdf5', ['native', 'tfds']),
+    ],
+)
 def test_unknown_names_list_the_valid_ones(field, value, valid):
   cfg = config_lib.default()
   _set(cfg, field, value)
@@ -116,9 +123,10 @@ def test_unknown_names_list_the_valid_ones(field, value, valid):
   assert all(v in msg for v in valid), msg
 
 
-@pytest.mark.parametrize('field, value', [
-    (f, v) for f in ('batch_size', 'epochs', 'eval_batch_size') for v in (0, -1)] + [
-    (f, v) for f in ('optimizer.lr', 'beta') for v in (0.0, -1.0, -0.5, float('nan'))]
+@pytest.mark.parametrize(
+    'field, value',
+    [(f, v) for f in ('batch_size', 'epochs', 'eval_batch_size') for v in (0, -1)]
+    + [(f, v) for f in ('optimizer.lr', 'beta') for v in (0.0, -1.0, -0.5, float('nan'))],
 )
 def test_non_positive_numbers(field, value):
   cfg = config_lib.default()
@@ -127,9 +135,17 @@ def test_non_positive_numbers(field, value):
     config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize('field, bad', [('iterations', 0), ('iterations', 2.5),
-                                        ('noise', 0.0), ('noise', -0.1), ('lr', -1e-3),
-                                        ('lr', 'fast')])
+@pytest.mark.parametrize(
+    'field, bad',
+    [
+        ('iterations', 0),
+        ('iterations', 2.5),
+        ('noise', 0.0),
+        ('noise', -0.1),
+        ('lr', -1e-3),
+        ('lr', 'fast'),
+    ],
+)
 def test_per_block_entries_must_be_positive(field, bad):
   cfg = _ldrl_lenet()
   values = list(cfg.feedback[field])
@@ -149,9 +165,12 @@ def test_per_block_lists_of_the_wrong_length(method, field, length):
   cfg = _ldrl_lenet()
   cfg.method = method
   _set(cfg, f'feedback.{field}', (list(cfg.feedback[field]) * 2)[:length])
-  with pytest.raises(ConfigError, match=rf'feedback\.{field} has {length} entries but '
-                                        r'lenet has 3 blocks whose feedback is trained '
-                                        r'\(blocks 2\.\.4\); give 3 values'):
+  with pytest.raises(
+      ConfigError,
+      match=rf'feedback\.{field} has {length} entries but '
+      r'lenet has 3 blocks whose feedback is trained '
+      r'\(blocks 2\.\.4\); give 3 values',
+  ):
     config_lib.validate(cfg)
 
 
@@ -175,18 +194,24 @@ def test_one_per_block_value_is_used_for_every_block(method):
 
 
 def test_algorithms_declare_their_feedback():
-  assert [m for m in algorithms.METHODS if algorithms.has_feedback_weights(m)] == \
-      ['ldrl', 'fwdtp', 'dtp']
+  assert [m for m in algorithms.METHODS if algorithms.has_feedback_weights(m)] == [
+      'ldrl',
+      'fwdtp',
+      'dtp',
+  ]
   assert [m for m in algorithms.METHODS if algorithms.trains_feedback(m)] == ['ldrl', 'dtp']
   with pytest.raises(ValueError, match="unknown method 'backprop'"):
     algorithms.has_feedback_weights('backprop')
 
 
-@pytest.mark.parametrize('method, act, feedback_act, match', [
-    ('tjml_dtp', 'gelu', 'integral', r"gelu.*not invertible"),
-    ('ijml_dtp', 'tanh', 'hadamard', r"ijml_dtp supports feedback_act in \['integral'\]"),
-    ('ijml_dtp', 'tanh', 'integral', r"method='ijml_dtp'.*square"),
-])
+@pytest.mark.parametrize(
+    'method, act, feedback_act, match',
+    [
+        ('tjml_dtp', 'gelu', 'integral', r'gelu.*not invertible'),
+        ('ijml_dtp', 'tanh', 'hadamard', r"ijml_dtp supports feedback_act in \['integral'\]"),
+        ('ijml_dtp', 'tanh', 'integral', r"method='ijml_dtp'.*square"),
+    ],
+)
 def test_feedback_a_layer_refuses_is_refused_up_front(method, act, feedback_act, match):
   """The refusal comes from the layers (traced on the dataset's image shape), before
   any data is loaded or anything compiled; GELU's Hadamard feedback is accepted."""
@@ -199,12 +224,15 @@ def test_feedback_a_layer_refuses_is_refused_up_front(method, act, feedback_act,
   config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize('model, dataset, model_kwargs, shape', [
-    ('lenet', 'mnist', {}, (28, 28, 1)),
-    ('simple_vgg', 'cifar10', {}, (32, 32, 3)),
-    ('mlp_mixer', 'mnist', {}, (32, 32, 1)),  # the Mixer's default token grid
-    ('reversible_mixer', 'cifar10', {'image_hw': (8, 8)}, (8, 8, 3)),
-])
+@pytest.mark.parametrize(
+    'model, dataset, model_kwargs, shape',
+    [
+        ('lenet', 'mnist', {}, (28, 28, 1)),
+        ('simple_vgg', 'cifar10', {}, (32, 32, 3)),
+        ('mlp_mixer', 'mnist', {}, (32, 32, 1)),  # the Mixer's default token grid
+        ('reversible_mixer', 'cifar10', {'image_hw': (8, 8)}, (8, 8, 3)),
+    ],
+)
 def test_the_model_knows_its_input_shape(model, dataset, model_kwargs, shape):
   cfg = config_lib.default()
   cfg.model, cfg.dataset, cfg.model_kwargs = model, dataset, model_kwargs
@@ -221,12 +249,16 @@ def test_the_dataset_gives_every_model_its_classes(monkeypatch, model):
   cfg.model, cfg.dataset, cfg.model_kwargs = model, 'cifar10', {}
   net = models.for_config(cfg)
   x = jax.ShapeDtypeStruct((2, *seven.image_shape), jnp.float32)
-  logits = jax.eval_shape(lambda k, x: network.apply(net, network.init(net, k, x), x),
-                          jax.random.key(0), x)
+  logits = jax.eval_shape(
+      lambda k, x: network.apply(net, network.init(net, k, x), x), jax.random.key(0), x
+  )
   assert logits.shape == (2, 7)
   _set(cfg, 'model_kwargs.num_classes', 7)
-  with pytest.raises(ConfigError, match=r'model_kwargs\.num_classes: the number of classes '
-                                        r'comes from the dataset \(cifar10: 7\)'):
+  with pytest.raises(
+      ConfigError,
+      match=r'model_kwargs\.num_classes: the number of classes '
+      r'comes from the dataset \(cifar10: 7\)',
+  ):
     config_lib.validate(cfg)
 
 
@@ -245,10 +277,13 @@ def test_batch_size_larger_than_dataset(tmp_path):
     train.train_and_evaluate(cfg, tmp_path, _dataset(), log=lambda s: None)
 
 
-@pytest.mark.parametrize('model, shape, match', [
-    ('mlp_mixer', (28, 28, 1), r'mlp_mixer was built for \(32, 32\) images'),
-    ('simple_vgg', (8, 8, 1), r'simple_vgg .*cannot take mnist images of shape \(8, 8, 1\)'),
-])
+@pytest.mark.parametrize(
+    'model, shape, match',
+    [
+        ('mlp_mixer', (28, 28, 1), r'mlp_mixer was built for \(32, 32\) images'),
+        ('simple_vgg', (8, 8, 1), r'simple_vgg .*cannot take mnist images of shape \(8, 8, 1\)'),
+    ],
+)
 def test_image_shape_not_matching_the_model(tmp_path, model, shape, match):
   cfg = config_lib.default()
   cfg.model = model
@@ -257,7 +292,7 @@ def test_image_shape_not_matching_the_model(tmp_path, model, shape, match):
   assert not (tmp_path / 'checkpoints').exists()
 
 
-@pytest.mark.parametrize('seed', [-1, 2 ** 32, 2 ** 40])
+@pytest.mark.parametrize('seed', [-1, 2**32, 2**40])
 def test_seed_out_of_range(seed):
   """jax.random.key keeps 32 bits: seed 2**32 would silently repeat seed 0's run."""
   cfg = config_lib.default()
@@ -288,8 +323,9 @@ def _parse_flags(config: Path, *overrides: str):
   """The config that ``experiments.train``'s flags make of these arguments."""
   argv = ['train', f'--config={config}', *overrides]
   flag_values = flags.FlagValues()
-  holder = config_flags.DEFINE_config_file('config', str(config), flag_values=flag_values,
-                                           lock_config=True, sys_argv=argv)
+  holder = config_flags.DEFINE_config_file(
+      'config', str(config), flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   flag_values(argv)
   return holder.value
 
@@ -315,10 +351,15 @@ def _changed(v):
 def test_per_block_values_from_flags():
   """The issue's command line: a tuple per block, one value for all blocks, or the flag
   repeated once per block."""
-  cfg = _parse_flags(ROOT / 'experiments' / 'configs' / 'lenet_mnist.py',
-                     '--config.method=ldrl', '--config.feedback.iterations=(10,10,10)',
-                     '--config.feedback.noise=0.2', '--config.feedback.lr=1e-3',
-                     '--config.feedback.lr=2e-3', '--config.feedback.lr=3e-3')
+  cfg = _parse_flags(
+      ROOT / 'experiments' / 'configs' / 'lenet_mnist.py',
+      '--config.method=ldrl',
+      '--config.feedback.iterations=(10,10,10)',
+      '--config.feedback.noise=0.2',
+      '--config.feedback.lr=1e-3',
+      '--config.feedback.lr=2e-3',
+      '--config.feedback.lr=3e-3',
+  )
   assert cfg.feedback.iterations == (10, 10, 10)
   assert cfg.feedback.noise == (0.2,)
   assert cfg.feedback.lr == (1e-3, 2e-3, 3e-3)
@@ -337,19 +378,28 @@ def test_every_field_can_be_set_from_flags(config):
 
 
 def _train_binary(tmp_path, config: str, *overrides: str) -> subprocess.CompletedProcess:
-  cmd = [sys.executable, '-m', 'experiments.train', f'--config=experiments/configs/{config}',
-         f'--workdir={tmp_path / "run"}', *overrides]
+  cmd = [
+      sys.executable,
+      '-m',
+      'experiments.train',
+      f'--config=experiments/configs/{config}',
+      f'--workdir={tmp_path / "run"}',
+      *overrides,
+  ]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_binary_refuses_a_per_block_list_of_the_wrong_length(tmp_path):
-  p = _train_binary(tmp_path, 'lenet_mnist.py', '--config.method=ldrl',
-                    '--config.feedback.iterations=(10,10)')
+  p = _train_binary(
+      tmp_path, 'lenet_mnist.py', '--config.method=ldrl', '--config.feedback.iterations=(10,10)'
+  )
   assert p.returncode == 1, p.stdout + p.stderr
-  assert ('error: ConfigError: feedback.iterations has 2 entries but lenet has 3 blocks '
-          'whose feedback is trained (blocks 2..4); give 3 values') in p.stderr, p.stderr
+  assert (
+      'error: ConfigError: feedback.iterations has 2 entries but lenet has 3 blocks '
+      'whose feedback is trained (blocks 2..4); give 3 values'
+  ) in p.stderr, p.stderr
   assert 'Traceback' not in p.stderr, p.stderr[-3000:]
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
@@ -357,11 +407,17 @@ def test_binary_refuses_a_per_block_list_of_the_wrong_length(tmp_path):
 @pytest.mark.slow
 def test_binary_trains_with_per_block_values_from_flags(tmp_path):
   """K per block and one sigma for all, on the real data ($TP_JAX_DATA, as CI sets)."""
-  p = _train_binary(tmp_path, 'mlp_mnist.py', '--config.method=ldrl',
-                    '--config.model_kwargs.widths=(16,16)',
-                    '--config.feedback.iterations=(3,2)', '--config.feedback.noise=0.05',
-                    '--config.epochs=1', '--config.steps_per_epoch=2',
-                    '--config.batch_size=16')
+  p = _train_binary(
+      tmp_path,
+      'mlp_mnist.py',
+      '--config.method=ldrl',
+      '--config.model_kwargs.widths=(16,16)',
+      '--config.feedback.iterations=(3,2)',
+      '--config.feedback.noise=0.05',
+      '--config.epochs=1',
+      '--config.steps_per_epoch=2',
+      '--config.batch_size=16',
+  )
   assert p.returncode == 0, p.stdout + p.stderr
   result = json.loads((tmp_path / 'run' / 'result.json').read_text())
   assert result['step'] == 2 and result['complete']
@@ -372,14 +428,24 @@ def test_binary_trains_with_per_block_values_from_flags(tmp_path):
 # --------------------------------------------------------------------------------------
 # Property tests
 
-_JUNK = st.one_of(st.none(), st.booleans(), st.text(max_size=4),
-                  st.floats(allow_nan=True, allow_infinity=True),
-                  st.integers(-10, 10), st.lists(st.integers(-2, 3), max_size=3))
-_NUM = st.one_of(st.integers(-3, 64), st.floats(-1.0, 2.0),
-                 st.sampled_from([0, -0.0, math.nan, math.inf, -math.inf, 1e30]), _JUNK)
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.text(max_size=4),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-10, 10),
+    st.lists(st.integers(-2, 3), max_size=3),
+)
+_NUM = st.one_of(
+    st.integers(-3, 64),
+    st.floats(-1.0, 2.0),
+    st.sampled_from([0, -0.0, math.nan, math.inf, -math.inf, 1e30]),
+    _JUNK,
+)
 _COUNT = st.one_of(st.integers(-3, 5), st.sampled_from([0.5, 2.0, '3', True]), _JUNK)
-_LIST = st.one_of(st.lists(st.one_of(st.integers(-1, 3), st.floats(-1, 1), _JUNK),
-                           min_size=0, max_size=4), _JUNK)
+_LIST = st.one_of(
+    st.lists(st.one_of(st.integers(-1, 3), st.floats(-1, 1), _JUNK), min_size=0, max_size=4), _JUNK
+)
 
 # (field, strategy). Valid values appear too, so some configs are accepted. Expensive
 # valid models (LeNet, VGG) are left out: accepted configs must train a step here.
@@ -393,7 +459,7 @@ MUTATIONS = {
     'batch_size': st.one_of(st.sampled_from([8, 16, 12, 33, 64]), _NUM),
     'epochs': _COUNT,
     'beta': _NUM,
-    'seed': st.one_of(st.integers(-3, 2 ** 40), _JUNK),
+    'seed': st.one_of(st.integers(-3, 2**40), _JUNK),
     'steps_per_epoch': _COUNT,
     'check_every_steps': _COUNT,
     'eval_batch_size': _COUNT,
@@ -427,8 +493,7 @@ def _base():
 
 @st.composite
 def malformed(draw):
-  fields = draw(st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3,
-                         unique=True))
+  fields = draw(st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3, unique=True))
   cfg = _base()
   changes = {}
   for f in fields:
@@ -448,9 +513,11 @@ def _check_refusal(e: Exception, changes: dict) -> None:
   assert isinstance(e, ValueError), f'{type(e).__name__}: {e}'
   frames = traceback.extract_tb(e.__traceback__)
   origin = frames[-1].filename
-  assert '/tp_jax/' in origin, (
-      f'{type(e).__name__} raised from {origin}, not by tp_jax: {e}\n'
-      + ''.join(traceback.format_list(frames[-4:])))
+  assert (
+      '/tp_jax/' in origin
+  ), f'{type(e).__name__} raised from {origin}, not by tp_jax: {e}\n' + ''.join(
+      traceback.format_list(frames[-4:])
+  )
   msg = str(e).lower()
   names = {part.lower() for f in changes for part in f.split('.')}
   assert any(n in msg for n in names), f'message names none of {sorted(changes)}: {e}'
@@ -477,8 +544,14 @@ _TRIED = {'accepted': 0, 'refused': 0}
 def test_malformed_configs_are_refused_or_train_one_step(tmp_path_factory, case):
   cfg, changes = case
   try:
-    res = train.train_and_evaluate(cfg, tmp_path_factory.mktemp('run'), _dataset(),
-                                   log=lambda s: None, until_step=1, progress=False)
+    res = train.train_and_evaluate(
+        cfg,
+        tmp_path_factory.mktemp('run'),
+        _dataset(),
+        log=lambda s: None,
+        until_step=1,
+        progress=False,
+    )
   except train.DivergenceError:
     _TRIED['accepted'] += 1  # it trained the step, and said the step was not finite
     return

@@ -44,6 +44,7 @@ def _normal(shape, seed):
 
 class ResidualUnit(nn.Module):
   """A user's residual block: conv -> GroupNorm -> GELU, plus the input."""
+
   @nn.compact
   def __call__(self, x):
     y = nn.gelu(nn.GroupNorm(num_groups=2)(nn.Conv(x.shape[-1], (3, 3))(x)))
@@ -52,7 +53,9 @@ class ResidualUnit(nn.Module):
 
 class Pool(nn.Module):
   """nn.avg_pool / nn.max_pool (functions) as a module."""
+
   kind: str
+
   @nn.compact
   def __call__(self, x):
     pool = nn.max_pool if self.kind == 'max' else nn.avg_pool
@@ -61,6 +64,7 @@ class Pool(nn.Module):
 
 class Attention(nn.Module):
   """Self-attention on (batch, tokens, features)."""
+
   @nn.compact
   def __call__(self, x):
     return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)(x)
@@ -71,20 +75,30 @@ def _hw():
 
 
 PLAIN_CASES = [
-    ('conv_s2_grouped_asym',
-     lambda: nn.Conv(4, (3, 2), (2, 2), padding=((1, 2), (0, 1)), feature_group_count=2),
-     lambda: (_draw(1, 3), *_hw(), 4)),
-    ('conv_transpose', lambda: nn.ConvTranspose(3, (3, 3), (2, 2)),
-     lambda: (_draw(1, 3), *_hw(), 2)),
+    (
+        'conv_s2_grouped_asym',
+        lambda: nn.Conv(4, (3, 2), (2, 2), padding=((1, 2), (0, 1)), feature_group_count=2),
+        lambda: (_draw(1, 3), *_hw(), 4),
+    ),
+    (
+        'conv_transpose',
+        lambda: nn.ConvTranspose(3, (3, 3), (2, 2)),
+        lambda: (_draw(1, 3), *_hw(), 2),
+    ),
     ('group_norm', lambda: nn.GroupNorm(num_groups=2), lambda: (_draw(1, 3), *_hw(), 4)),
     ('layer_norm', lambda: nn.LayerNorm(), lambda: (_draw(1, 3), _draw(3, 9))),
     ('attention', Attention, lambda: (_draw(1, 3), _draw(2, 5), _draw(2, 6))),
     ('max_pool', lambda: Pool('max'), lambda: (_draw(1, 3), *_hw(), 2)),
     ('avg_pool', lambda: Pool('avg'), lambda: (_draw(1, 3), *_hw(), 2)),
     ('user_residual_block', ResidualUnit, lambda: (_draw(1, 3), *_hw(), 4)),
-    ('pure_function', lambda: derived.Function(
-        lambda p, x: jnp.tanh(x @ p['w']), lambda k, x: {'w': jax.random.normal(
-            k, (x.shape[-1], 5)) / 3.0}), lambda: (_draw(1, 3), _draw(2, 6))),
+    (
+        'pure_function',
+        lambda: derived.Function(
+            lambda p, x: jnp.tanh(x @ p['w']),
+            lambda k, x: {'w': jax.random.normal(k, (x.shape[-1], 5)) / 3.0},
+        ),
+        lambda: (_draw(1, 3), _draw(2, 6)),
+    ),
 ]
 
 
@@ -94,12 +108,18 @@ def _net(module):
 
 def _check_against_vjp(net, params, x, seed):
   """feedback(t) and feedback_difference(t, h) == jax.vjp of block 0 at x."""
+
   @jax.jit
   def both(p, x, t):
     y, ctx = network.block_forward(net, 0, p, x)
     _, vjp = jax.vjp(lambda h: network.block_forward(net, 0, p, h)[0], x)
-    return (vjp(t)[0], vjp(t - y)[0], network.block_feedback(net, 0, p, t, ctx),
-            network.block_feedback_difference(net, 0, p, t, y, ctx))
+    return (
+        vjp(t)[0],
+        vjp(t - y)[0],
+        network.block_feedback(net, 0, p, t, ctx),
+        network.block_feedback_difference(net, 0, p, t, y, ctx),
+    )
+
   y = jax.eval_shape(lambda x: network.block_forward(net, 0, params[0], x)[0], x)
   t = _normal(y.shape, seed + 1)
   want_g, want_d, got_g, got_d = (np.asarray(a) for a in both(params[0], x, t))
@@ -112,11 +132,11 @@ def _check_against_vjp(net, params, x, seed):
 class DerivedIsVjpTest(chex.TestCase):
   """(a) Random shapes and seeds, two draws per case."""
 
-  @parameterized.named_parameters(*[(f'{name}_{draw}', make, shape)
-                                    for name, make, shape in PLAIN_CASES
-                                    for draw in range(2)])
+  @parameterized.named_parameters(
+      *[(f'{name}_{draw}', make, shape) for name, make, shape in PLAIN_CASES for draw in range(2)]
+  )
   def test_derived_feedback_is_vjp(self, make, shape):
-    seed = _draw(0, 10 ** 6)
+    seed = _draw(0, 10**6)
     x = _normal(shape(), seed)
     net = _net(make())
     assert isinstance(net.blocks[0], L.Derived)
@@ -126,7 +146,9 @@ class DerivedIsVjpTest(chex.TestCase):
 
 def test_nnx_module_is_a_block():
   """An NNX module: its nnx.Param state (a pure dict) is the block's params."""
+
   class Mlp(nnx.Module):
+
     def __init__(self, rngs):
       self.a, self.b = nnx.Linear(4, 6, rngs=rngs), nnx.Linear(6, 3, rngs=rngs)
 
@@ -137,8 +159,7 @@ def test_nnx_module_is_a_block():
   net = _net(module)
   x = _normal((3, 4), 1)
   params = network.init(net, jax.random.key(0), x)
-  np.testing.assert_array_equal(params[0]['module']['weights']['a']['kernel'],
-                                module.a.kernel[...])
+  np.testing.assert_array_equal(params[0]['module']['weights']['a']['kernel'], module.a.kernel[...])
   _check_against_vjp(net, params, x, 2)
   with pytest.raises(ValueError, match=r'BatchNorm \(NNX\).*BatchStat'):
     _net(nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
@@ -147,8 +168,11 @@ def test_nnx_module_is_a_block():
 def test_sequential_and_residual_mix_closed_forms_and_plain_modules():
   """Plain modules in Sequential/Residual are wrapped as Derived; tp_jax layers keep
   their closed forms; the whole block's feedback is still its vjp (Hadamard mode)."""
-  block = L.Residual(L.Sequential([L.Conv(4, (3, 3)), nn.GroupNorm(num_groups=2),
-                                   L.Activation('elu'), nn.Conv(4, (1, 1))]))
+  block = L.Residual(
+      L.Sequential(
+          [L.Conv(4, (3, 3)), nn.GroupNorm(num_groups=2), L.Activation('elu'), nn.Conv(4, (1, 1))]
+      )
+  )
   kinds = [type(l).__name__ for l in block.inner.layers]
   assert kinds == ['Conv', 'Derived', 'Activation', 'Derived']
   x = _normal((2, 6, 5, 4), 3)
@@ -168,10 +192,14 @@ def test_sequential_and_residual_mix_closed_forms_and_plain_modules():
 SMALL_MODELS = {
     'lenet': ({}, (2, 28, 28, 1)),
     'simple_vgg': ({'channels': (4, 4, 8, 8, 8)}, (2, 32, 32, 3)),
-    'mlp_mixer': ({'hidden': 8, 'channel_dim': 8, 'num_blocks': 1, 'image_hw': (16, 16)},
-                  (2, 16, 16, 3)),
-    'reversible_mixer': ({'hidden': 8, 'channel_dim': 8, 'num_blocks': 1,
-                          'image_hw': (16, 16)}, (2, 16, 16, 3)),
+    'mlp_mixer': (
+        {'hidden': 8, 'channel_dim': 8, 'num_blocks': 1, 'image_hw': (16, 16)},
+        (2, 16, 16, 3),
+    ),
+    'reversible_mixer': (
+        {'hidden': 8, 'channel_dim': 8, 'num_blocks': 1, 'image_hw': (16, 16)},
+        (2, 16, 16, 3),
+    ),
     'mlp': ({'widths': (8, 8)}, (2, 28, 28, 1)),
     'resnet18': ({'width': 4}, (2, 16, 16, 3)),
 }
@@ -206,8 +234,7 @@ def test_closed_forms_equal_derived_feedback(model):
   x = _normal(shape, 5)
   params = network.init(net, jax.random.key(0), x)
   hs = (x,) + network.forward(net, params, x)[0]
-  leaves = [leaf for n in range(len(net))
-            for leaf in _leaf_layers(net.blocks[n], params[n], hs[n])]
+  leaves = [leaf for n in range(len(net)) for leaf in _leaf_layers(net.blocks[n], params[n], hs[n])]
   exact = [leaf for leaf in leaves if type(leaf[0]) in EXACT]
   assert exact, model
   for i, (layer, p, h) in enumerate(exact):
@@ -219,14 +246,19 @@ def test_closed_forms_equal_derived_feedback(model):
       y, c_closed = network.block_forward(plain, 0, p, h)
       _, c_derived = network.block_forward(wrapped, 0, {'module': p}, h)
       t = y + _normal(y.shape, i)
-      return (network.block_feedback_difference(plain, 0, p, t, y, c_closed,
-                                                L.TJMC_HADAMARD),
-              network.block_feedback_difference(wrapped, 0, {'module': p}, t, y,
-                                                c_derived, L.TJMC))
+      return (
+          network.block_feedback_difference(plain, 0, p, t, y, c_closed, L.TJMC_HADAMARD),
+          network.block_feedback_difference(wrapped, 0, {'module': p}, t, y, c_derived, L.TJMC),
+      )
+
     closed, by_autodiff = (np.asarray(a) for a in both(p, h))
-    np.testing.assert_allclose(closed, by_autodiff, rtol=1e-4,
-                               atol=1e-5 * max(np.abs(by_autodiff).max(), 1e-30),
-                               err_msg=f'{model}: {type(layer).__name__} #{i}')
+    np.testing.assert_allclose(
+        closed,
+        by_autodiff,
+        rtol=1e-4,
+        atol=1e-5 * max(np.abs(by_autodiff).max(), 1e-30),
+        err_msg=f'{model}: {type(layer).__name__} #{i}',
+    )
 
 
 def test_closed_form_lenet_targets_equal_derived_lenet_targets():
@@ -242,6 +274,7 @@ def test_closed_form_lenet_targets_equal_derived_lenet_targets():
     hs, ctxs = network.forward(net, params, x)
     t_N = dtp.first_target(hs[-1], y, 0.5)
     return dtp.propagate_targets(net, params, hs, ctxs, t_N, mode)
+
   closed = jax.jit(lambda p: targets(net, p, L.TJMC_HADAMARD))(params)
   by_autodiff = jax.jit(lambda p: targets(wrapped, p, L.TJMC))(wrapped_params)
   chex.assert_trees_all_close(closed, by_autodiff, rtol=1e-4, atol=1e-6)
@@ -253,11 +286,15 @@ def test_closed_form_lenet_targets_equal_derived_lenet_targets():
 
 def _plain_net():
   """Blocks built from plain Flax modules only."""
-  return network.Net((
-      nn.Sequential([nn.Conv(4, (3, 3), (2, 2)), nn.GroupNorm(num_groups=2), nn.gelu]),
-      ResidualUnit(),
-      nn.Sequential([lambda x: x.reshape(x.shape[0], -1), nn.Dense(16), jnp.tanh]),
-      nn.Dense(10)), name='plain')
+  return network.Net(
+      (
+          nn.Sequential([nn.Conv(4, (3, 3), (2, 2)), nn.GroupNorm(num_groups=2), nn.gelu]),
+          ResidualUnit(),
+          nn.Sequential([lambda x: x.reshape(x.shape[0], -1), nn.Dense(16), jnp.tanh]),
+          nn.Dense(10),
+      ),
+      name='plain',
+  )
 
 
 @pytest.mark.slow
@@ -269,10 +306,16 @@ def test_tjml_dtp_update_tends_to_bp_gradient_through_derived_feedback():
   params = network.init(net, jax.random.key(1), x)
   beta = 1e-3
   tp, _ = jax.jit(lambda p: dtp.local_grads(net, p, None, L.TJMC, beta, x, y))(params)
-  bp = jax.jit(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      network.apply(net, p, x), y).mean()))(params)
-  for (path, g_tp), g_bp in zip(jax.tree_util.tree_leaves_with_path(tp),
-                                jax.tree_util.tree_leaves(bp)):
+  bp = jax.jit(
+      jax.grad(
+          lambda p: optax.softmax_cross_entropy_with_integer_labels(
+              network.apply(net, p, x), y
+          ).mean()
+      )
+  )(params)
+  for (path, g_tp), g_bp in zip(
+      jax.tree_util.tree_leaves_with_path(tp), jax.tree_util.tree_leaves(bp)
+  ):
     g_tp, g_bp = np.asarray(g_tp, np.float64), np.asarray(g_bp, np.float64)
     cos = np.vdot(g_tp, g_bp) / (np.linalg.norm(g_tp) * np.linalg.norm(g_bp))
     ratio = np.linalg.norm(g_tp) / (beta * np.linalg.norm(g_bp))
@@ -287,8 +330,7 @@ def test_jml_of_derived_blocks_is_zero():
   params = network.init(net, jax.random.key(0), x)
   hs = (x,) + network.forward(net, params, x)[0]
   for n in range(len(net)):
-    r = jml.block_jml(net, params, params, n, hs[n], L.TJMC, 'tjml', exact=False,
-                      num_probes=4)
+    r = jml.block_jml(net, params, params, n, hs[n], L.TJMC, 'tjml', exact=False, num_probes=4)
     assert r.relative < 1e-6, (n, r.relative)
 
 
@@ -317,8 +359,7 @@ def test_learned_feedback_is_the_transpose_at_the_feedback_weights():
   t = _normal(y.shape, 10)
   got = network.block_feedback(net, 0, fb[0], t, ctx, L.LEARNED)
   np.testing.assert_allclose(got, t @ fb[0]['module']['kernel'].T, rtol=1e-5, atol=1e-6)
-  closed = L.Dense(5).apply({'params': fb[0]['module']}, t, None, L.LEARNED,
-                            method='feedback')
+  closed = L.Dense(5).apply({'params': fb[0]['module']}, t, None, L.LEARNED, method='feedback')
   np.testing.assert_allclose(got, closed, rtol=1e-5, atol=1e-6)
 
 
@@ -333,25 +374,34 @@ def test_inverse_modes_are_refused_naming_block_and_module(mode):
 
 
 class Constant(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     return jnp.broadcast_to(self.param('c', nn.initializers.ones, (3,)), (x.shape[0], 3))
 
 
 class FixedReshape(nn.Module):
+
   @nn.compact
   def __call__(self, x):
     return x.reshape(x.shape[0], 12)
 
 
-@pytest.mark.parametrize('module,x,match', [
-    (nn.BatchNorm(use_running_average=False), jnp.ones((2, 4)),
-     r'block 1.*BatchNorm.*batch_stats'),
-    (nn.Dropout(0.5, deterministic=False), jnp.ones((2, 4)), r'block 1.*Dropout.*dropout'),
-    (Constant(), jnp.ones((2, 4)), r'block 1.*Constant.*does not depend on its input'),
-    (FixedReshape(), jnp.ones((2, 4)), r'block 1.*FixedReshape.*shape \(2, 4\)'),
-    (nn.Dense(3), jnp.ones((2, 4), jnp.int32), r'block 0.*Dense.*int32'),
-], ids=['batch_norm', 'dropout', 'constant', 'shape_mismatch', 'int_input'])
+@pytest.mark.parametrize(
+    'module,x,match',
+    [
+        (
+            nn.BatchNorm(use_running_average=False),
+            jnp.ones((2, 4)),
+            r'block 1.*BatchNorm.*batch_stats',
+        ),
+        (nn.Dropout(0.5, deterministic=False), jnp.ones((2, 4)), r'block 1.*Dropout.*dropout'),
+        (Constant(), jnp.ones((2, 4)), r'block 1.*Constant.*does not depend on its input'),
+        (FixedReshape(), jnp.ones((2, 4)), r'block 1.*FixedReshape.*shape \(2, 4\)'),
+        (nn.Dense(3), jnp.ones((2, 4), jnp.int32), r'block 0.*Dense.*int32'),
+    ],
+    ids=['batch_norm', 'dropout', 'constant', 'shape_mismatch', 'int_input'],
+)
 def test_bad_blocks_are_refused_at_init_naming_block_and_module(module, x, match):
   first = nn.Dense(4) if x.dtype != jnp.int32 else L.Reshape((-1,))
   net = network.Net((first, module) if x.dtype != jnp.int32 else (module,), name='net')
@@ -360,6 +410,7 @@ def test_bad_blocks_are_refused_at_init_naming_block_and_module(module, x, match
 
 
 def test_a_non_module_block_is_refused():
-  with pytest.raises(L.FeedbackError, match=r'block 1: \S+ is not a Flax module.*'
-                                            r'derived\.Function'):
+  with pytest.raises(
+      L.FeedbackError, match=r'block 1: \S+ is not a Flax module.*' r'derived\.Function'
+  ):
     network.Net((nn.Dense(3), jnp.tanh))

@@ -28,8 +28,10 @@ WIDTHS = (12, 12)  # the MLP's hidden widths: 3 blocks
 @functools.lru_cache(maxsize=None)
 def _batch(n=16, seed=0):
   r = np.random.RandomState(seed)
-  return (jnp.asarray(r.randn(n, 28, 28, 1).astype(np.float32)),
-          jnp.asarray(r.randint(0, 10, n).astype(np.int32)))
+  return (
+      jnp.asarray(r.randn(n, 28, 28, 1).astype(np.float32)),
+      jnp.asarray(r.randint(0, 10, n).astype(np.int32)),
+  )
 
 
 def _mlp_params(seed=0):
@@ -39,8 +41,7 @@ def _mlp_params(seed=0):
 
 def _run(net, params, fb_params, mode, beta, key=jax.random.key(0)):
   x, y = _batch()
-  diagnose = jax.jit(lambda p, b: diagnostics.block_diagnostics(net, p, b, mode, beta, x, y,
-                                                                key))
+  diagnose = jax.jit(lambda p, b: diagnostics.block_diagnostics(net, p, b, mode, beta, x, y, key))
   return jax.tree.map(np.asarray, diagnose(params, fb_params))
 
 
@@ -48,13 +49,16 @@ def _run(net, params, fb_params, mode, beta, key=jax.random.key(0)):
 # The angle
 
 
-@pytest.mark.parametrize('a,b,degrees', [
-    ((1.0, 0.0), (1.0, 1.0), 45.0),
-    ((1.0, 0.0), (0.0, 2.0), 90.0),
-    ((1.0, 0.0), (-3.0, 0.0), 180.0),
-    ((1.0, 2.0, 3.0), (2.0, 4.0, 6.0), 0.0),
-    ((1.0, 0.0), (-1.0, 3.0 ** 0.5), 120.0),
-])
+@pytest.mark.parametrize(
+    'a,b,degrees',
+    [
+        ((1.0, 0.0), (1.0, 1.0), 45.0),
+        ((1.0, 0.0), (0.0, 2.0), 90.0),
+        ((1.0, 0.0), (-3.0, 0.0), 180.0),
+        ((1.0, 2.0, 3.0), (2.0, 4.0, 6.0), 0.0),
+        ((1.0, 0.0), (-1.0, 3.0**0.5), 120.0),
+    ],
+)
 def test_angle_of_hand_computed_pairs(a, b, degrees):
   got = float(diagnostics.angle_degrees(jnp.array(a), jnp.array(b)))
   np.testing.assert_allclose(got, degrees, atol=1e-4)
@@ -107,8 +111,9 @@ def test_random_fixed_feedback_is_far_from_bp():
   """FWDTP's random feedback (its init, U(-s, s)): the top block's target is exact
   whatever the feedback, the lower blocks' updates are far from BP's gradient."""
   net, params = _mlp_params()
-  fb_params = network.init_feedback(params, jax.random.key(7),
-                                    config_lib.default().feedback.init_scale)
+  fb_params = network.init_feedback(
+      params, jax.random.key(7), config_lib.default().feedback.init_scale
+  )
   out = _run(net, params, fb_params, layers.LEARNED, 1e-4)
   assert out['bp_angle'][-1] < 0.5, out['bp_angle']
   assert np.all(out['bp_angle'][:-1] > 30.0), out['bp_angle']
@@ -138,9 +143,13 @@ def test_relative_tjml_estimates_the_exact_value(n):
   x, _ = _batch()
   h_in = network.forward(net, params, x)[0][n - 1]
   exact = jml.block_jml(net, params, fb_params, n, h_in, layers.LEARNED, exact=True).relative
-  estimate = float(jax.jit(lambda p, b, h: diagnostics.relative_tjml(
-      net, p, b, n, h, layers.LEARNED, jax.random.key(3), num_probes=256))(
-          params, fb_params, h_in))
+  estimate = float(
+      jax.jit(
+          lambda p, b, h: diagnostics.relative_tjml(
+              net, p, b, n, h, layers.LEARNED, jax.random.key(3), num_probes=256
+          )
+      )(params, fb_params, h_in)
+  )
   np.testing.assert_allclose(estimate, exact, rtol=0.05)
 
 
@@ -148,8 +157,10 @@ def test_relative_tjml_estimates_the_exact_value(n):
 # Which feedback each method's update uses
 
 
-@pytest.mark.parametrize('method,feedback', [
-    ('bp', None), ('tjml_dtp', 'forward'), ('fwdtp', 'weights'), ('ldrl', 'weights')])
+@pytest.mark.parametrize(
+    'method,feedback',
+    [('bp', None), ('tjml_dtp', 'forward'), ('fwdtp', 'weights'), ('ldrl', 'weights')],
+)
 def test_method_feedback(method, feedback):
   cfg = config_lib.default()
   cfg.method = method
@@ -165,8 +176,7 @@ def test_method_feedback(method, feedback):
 
 def test_scalars_name_tjml_from_block_2():
   tags = diagnostics.scalars({'bp_angle': [1.0, 2.0], 'tjml': [3.0], 'loss': 0.5}, 'step')
-  assert tags == {'step/bp_angle/block1': 1.0, 'step/bp_angle/block2': 2.0,
-                  'step/tjml/block2': 3.0}
+  assert tags == {'step/bp_angle/block1': 1.0, 'step/bp_angle/block2': 2.0, 'step/tjml/block2': 3.0}
 
 
 def test_config_refuses_a_non_bool():
@@ -182,10 +192,13 @@ def test_config_refuses_a_non_bool():
 
 def _dataset(n_train=48, n_test=16):
   r = np.random.RandomState(0)
-  return data.Dataset(r.randn(n_train, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, n_train).astype(np.int32),
-                      r.randn(n_test, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, n_test).astype(np.int32), data.info('mnist'))
+  return data.Dataset(
+      r.randn(n_train, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, n_train).astype(np.int32),
+      r.randn(n_test, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, n_test).astype(np.int32),
+      data.info('mnist'),
+  )
 
 
 def _cfg(method, diagnostics_on):
@@ -200,8 +213,9 @@ def _cfg(method, diagnostics_on):
 
 
 def _tensorboard_tags(logdir) -> dict[str, list[int]]:
-  acc = event_accumulator.EventAccumulator(str(logdir),
-                                           size_guidance={event_accumulator.SCALARS: 0})
+  acc = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.SCALARS: 0}
+  )
   acc.Reload()
   return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
 
@@ -213,8 +227,7 @@ def test_training_logs_diagnostics_and_is_unchanged_by_them(tmp_path, method):
   log_every_steps); every other metric and the final state equal a run without them."""
   ds = _dataset()
   on = train.train_and_evaluate(_cfg(method, True), tmp_path / 'on', ds, log=lambda s: None)
-  off = train.train_and_evaluate(_cfg(method, False), tmp_path / 'off', ds,
-                                 log=lambda s: None)
+  off = train.train_and_evaluate(_cfg(method, False), tmp_path / 'off', ds, log=lambda s: None)
   rows_on = train.read_history(tmp_path / 'on' / 'metrics.jsonl')
   rows_off = train.read_history(tmp_path / 'off' / 'metrics.jsonl')
   nblocks = len(WIDTHS) + 1
@@ -223,8 +236,11 @@ def test_training_logs_diagnostics_and_is_unchanged_by_them(tmp_path, method):
     assert len(r_on['tjml']) == nblocks - 1
     assert np.all(np.isfinite(r_on['bp_angle'] + r_on['tjml']))
     assert not set(diagnostics.FIRST_BLOCK) & set(r_off)
-    same = lambda r: {k: v for k, v in r.items()
-                      if k not in train.TIMING_KEYS and k not in diagnostics.FIRST_BLOCK}
+    same = lambda r: {
+        k: v
+        for k, v in r.items()
+        if k not in train.TIMING_KEYS and k not in diagnostics.FIRST_BLOCK
+    }
     assert same(r_on) == same(r_off)
   chex.assert_trees_all_equal(on['state'], off['state'])
   tags = _tensorboard_tags(tmp_path / 'on')
@@ -237,5 +253,5 @@ def test_training_logs_diagnostics_and_is_unchanged_by_them(tmp_path, method):
 
 def test_bp_gets_no_diagnostics(tmp_path):
   train.train_and_evaluate(_cfg('bp', True), tmp_path, _dataset(), log=lambda s: None)
-  (row, _) = train.read_history(tmp_path / 'metrics.jsonl')
+  row, _ = train.read_history(tmp_path / 'metrics.jsonl')
   assert not set(diagnostics.FIRST_BLOCK) & set(row)

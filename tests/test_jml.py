@@ -45,6 +45,7 @@ def _perturbed(params, scale, seed=0):
     if str(getattr(path[-1], 'key', '')) != 'kernel':
       return a
     return a + scale * jnp.std(a) * jnp.asarray(rng.standard_normal(a.shape), a.dtype)
+
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
@@ -68,6 +69,7 @@ def _init(net, x, seed=0):
     else:
       v = 0.1 * rng.standard_normal(a.shape)
     return jnp.asarray(v, a.dtype)
+
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
@@ -82,10 +84,12 @@ def test_matrix_losses():
   assert np.allclose(jml.ijml(J, jnp.linalg.inv(J), relative=True), 0, atol=1e-5)
   assert np.allclose(jml.pjml(J, jnp.linalg.pinv(J), relative=True), 0, atol=1e-5)
   G = jnp.asarray(rng.normal(size=(3, 5, 5)), jnp.float32)
-  np.testing.assert_allclose(jml.tjml(J, G), np.linalg.norm(G - np.swapaxes(J, 1, 2), axis=(1, 2)),
-                             rtol=1e-5)
-  np.testing.assert_allclose(jml.tjml(J, G, relative=True),
-                             jml.tjml(J, G) / np.linalg.norm(J, axis=(1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(
+      jml.tjml(J, G), np.linalg.norm(G - np.swapaxes(J, 1, 2), axis=(1, 2)), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      jml.tjml(J, G, relative=True), jml.tjml(J, G) / np.linalg.norm(J, axis=(1, 2)), rtol=1e-5
+  )
   tall = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
   assert float(jml.pjml(tall, jnp.linalg.pinv(tall), relative=True)) < 1e-5
   with pytest.raises(jml.JMLError, match=r'square.*\(7, 4\)'):
@@ -114,6 +118,7 @@ def test_jacobians_match_direct_per_example_jacfwd():
     jf = jax.jacfwd(f)(x).reshape(B, y[0].size, B, x[0].size)
     jg = jax.jacfwd(lambda t: g(t, ctx))(y).reshape(B, x[0].size, B, y[0].size)
     return jf, jg
+
   jf, jg = direct(x, y, ctx)
   for b in range(B):
     np.testing.assert_allclose(J_F[b], jf[b, :, b], atol=1e-6)
@@ -128,12 +133,18 @@ def test_jacobians_match_direct_per_example_jacfwd():
 
 def _small_net_and_input():
   net = _net(
-      L.Sequential([L.Conv(4, (5, 5), padding=((2, 2), (2, 2))),
-                    L.Activation('leaky_relu', 0.1), L.MaxPool(**POOL3)]),
+      L.Sequential(
+          [
+              L.Conv(4, (5, 5), padding=((2, 2), (2, 2))),
+              L.Activation('leaky_relu', 0.1),
+              L.MaxPool(**POOL3),
+          ]
+      ),
       L.Sequential([L.Conv(4, (3, 3)), L.Activation('elu'), L.MaxPool()]),
       L.Sequential([L.Flatten(), L.Dense(6), L.Activation('tanh')]),
-      L.Sequential([L.Dense(6), L.Activation('leaky_relu', 0.2)]),   # square
-      L.Sequential([L.Dense(3)]))
+      L.Sequential([L.Dense(6), L.Activation('leaky_relu', 0.2)]),  # square
+      L.Sequential([L.Dense(3)]),
+  )
   x = _randn(seed=0, shape=(3, 8, 8, 1))
   return net, x, _init(net, x, 1)
 
@@ -148,11 +159,19 @@ def test_exact_jmls_vanish_where_theory_says():
   shapes = jax.eval_shape(lambda p, h: network.forward(net, p, h)[0], params, x)
   h_in = (x, *(_randn(h.shape, seed=20 + i) for i, h in enumerate(shapes[:-1])))
   # Several feedbacks / kinds sharing one J_F (the path ``report`` takes).
-  tj_int, tj_had = [v['tjml'][1] for v in jml._exact_losses(
-      net, params, [(params, L.TJMC), (params, L.TJMC_HADAMARD)], 1, h_in[1], ['tjml'])]
+  tj_int, tj_had = [
+      v['tjml'][1]
+      for v in jml._exact_losses(
+          net, params, [(params, L.TJMC), (params, L.TJMC_HADAMARD)], 1, h_in[1], ['tjml']
+      )
+  ]
   assert tj_int.shape == (3,) and tj_int.max() < 2e-6 and tj_had.max() < 2e-6
-  ij_ijmc, ij_tjmc = [v['ijml'][1].mean() for v in jml._exact_losses(
-      net, params, [(params, L.IJMC), (params, L.TJMC)], 3, h_in[3], ['ijml'])]
+  ij_ijmc, ij_tjmc = [
+      v['ijml'][1].mean()
+      for v in jml._exact_losses(
+          net, params, [(params, L.IJMC), (params, L.TJMC)], 3, h_in[3], ['ijml']
+      )
+  ]
   assert ij_ijmc < 1e-5 and ij_tjmc > 0.1, (ij_ijmc, ij_tjmc)
   r = jml.block_jml(net, params, params, 4, h_in[4], L.PJMC, 'pjml')
   assert r.exact and r.relative < 1e-5 and r.per_example_relative.shape == (3,), r
@@ -172,15 +191,22 @@ def test_layernorm_tjml_is_predicted(unit_gamma):
   x = _randn(seed=2, shape=(B, d)) * jnp.arange(1, B + 1)[:, None]
   params = _init(net, x, 3)
   if not unit_gamma:
-    params = ({'layers_0': {'scale': 1 + 0.5 * _randn(seed=4, shape=(d,)),
-                            'bias': params[0]['layers_0']['bias']}},)
+    params = (
+        {
+            'layers_0': {
+                'scale': 1 + 0.5 * _randn(seed=4, shape=(d,)),
+                'bias': params[0]['layers_0']['bias'],
+            }
+        },
+    )
   gamma = np.asarray(params[0]['layers_0']['scale'], np.float64)
   xs = np.asarray(x, np.float64)
   mu = xs.mean(-1, keepdims=True)
   s = ((xs - mu) ** 2).mean(-1, keepdims=True) + 1e-5
   xh = (xs - mu) / np.sqrt(s)
-  predicted = (np.linalg.norm(xh, axis=-1) * np.linalg.norm(gamma * xh, axis=-1)
-               / (d * np.sqrt(s[:, 0])))
+  predicted = (
+      np.linalg.norm(xh, axis=-1) * np.linalg.norm(gamma * xh, axis=-1) / (d * np.sqrt(s[:, 0]))
+  )
   r = jml.block_jml(net, params, params, 0, x, L.TJMC, 'tjml')
   np.testing.assert_allclose(r.per_example_absolute, predicted, rtol=1e-4)
   assert r.absolute > 0.05  # measured, not zero
@@ -195,8 +221,12 @@ def test_layernorm_tjml_is_predicted(unit_gamma):
 
 ESTIMATE_CASES = {
     'conv': (L.Sequential([L.Conv(4, (3, 3), (2, 2), ((1, 2), (0, 1)))]), (4, 9, 8, 3)),
-    'lenet_block': (L.Sequential([L.Conv(4, (5, 5), padding=((2, 2), (2, 2))),
-                                  L.Activation('elu'), L.MaxPool(**POOL3)]), (4, 10, 10, 2)),
+    'lenet_block': (
+        L.Sequential(
+            [L.Conv(4, (5, 5), padding=((2, 2), (2, 2))), L.Activation('elu'), L.MaxPool(**POOL3)]
+        ),
+        (4, 10, 10, 2),
+    ),
 }
 
 
@@ -212,8 +242,9 @@ def test_estimate_agrees_with_exact(case):
   params = _init(net, x, 6)
   fb = _perturbed(params, 0.3)
   exact = jml.block_jml(net, params, fb, 0, x, L.TJMC, exact=True)
-  est = jml.block_jml(net, params, fb, 0, x, L.TJMC, exact=False, num_probes=128,
-                      key=jax.random.PRNGKey(7))
+  est = jml.block_jml(
+      net, params, fb, 0, x, L.TJMC, exact=False, num_probes=128, key=jax.random.PRNGKey(7)
+  )
   assert exact.exact and not est.exact and est.num_probes == 128
   assert exact.relative > 0.05
   for name in ('absolute', 'relative'):
@@ -281,15 +312,19 @@ def test_block_jml_errors():
 def test_report_rows():
   """One row per block x feedback x defined kind: IJML only on the square block, IJMC
   refused by the conv block (no row), a too-large block estimated (max_exact_size)."""
-  net = _net(L.Sequential([L.Conv(2, (3, 3)), L.Activation('leaky_relu', 0.1), L.MaxPool()]),
-             L.Sequential([L.Flatten(), L.Dense(18), L.Activation('leaky_relu', 0.2)]))
+  net = _net(
+      L.Sequential([L.Conv(2, (3, 3)), L.Activation('leaky_relu', 0.1), L.MaxPool()]),
+      L.Sequential([L.Flatten(), L.Dense(18), L.Activation('leaky_relu', 0.2)]),
+  )
   x = _randn(seed=13, shape=(2, 6, 6, 1))
   params = _init(net, x, 14)
   fbs = {'tjmc': (params, L.TJMC), 'ijmc': (params, L.IJMC)}
   rows = jml.report(net, params, fbs, x, max_exact_size=36 * 18 - 1, num_probes=8)
   keys = [(r['block'], r['feedback'], r['kind']) for r in rows]
-  assert sorted(keys) == sorted([(0, 'tjmc', 'tjml')] + [
-      (1, fb, k) for fb in ('tjmc', 'ijmc') for k in ('tjml', 'ijml', 'pjml')])
+  assert sorted(keys) == sorted(
+      [(0, 'tjmc', 'tjml')]
+      + [(1, fb, k) for fb in ('tjmc', 'ijmc') for k in ('tjml', 'ijml', 'pjml')]
+  )
   by = {k: r for k, r in zip(keys, rows)}
   assert by[(0, 'tjmc', 'tjml')]['method'] == 'estimated'
   assert by[(0, 'tjmc', 'tjml')]['relative'] < 1e-5
@@ -337,15 +372,21 @@ def _biased(params, scale, seed):
   rng = np.random.default_rng(seed)
   return jax.tree_util.tree_map_with_path(
       lambda path, a: jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype)
-      if str(getattr(path[-1], 'key', '')) == 'bias' else a, params)
+      if str(getattr(path[-1], 'key', '')) == 'bias'
+      else a,
+      params,
+  )
 
 
 def test_ijml_vanishes_on_a_two_dense_block_with_biases():
   """IJMC's dense feedback subtracts the bias, (t - b) W^-1: on [Dense, LeakyReLU, Dense,
   LeakyReLU] the inner activation's inverse is then taken at its own output, so
   J_G = J_F^-1 (IJML = 0) also with nonzero biases."""
-  net = _net(L.Sequential([L.Dense(5), L.Activation('leaky_relu', 0.2),
-                           L.Dense(5), L.Activation('leaky_relu', 0.2)]))
+  net = _net(
+      L.Sequential(
+          [L.Dense(5), L.Activation('leaky_relu', 0.2), L.Dense(5), L.Activation('leaky_relu', 0.2)]
+      )
+  )
   x = _randn(seed=43, shape=(4, 5))
   params = _biased(_init(net, x, 44), 1.0, seed=45)
   r = jml.block_jml(net, params, params, 0, x, L.IJMC, 'ijml')

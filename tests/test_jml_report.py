@@ -24,12 +24,19 @@ def rows():
   from stdout. The FWDTP MLP on 4x4x1 has blocks 16->256, 4 x 256->256 (tanh), 256->10;
   with --max_exact_size=65535 blocks 0 and 5 are exact, blocks 1-4 (65536) estimated.
   (A small MLP keeps this fast; LeNet-like report rows are checked in tests/test_jml.py.)"""
-  argv = ['jml_report', '--model=mlp', '--dataset=synthetic', '--synthetic_shape=4,4,1',
-          '--batch_size=2', '--json', '--num_probes=16', '--max_exact_size=65535']
+  argv = [
+      'jml_report',
+      '--model=mlp',
+      '--dataset=synthetic',
+      '--synthetic_shape=4,4,1',
+      '--batch_size=2',
+      '--json',
+      '--num_probes=16',
+      '--max_exact_size=65535',
+  ]
   flags.FLAGS(argv)
   try:
-    with pytest.MonkeyPatch.context() as mp, \
-        contextlib.redirect_stdout(io.StringIO()) as out:
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as out:
       # -O0: the run compiles many tiny programs once each (compile time dominates).
       mp.setattr(jml_report.jml, 'COMPILER_OPTIONS', {'xla_backend_optimization_level': 0})
       jml_report.main([])
@@ -51,8 +58,7 @@ def test_rows_cover_every_block_and_feedback(rows):
   expected |= {(n, fb, 'pjml') for n in EXACT_BLOCKS for fb in FEEDBACKS}
   assert keys == expected and len(rows) == len(expected)
   shapes = {r['block']: r['shape'] for r in rows}
-  assert shapes == {0: '4x4x1 -> 256', **{n: '256 -> 256' for n in range(1, 5)},
-                    5: '256 -> 10'}
+  assert shapes == {0: '4x4x1 -> 256', **{n: '256 -> 256' for n in range(1, 5)}, 5: '256 -> 10'}
   for r in rows:
     assert r['model'] == 'mlp' and r['dataset'] == 'synthetic' and r['batch_size'] == 2
     assert np.isfinite(r['absolute']) and np.isfinite(r['relative'])

@@ -59,6 +59,7 @@ def numpy_params(abstract, seed=0, perturb=0.0):
     else:
       v = 0.1 * rng.standard_normal(a.shape)
     return jnp.asarray(v, a.dtype)
+
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
@@ -80,8 +81,10 @@ def jit0(fn):
   dozens of tiny programs once each: -O0 roughly halves the compile time, and the run
   time is negligible. (Eager execution is avoided for the same reason: every eager
   primitive of a new shape is a compile of its own.)"""
+
   def run(*args):
     return jax.jit(fn).lower(*args).compile({'xla_backend_optimization_level': 0})(*args)
+
   return run
 
 
@@ -92,7 +95,8 @@ def batch_jacobians(layer, params, x, mode=L.TJMC, fb_params=None, jit=True):
   """
   if jit:
     return jit0(lambda p, h, fb: batch_jacobians(layer, p, h, mode, fb, jit=False))(
-        params, x, fb_params)
+        params, x, fb_params
+    )
   fb_params = params if fb_params is None else fb_params
   y, ctx = layer.apply({'params': params}, x, method='fwd')
   f = lambda h: layer.apply({'params': params}, h, method='fwd')[0]
@@ -126,6 +130,7 @@ def assert_matches_vjp(layer, params, x, seed=0, fb_feedback=None):
     _, vjp = jax.vjp(lambda h: layer.apply({'params': p}, h, method='fwd')[0], h)
     g = fb_feedback or (lambda t: layer.apply({'params': p}, t, ctx, method='feedback'))
     return vjp(v)[0], g(v)
+
   expected, got = (np.asarray(a) for a in both(params, x, v))
   assert got.shape == x.shape, (got.shape, x.shape)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
@@ -138,21 +143,54 @@ ASYM_A = ((1, 2), (0, 1))
 ASYM_B = ((2, 0), (1, 2))
 POOL3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+
 def lenet_like():
   """A whole small LeNet as ONE block: two activations inside (conv-act-pool, then
   flatten-dense-act-dense)."""
   a = lambda: L.Activation('leaky_relu', 0.1)
-  return L.Sequential([
-      L.Conv(3, (5, 5), padding=((2, 2), (2, 2))), a(), L.MaxPool(**POOL3),
-      L.Flatten(), L.Dense(6), a(), L.Dense(3)])
+  return L.Sequential(
+      [
+          L.Conv(3, (5, 5), padding=((2, 2), (2, 2))),
+          a(),
+          L.MaxPool(**POOL3),
+          L.Flatten(),
+          L.Dense(6),
+          a(),
+          L.Dense(3),
+      ]
+  )
 
 
 EXACT_CASES = [
     # convolutions: stride 1/2, SAME / VALID / explicit asymmetric, kernel 3/4/5, Cin != Cout
-    ('conv_s2_same_k3', lambda: L.Conv(3, (3, 3), (2, 2), 'SAME'), (2, *_hw(), 2), 'normal', L.TJMC),
-    ('conv_s2_valid_k5', lambda: L.Conv(2, (5, 5), (2, 2), 'VALID'), (2, *_hw(6, 9), 3), 'normal', L.TJMC),
-    ('conv_s1_asym_k5', lambda: L.Conv(2, (5, 5), (1, 1), ASYM_B), (2, *_hw(), 3), 'normal', L.TJMC),
-    ('conv_s2_asym_k4_rect', lambda: L.Conv(5, (4, 3), (2, 1), ASYM_B), (1, *_hw(), 2), 'normal', L.TJMC),
+    (
+        'conv_s2_same_k3',
+        lambda: L.Conv(3, (3, 3), (2, 2), 'SAME'),
+        (2, *_hw(), 2),
+        'normal',
+        L.TJMC,
+    ),
+    (
+        'conv_s2_valid_k5',
+        lambda: L.Conv(2, (5, 5), (2, 2), 'VALID'),
+        (2, *_hw(6, 9), 3),
+        'normal',
+        L.TJMC,
+    ),
+    (
+        'conv_s1_asym_k5',
+        lambda: L.Conv(2, (5, 5), (1, 1), ASYM_B),
+        (2, *_hw(), 3),
+        'normal',
+        L.TJMC,
+    ),
+    (
+        'conv_s2_asym_k4_rect',
+        lambda: L.Conv(5, (4, 3), (2, 1), ASYM_B),
+        (1, *_hw(), 2),
+        'normal',
+        L.TJMC,
+    ),
     # dense, on vectors and on tokens
     ('dense', lambda: L.Dense(7), (3, 5), 'normal', L.TJMC),
     ('dense_tokens', lambda: L.Dense(4), (2, 3, 6), 'normal', L.TJMC),
@@ -161,10 +199,11 @@ EXACT_CASES = [
     ('pool3_pad1', lambda: L.MaxPool(**POOL3), (2, *_hw(), 2), 'normal', L.TJMC),
     ('pool3_pad1_ties', lambda: L.MaxPool(**POOL3), (2, *_hw(), 2), 'ties', L.TJMC),
     # activations: integral (varsigma) and Hadamard feedback
-    *[(f'{fn}_{mode.act}', (lambda fn=fn: L.Activation(fn, 0.1)), (3, 6),
-       'normal', mode)
-      for fn in ('leaky_relu', 'elu', 'tanh', 'sigmoid')
-      for mode in (L.TJMC, L.TJMC_HADAMARD)],
+    *[
+        (f'{fn}_{mode.act}', (lambda fn=fn: L.Activation(fn, 0.1)), (3, 6), 'normal', mode)
+        for fn in ('leaky_relu', 'elu', 'tanh', 'sigmoid')
+        for mode in (L.TJMC, L.TJMC_HADAMARD)
+    ],
     ('gelu_hadamard', lambda: L.Activation('gelu'), (3, 6), 'normal', L.TJMC_HADAMARD),
     # mean, reshape, transpose
     ('mean_tokens', lambda: L.Mean(axis=1), (2, 4, 3), 'normal', L.TJMC),
@@ -175,28 +214,51 @@ EXACT_CASES = [
     ('transpose3', lambda: L.Transpose((3, 1, 2)), (2, 2, 3, 4), 'normal', L.TJMC),
     # residual and sequential
     ('residual_dense', lambda: L.Residual(L.Dense(5)), (2, 5), 'normal', L.TJMC),
-    ('residual_mlp_hadamard', lambda: L.Residual(L.Sequential(
-        [L.Dense(7), L.Activation('gelu'), L.Dense(4)])), (2, 4), 'normal', L.TJMC_HADAMARD),
-    ('seq_conv_leaky_pool3', lambda: L.Sequential(
-        [L.Conv(3, (3, 3)), L.Activation('leaky_relu', 0.1), L.MaxPool(**POOL3)]),
-     (2, 7, 6, 2), 'normal', L.TJMC),
+    (
+        'residual_mlp_hadamard',
+        lambda: L.Residual(L.Sequential([L.Dense(7), L.Activation('gelu'), L.Dense(4)])),
+        (2, 4),
+        'normal',
+        L.TJMC_HADAMARD,
+    ),
+    (
+        'seq_conv_leaky_pool3',
+        lambda: L.Sequential(
+            [L.Conv(3, (3, 3)), L.Activation('leaky_relu', 0.1), L.MaxPool(**POOL3)]
+        ),
+        (2, 7, 6, 2),
+        'normal',
+        L.TJMC,
+    ),
     # composites: a whole LeNet-like and a Mixer-like network as one block
-    ('lenet_like_leaky_hadamard', lambda: lenet_like(), (2, 8, 8, 1), 'normal',
-     L.TJMC_HADAMARD),
-    ('mixer_like_no_norm_hadamard', lambda: L.Sequential([
-        L.Conv(4, (2, 2), (2, 2), 'VALID'), L.Reshape((4, 4)),
-        L.Residual(L.Sequential([L.Transpose((2, 1)), L.Dense(4), L.Activation('gelu'),
-                                 L.Transpose((2, 1))])),
-        L.Residual(L.Sequential([L.Dense(6), L.Activation('gelu'), L.Dense(4)])),
-        L.Mean(axis=1), L.Dense(3)]), (2, 4, 4, 1), 'normal', L.TJMC_HADAMARD),
+    ('lenet_like_leaky_hadamard', lambda: lenet_like(), (2, 8, 8, 1), 'normal', L.TJMC_HADAMARD),
+    (
+        'mixer_like_no_norm_hadamard',
+        lambda: L.Sequential(
+            [
+                L.Conv(4, (2, 2), (2, 2), 'VALID'),
+                L.Reshape((4, 4)),
+                L.Residual(
+                    L.Sequential(
+                        [L.Transpose((2, 1)), L.Dense(4), L.Activation('gelu'), L.Transpose((2, 1))]
+                    )
+                ),
+                L.Residual(L.Sequential([L.Dense(6), L.Activation('gelu'), L.Dense(4)])),
+                L.Mean(axis=1),
+                L.Dense(3),
+            ]
+        ),
+        (2, 4, 4, 1),
+        'normal',
+        L.TJMC_HADAMARD,
+    ),
 ]
 
 
 VARIANT_CASES = ('dense', 'elu_integral', 'transpose3')
 
 
-@pytest.mark.parametrize('name,make,shape,kind,mode', EXACT_CASES,
-                         ids=[c[0] for c in EXACT_CASES])
+@pytest.mark.parametrize('name,make,shape,kind,mode', EXACT_CASES, ids=[c[0] for c in EXACT_CASES])
 def test_jacobian_of_feedback_is_transposed_jacobian(name, make, shape, kind, mode):
   """(a) J(G*) at h_{n+1} == J(F)^T at h_n, for every row of EXACT_CASES (jitted)."""
   layer = make()
@@ -214,8 +276,7 @@ class ExactTJMCVariantsTest(chex.TestCase):
     layer = make()
     x = _input(shape, seed=3, kind=kind)
     params = _init(layer, x, seed=1)
-    J_F, J_G = self.variant(lambda p, h: batch_jacobians(layer, p, h, mode, jit=False))(
-        params, x)
+    J_F, J_G = self.variant(lambda p, h: batch_jacobians(layer, p, h, mode, jit=False))(params, x)
     assert_tjmc(J_F, J_G)
 
 
@@ -238,8 +299,9 @@ def test_layernorm_difference_is_the_dropped_term():
   xh = (xs - mu) / np.sqrt(s)
   predicted = np.zeros_like(J_F.T)
   for b in range(B):
-    predicted[b * d:(b + 1) * d, b * d:(b + 1) * d] = (
-        np.outer(xh[b], xh[b] * gamma) / (d * np.sqrt(s[b, 0])))
+    predicted[b * d : (b + 1) * d, b * d : (b + 1) * d] = np.outer(xh[b], xh[b] * gamma) / (
+        d * np.sqrt(s[b, 0])
+    )
   np.testing.assert_allclose(J_G - J_F.T, predicted, atol=2e-5 * np.abs(J_F).max())
   assert np.linalg.norm(predicted) > 0.1  # genuinely not exact
 
@@ -254,6 +316,7 @@ def _predicted_varsigma_difference(seq, params, x, act_index, pre):
   with a = pre(x) the activation input and u = post*(F(x)) the point where varsigma is
   actually evaluated. Returned as an (x.size, y.size) matrix.
   """
+
   @jit0
   def predicted(x):
     y, ctx = seq.apply({'params': params}, x, method='fwd')
@@ -261,10 +324,11 @@ def _predicted_varsigma_difference(seq, params, x, act_index, pre):
     post = lambda t: _sub_feedback(seq, params, ctx, t, act_index + 1)
     u = post(y)
     dvs = jax.vmap(jax.grad(fns.integral))(u.ravel()).reshape(u.shape)
-    delta = dvs - fns.df(ctx[act_index])            # an Activation's ctx is its input
+    delta = dvs - fns.df(ctx[act_index])  # an Activation's ctx is its input
     _, pre_vjp = jax.vjp(pre, x)
-    m = lambda v: pre_vjp(delta * post(v))[0]       # J_pre^T diag(delta) J_post^T v
+    m = lambda v: pre_vjp(delta * post(v))[0]  # J_pre^T diag(delta) J_post^T v
     return jax.jacfwd(m)(jnp.zeros_like(y)).reshape(x.size, y.size)
+
   return predicted(x)
 
 
@@ -277,8 +341,7 @@ def _sub_feedback(seq, params, ctx, t, start):
   return t
 
 
-@pytest.mark.parametrize('fn,pool', [('elu', 'pool3'), ('tanh', 'pool3'),
-                                     ('leaky_relu', 'pool3')])
+@pytest.mark.parametrize('fn,pool', [('elu', 'pool3'), ('tanh', 'pool3'), ('leaky_relu', 'pool3')])
 def test_conv_act_pool_varsigma_difference(fn, pool):
   """Conv -> sigma -> max-pool with the integral feedback: unpooling puts k sigma(a)
   where k windows share an argmax, so varsigma'(k sigma(a)) != sigma'(a) for ELU/tanh
@@ -322,7 +385,7 @@ def test_residual_varsigma_difference():
   delta = np.where(y > 0, 1.0, 0.1) - np.where(a > 0, 1.0, 0.1)
   predicted = np.zeros((x.size, x.size))
   for b in range(3):
-    predicted[b * d:(b + 1) * d, b * d:(b + 1) * d] = W * delta[b][None, :]
+    predicted[b * d : (b + 1) * d, b * d : (b + 1) * d] = W * delta[b][None, :]
   np.testing.assert_allclose(np.asarray(J_G - J_F.T), predicted, atol=1e-6)
   assert np.abs(delta).max() > 0  # the seed produces sign flips
   # With the Hadamard feedback the residual unit is exact.
@@ -339,8 +402,9 @@ def integral_as_hadamard_ctx(seq, params, ctx, t):
     sub = seq.layers[i]
     if isinstance(sub, L.Activation):
       new[i] = sub.fns.inv(t)
-    t = sub.clone(parent=None).apply({'params': params.get(f'layers_{i}', {})}, t, ctx[i],
-                                     L.TJMC, method='feedback')
+    t = sub.clone(parent=None).apply(
+        {'params': params.get(f'layers_{i}', {})}, t, ctx[i], L.TJMC, method='feedback'
+    )
   return tuple(new)
 
 
@@ -358,8 +422,7 @@ def test_integral_feedback_off_trajectory_is_predicted(which):
   if which == 'lenet_like':
     layer, x = lenet_like(), _input((2, 8, 8, 1), 21)
   else:
-    layer = L.Residual(L.Sequential([L.Dense(8), L.Activation('leaky_relu', 0.1),
-                                     L.Dense(5)]))
+    layer = L.Residual(L.Sequential([L.Dense(8), L.Activation('leaky_relu', 0.1), L.Dense(5)]))
     x = _input((2, 4, 5), 22)
   params = _init(layer, x, seed=4)
   J_F, J_G = batch_jacobians(layer, params, x, L.TJMC)
@@ -369,13 +432,18 @@ def test_integral_feedback_off_trajectory_is_predicted(which):
   def predicted(x):
     y, ctx = layer.apply({'params': params}, x, method='fwd')
     ctx_pred = integral_as_hadamard_ctx(seq, p_seq, ctx, y)
-    g_pred = lambda t: layer.apply({'params': params}, t, ctx_pred, L.TJMC_HADAMARD,
-                                   method='feedback')
+    g_pred = lambda t: layer.apply(
+        {'params': params}, t, ctx_pred, L.TJMC_HADAMARD, method='feedback'
+    )
     return jax.jacfwd(g_pred)(y).reshape(x.size, y.size), ctx_pred, ctx
+
   J_pred, ctx_pred, ctx = predicted(x)
   np.testing.assert_allclose(J_G, J_pred, atol=1e-5 * float(jnp.abs(J_G).max()))
-  flips = [float(jnp.mean(jnp.sign(c) != jnp.sign(ctx[i]))) for i, c in enumerate(ctx_pred)
-           if isinstance(seq.layers[i], L.Activation)]
+  flips = [
+      float(jnp.mean(jnp.sign(c) != jnp.sign(ctx[i])))
+      for i, c in enumerate(ctx_pred)
+      if isinstance(seq.layers[i], L.Activation)
+  ]
   assert max(flips) > 0.05, flips
   rel = tjml_rel(J_F, J_G)
   assert rel == pytest.approx(tjml_rel(J_F, J_pred), rel=1e-4)
@@ -387,8 +455,15 @@ def test_mixer_unit_with_layernorm_is_the_frozen_s_transpose():
   J_G equals the transposed Jacobian of the same unit with LayerNorm's s = var + eps
   frozen (stop_gradient), i.e. TJML = ||J_F - J_F|_{s frozen}||_F, nonzero."""
   tokens, d = 4, 5
-  inner = L.Sequential([L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens),
-                        L.Activation('gelu'), L.Transpose((2, 1))])
+  inner = L.Sequential(
+      [
+          L.LayerNorm(),
+          L.Transpose((2, 1)),
+          L.Dense(tokens),
+          L.Activation('gelu'),
+          L.Transpose((2, 1)),
+      ]
+  )
   layer = L.Residual(inner)
   x = _input((2, tokens, d), 6) + 0.5
   params = _init(layer, x, seed=3, perturb=0.2)
@@ -401,6 +476,7 @@ def test_mixer_unit_with_layernorm_is_the_frozen_s_transpose():
     n = (h - mu) / jnp.sqrt(s) * p['layers_0']['scale'] + p['layers_0']['bias']
     z = jnp.swapaxes(n, 1, 2) @ p['layers_2']['kernel'] + p['layers_2']['bias']
     return jnp.swapaxes(jax.nn.gelu(z, approximate=False), 1, 2) + h
+
   J_frozen = jit0(jax.jacfwd(frozen))(x).reshape(x.size, x.size)
   np.testing.assert_allclose(J_G, J_frozen.T, atol=2e-5)
   assert tjml_rel(J_F, J_G) > 1e-2
@@ -419,33 +495,41 @@ def test_norm_dense_is_layernorm_then_dense_with_one_product_fewer(seed):
   x = _input((n, d_in), seed)
   p = _init(seq, x)
   p = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(seed), a.shape), p)
-  as_norm_dense = lambda p: {'norm_scale': p['layers_0']['scale'],
-                             'norm_bias': p['layers_0']['bias'],
-                             'kernel': p['layers_1']['kernel'], 'bias': p['layers_1']['bias']}
+  as_norm_dense = lambda p: {
+      'norm_scale': p['layers_0']['scale'],
+      'norm_bias': p['layers_0']['bias'],
+      'kernel': p['layers_1']['kernel'],
+      'bias': p['layers_1']['bias'],
+  }
   chex.assert_trees_all_equal_shapes(_init(norm_dense, x), as_norm_dense(p))
 
   plain = lambda p, x: seq.apply({'params': p}, x, method='fwd')[0]
   fused = lambda p, x: norm_dense.apply({'params': as_norm_dense(p)}, x, method='fwd')[0]
   chex.assert_trees_all_close(jit0(fused)(p, x), jit0(plain)(p, x), atol=1e-5, rtol=1e-5)
   t = _input((n, d_out), seed + 10)
-  losses = {name: jax.jit(jax.grad(lambda p, f=f: jnp.sum(jnp.square(f(p, lax.stop_gradient(x)) - t))))
-            for name, f in (('fused', fused), ('plain', plain))}
+  losses = {
+      name: jax.jit(jax.grad(lambda p, f=f: jnp.sum(jnp.square(f(p, lax.stop_gradient(x)) - t))))
+      for name, f in (('fused', fused), ('plain', plain))
+  }
   chex.assert_trees_all_close(losses['fused'](p), losses['plain'](p), atol=1e-4, rtol=1e-4)
   flops = {k: f.lower(p).compile().cost_analysis() for k, f in losses.items()}
   flops = {k: (v[0] if isinstance(v, list) else v)['flops'] for k, v in flops.items()}
   assert flops['plain'] - flops['fused'] == pytest.approx(2 * n * d_in * d_out, rel=0.1)
 
   for mode in (L.TJMC, L.LEARNED):
+
     def feedbacks(p, mode=mode):
       _, ctx = seq.apply({'params': p}, x, method='fwd')
       _, s = norm_dense.apply({'params': as_norm_dense(p)}, x, method='fwd')
-      return (seq.apply({'params': p}, t, ctx, mode, method='feedback'),
-              norm_dense.apply({'params': as_norm_dense(p)}, t, s, mode, method='feedback'))
+      return (
+          seq.apply({'params': p}, t, ctx, mode, method='feedback'),
+          norm_dense.apply({'params': as_norm_dense(p)}, t, s, mode, method='feedback'),
+      )
+
     g_plain, g_fused = jit0(feedbacks)(p)
     chex.assert_trees_all_close(g_fused, g_plain, atol=1e-5, rtol=1e-5)
   with pytest.raises(L.FeedbackError, match='NormDense'):
-    norm_dense.apply({'params': as_norm_dense(p)}, t, jnp.ones((n, 1)), L.PJMC,
-                     method='feedback')
+    norm_dense.apply({'params': as_norm_dense(p)}, t, jnp.ones((n, 1)), L.PJMC, method='feedback')
 
 
 # --------------------------------------------------------------------------------------
@@ -476,8 +560,10 @@ def test_helpers_detect_unrotated_kernel():
     assert_matches_vjp(layer, params, x, fb_feedback=g_wrong)
 
 
-@pytest.mark.parametrize('wrong', ['transpose_scaled', 'integral_at_wrong_point',
-                                   'unpool_shifted', 'mean_without_division'])
+@pytest.mark.parametrize(
+    'wrong',
+    ['transpose_scaled', 'integral_at_wrong_point', 'unpool_shifted', 'mean_without_division'],
+)
 def test_helpers_detect_other_wrong_feedbacks(wrong):
   if wrong == 'transpose_scaled':
     layer, x = L.Dense(4), _input((2, 3), 0)
@@ -527,8 +613,12 @@ def test_linear_feedback_equals_vjp(name, make, shape, kind):
   assert_matches_vjp(layer, _init(layer, x), x)
 
 
-POOL_CASES = [((2, 2), (2, 2), 'VALID', 'ties'), ((3, 3), (2, 2), ((1, 1), (1, 1)), 'ties'),
-              ((3, 3), (2, 2), ((1, 1), (1, 1)), 'normal'), ((3, 2), (1, 2), 'SAME', 'ties')]
+POOL_CASES = [
+    ((2, 2), (2, 2), 'VALID', 'ties'),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 'ties'),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 'normal'),
+    ((3, 2), (1, 2), 'SAME', 'ties'),
+]
 
 
 @pytest.mark.parametrize('window,strides,padding,kind', POOL_CASES)
@@ -536,8 +626,9 @@ def test_max_pool_value_argmax_and_jvp_match_naive_loops(window, strides, paddin
   """y = window max, argmax = first maximal offset, dy = dx at that offset (numpy loops)."""
   x = _input((2, 7, 6, 3), 5, kind)
   dx = _input((2, 7, 6, 3), 6)
-  (y, am), (dy, _) = jax.jit(lambda x, dx: jax.jvp(
-      lambda x: L.max_pool_argmax(x, window, strides, padding), (x,), (dx,)))(x, dx)
+  (y, am), (dy, _) = jax.jit(
+      lambda x, dx: jax.jvp(lambda x: L.max_pool_argmax(x, window, strides, padding), (x,), (dx,))
+  )(x, dx)
   pads = _pads((7, 6), window, strides, padding)
   xp = np.pad(np.asarray(x), ((0, 0), *pads, (0, 0)), constant_values=-np.inf)
   dxp = np.pad(np.asarray(dx), ((0, 0), *pads, (0, 0)))
@@ -570,7 +661,7 @@ def naive_conv(x, w, s, pads):
   y = np.zeros((oh, ow, w.shape[3]))
   for i in range(oh):
     for j in range(ow):
-      patch = xp[i * s[0]:i * s[0] + kh, j * s[1]:j * s[1] + kw]
+      patch = xp[i * s[0] : i * s[0] + kh, j * s[1] : j * s[1] + kw]
       y[i, j] = np.einsum('abc,abco->o', patch, w)
   return y
 
@@ -581,7 +672,7 @@ def naive_transposed_conv_rotated(t, w, s, pads, in_hw):
   kh, kw = w.shape[:2]
   oh, ow = t.shape[:2]
   dil = np.zeros(((oh - 1) * s[0] + 1, (ow - 1) * s[1] + 1, t.shape[2]))
-  dil[::s[0], ::s[1]] = t
+  dil[:: s[0], :: s[1]] = t
   tp = []
   for n, k, st, (lo, hi), o in zip(in_hw, (kh, kw), s, pads, (oh, ow)):
     r = (n + lo + hi - k) - (o - 1) * st
@@ -602,16 +693,20 @@ def naive_transposed_conv_scatter(t, w, s, pads, in_hw):
   xp = np.zeros((in_hw[0] + sum(pads[0]), in_hw[1] + sum(pads[1]), w.shape[2]))
   for i in range(t.shape[0]):
     for j in range(t.shape[1]):
-      xp[i * s[0]:i * s[0] + kh, j * s[1]:j * s[1] + kw] += np.einsum('abco,o->abc', w, t[i, j])
-  return xp[pads[0][0]:pads[0][0] + in_hw[0], pads[1][0]:pads[1][0] + in_hw[1]]
+      xp[i * s[0] : i * s[0] + kh, j * s[1] : j * s[1] + kw] += np.einsum('abco,o->abc', w, t[i, j])
+  return xp[pads[0][0] : pads[0][0] + in_hw[0], pads[1][0] : pads[1][0] + in_hw[1]]
 
 
 @hypothesis.settings(max_examples=6, deadline=None, derandomize=True, database=None)
 @hypothesis.given(
-    hw=st.tuples(st.integers(4, 7), st.integers(4, 7)), k=st.sampled_from([2, 3, 4]),
+    hw=st.tuples(st.integers(4, 7), st.integers(4, 7)),
+    k=st.sampled_from([2, 3, 4]),
     stride=st.sampled_from([(1, 1), (2, 2), (2, 1)]),
     padding=st.sampled_from(['SAME', 'VALID', ((1, 2), (0, 1)), ((2, 0), (1, 1))]),
-    cin=st.integers(1, 3), cout=st.integers(1, 3), seed=st.integers(0, 2 ** 16))
+    cin=st.integers(1, 3),
+    cout=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
 def test_conv_feedback_is_rotated_kernel_conv(hw, k, stride, padding, cin, cout, seed):
   """Layer feedback == naive rotated-kernel correlation == naive scatter (J^T).
 
@@ -635,8 +730,13 @@ def test_conv_feedback_is_rotated_kernel_conv(hw, k, stride, padding, cin, cout,
   def fwd_and_feedback(x, t):
     y, ctx = layer.apply({'params': params}, x, method='fwd')
     return y, layer.apply({'params': params}, t, ctx, method='feedback')
-  y_jax, got = (np.asarray(a[0]) for a in fwd_and_feedback(
-      jnp.asarray(x[None], jnp.float32), jnp.asarray(t[None], jnp.float32)))
+
+  y_jax, got = (
+      np.asarray(a[0])
+      for a in fwd_and_feedback(
+          jnp.asarray(x[None], jnp.float32), jnp.asarray(t[None], jnp.float32)
+      )
+  )
   np.testing.assert_allclose(y_jax, y, rtol=1e-4, atol=1e-4)
   rotated = naive_transposed_conv_rotated(t, w, stride, pads, hw)
   scatter = naive_transposed_conv_scatter(t, w, stride, pads, hw)
@@ -651,8 +751,9 @@ def test_conv_feedback_is_rotated_kernel_conv(hw, k, stride, padding, cin, cout,
 # (d) IJMC / PJMC on dense.
 
 
-@pytest.mark.parametrize('i,o,mode', [(5, 5, 'inverse'), (6, 4, 'pinv'), (4, 6, 'pinv'),
-                                      (5, 5, 'pinv')])
+@pytest.mark.parametrize(
+    'i,o,mode', [(5, 5, 'inverse'), (6, 4, 'pinv'), (4, 6, 'pinv'), (5, 5, 'pinv')]
+)
 def test_dense_inverse_and_pinv_feedback(i, o, mode):
   """G(t) = (t - b) W^-1 (IJMC) or (t - b) W^+ (PJMC), and the exact IJML / PJML
   vanish: for y = x W + b (column convention J_F = W^T), J_G = (W^-1)^T = (W^T)^-1
@@ -670,9 +771,11 @@ def test_dense_inverse_and_pinv_feedback(i, o, mode):
   def run(x, t):  # G(t) on a batch, and one example's Jacobians at (x_0, F(x_0))
     got = layer.apply({'params': params}, t, None, fb_mode, method='feedback')
     return got, jax.jacfwd(f)(x[0]), jax.jacfwd(g)(f(x[0]))
+
   got, J_F, J_G = run(x, t)
   ref = (np.asarray(t, np.float64) - np.asarray(params['bias'], np.float64)) @ (
-      np.linalg.inv(W) if mode == 'inverse' else np.linalg.pinv(W))
+      np.linalg.inv(W) if mode == 'inverse' else np.linalg.pinv(W)
+  )
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
   kind = 'ijml' if mode == 'inverse' else 'pjml'
   assert float(jml.jml(J_F, J_G, kind, relative=True)) < 1e-5
@@ -712,9 +815,9 @@ def test_shape_mismatch_names_both_shapes():
 def test_gelu_integral_feedback_is_refused():
   act = L.Activation('gelu')
   x = jnp.ones((2, 3))
-  with pytest.raises(L.FeedbackError, match=r"gelu.*not invertible.*hadamard"):
+  with pytest.raises(L.FeedbackError, match=r'gelu.*not invertible.*hadamard'):
     act.apply({}, x, x, L.TJMC, method='feedback')
-  with pytest.raises(L.FeedbackError, match=r"gelu"):
+  with pytest.raises(L.FeedbackError, match=r'gelu'):
     act.apply({}, x, x, L.IJMC, method='feedback')
 
 
@@ -765,17 +868,18 @@ def test_layernorm_tjml_at_small_variance(seed):
 def _dense_act_block(widths_in_out, act='leaky_relu'):
   """[Dense, act] * k as a Sequential, params with N(0, 1) biases (large enough that a
   dropped bias moves a LeakyReLU's inverse across its kink)."""
-  block = L.Sequential([m for w in widths_in_out[1:]
-                        for m in (L.Dense(w), L.Activation(act, 0.2))])
+  block = L.Sequential([m for w in widths_in_out[1:] for m in (L.Dense(w), L.Activation(act, 0.2))])
   x = _input((4, widths_in_out[0]), 31)
   params = jax.tree_util.tree_map_with_path(
       lambda path, a: 10 * a if str(getattr(path[-1], 'key', '')) == 'bias' else a,
-      _init(block, x, seed=32))
+      _init(block, x, seed=32),
+  )
   return block, params, x
 
 
-@pytest.mark.parametrize('widths,mode', [((5, 5), L.IJMC), ((5, 5, 5), L.IJMC),
-                                         ((4, 7), L.PJMC), ((4, 4, 7), L.PJMC)])
+@pytest.mark.parametrize(
+    'widths,mode', [((5, 5), L.IJMC), ((5, 5, 5), L.IJMC), ((4, 7), L.PJMC), ((4, 4, 7), L.PJMC)]
+)
 def test_ijmc_pjmc_feedback_inverts_the_block(widths, mode):
   """IJMC on square dense+act blocks, PJMC on tall ones (x W W^+ = x): G(F(x)) = x with
   nonzero biases, also when a second dense layer's bias must be removed before the
@@ -786,6 +890,7 @@ def test_ijmc_pjmc_feedback_inverts_the_block(widths, mode):
   def round_trip(p, h):
     y, ctx = block.apply({'params': p}, h, method='fwd')
     return block.apply({'params': p}, y, ctx, mode, method='feedback')
+
   np.testing.assert_allclose(round_trip(params, x), x, rtol=1e-4, atol=1e-4)
 
 
@@ -794,15 +899,19 @@ def test_difference_correction_cancels_a_first_dense_bias():
   is a constant offset of G, so the targets of the exact inverse equal those of the
   bias-free t W^-1 (the same block with b = 0 in the feedback's params)."""
   block, params, x = _dense_act_block((5, 5))
-  no_bias = {**params, 'layers_0': {**params['layers_0'],
-                                    'bias': jnp.zeros_like(params['layers_0']['bias'])}}
+  no_bias = {
+      **params,
+      'layers_0': {**params['layers_0'], 'bias': jnp.zeros_like(params['layers_0']['bias'])},
+  }
   t = _input((4, 5), 33)
 
   @jit0
   def differences(p, fb, h, t):
     y, ctx = block.apply({'params': p}, h, method='fwd')
-    return [block.apply({'params': q}, t, y, ctx, L.IJMC, method='feedback_difference')
-            for q in (p, fb)]
+    return [
+        block.apply({'params': q}, t, y, ctx, L.IJMC, method='feedback_difference') for q in (p, fb)
+    ]
+
   with_bias, without = differences(params, no_bias, x, t)
   np.testing.assert_allclose(with_bias, without, rtol=1e-5, atol=1e-6)
   # The offset itself is not zero: G differs by b W^-1 between the two.

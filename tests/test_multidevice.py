@@ -33,7 +33,8 @@ BATCH = 16
 # DTP's feedback iterations run inside the step; on LeNet LDRL alone would compile for
 # minutes here, and its conv/pool feedback is TJML-DTP's with other weights).
 RUNS = [('bp_lenet', 'bp', 'lenet'), ('tjml_dtp_lenet', 'tjml_dtp', 'lenet')] + [
-    (f'{m}_mlp', m, 'mlp') for m in ('bp', 'tjml_dtp', 'ldrl', 'fwdtp', 'dtp', 'pjml_dtp')]
+    (f'{m}_mlp', m, 'mlp') for m in ('bp', 'tjml_dtp', 'ldrl', 'fwdtp', 'dtp', 'pjml_dtp')
+]
 LENET_RUNS = [r[0] for r in RUNS if r[2] == 'lenet']
 # 2 processes x 2 devices.
 MULTIHOST_RUNS = ['bp_mlp', 'tjml_dtp_mlp', 'dtp_mlp']
@@ -45,6 +46,7 @@ MULTIHOST_RUNS = ['bp_mlp', 'tjml_dtp_mlp', 'dtp_mlp']
 
 def _config(method: str, model: str):
   from tp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
   c = config_lib.default()
   c.method, c.model = method, model
   if model == 'mlp':
@@ -63,11 +65,15 @@ def _config(method: str, model: str):
 def _dataset():
   """Host (numpy) arrays: no JAX call may precede jax.distributed.initialize."""
   from tp_jax import data  # pylint: disable=g-import-not-at-top
+
   r = np.random.RandomState(0)
-  return data.Dataset(r.randn(80, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, 80).astype(np.int32),
-                      r.randn(16, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, 16).astype(np.int32), data.info('mnist'))
+  return data.Dataset(
+      r.randn(80, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, 80).astype(np.int32),
+      r.randn(16, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, 16).astype(np.int32),
+      data.info('mnist'),
+  )
 
 
 def worker(out: Path, names: list[str], num_processes: int) -> None:
@@ -85,10 +91,12 @@ def worker(out: Path, names: list[str], num_processes: int) -> None:
     cfg.num_processes = num_processes
     # Every process must use the same workdir (Orbax coordinates the checkpoint writes).
     base = Path(out).parent / f'wd_{name}'
-    res = train.train_and_evaluate(cfg, base / 'trained', ds, log=lambda s: None,
-                                   until_step=STEPS, progress=False)
-    init = train.train_and_evaluate(cfg, base / 'init', ds, log=lambda s: None,
-                                    until_step=0, progress=False)
+    res = train.train_and_evaluate(
+        cfg, base / 'trained', ds, log=lambda s: None, until_step=STEPS, progress=False
+    )
+    init = train.train_and_evaluate(
+        cfg, base / 'init', ds, log=lambda s: None, until_step=0, progress=False
+    )
     for kind, state in (('final', res['state']), ('init', init['state'])):
       for i, leaf in enumerate(jax.tree.leaves((state.params, state.fb_params))):
         arrays[f'{name}/{kind}/{i}'] = np.asarray(leaf.addressable_data(0))
@@ -97,13 +105,17 @@ def worker(out: Path, names: list[str], num_processes: int) -> None:
     ndev = jax.device_count()
     local, full = BATCH // ndev, BATCH
     report[name] = dict(
-        step=int(res['step']), compile_s=res['compile_s'], seconds=time.time() - t0, num_devices=ndev, num_processes=jax.process_count(),
+        step=int(res['step']),
+        compile_s=res['compile_s'],
+        seconds=time.time() - t0,
+        num_devices=ndev,
+        num_processes=jax.process_count(),
         # The images of the batch, per device: NHWC (LeNet) or flattened (MLP).
         local_batch_in_hlo=f'f32[{local},28,28,1]' in hlo or f'f32[{local},784]' in hlo,
         full_batch_in_hlo=f'f32[{full},28,28,1]' in hlo or f'f32[{full},784]' in hlo,
         all_reduce_in_hlo='all-reduce' in hlo,
-        state_replicated=all(l.sharding.is_fully_replicated
-                             for l in jax.tree.leaves(res['state'])))
+        state_replicated=all(l.sharding.is_fully_replicated for l in jax.tree.leaves(res['state'])),
+    )
   if jax.process_index() == 0:
     np.savez(out, **arrays)
     Path(str(out) + '.json').write_text(json.dumps(report))
@@ -115,8 +127,9 @@ def worker(out: Path, names: list[str], num_processes: int) -> None:
 
 def _env(num_devices: int, **extra) -> dict:
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      f' --xla_force_host_platform_device_count={num_devices}').strip()
+  env['XLA_FLAGS'] = (
+      env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={num_devices}'
+  ).strip()
   env['PYTHONPATH'] = str(ROOT) + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
   env.update(extra)
@@ -124,10 +137,16 @@ def _env(num_devices: int, **extra) -> dict:
 
 
 def _spawn(out: Path, num_devices: int, names, num_processes: int = 1, **env):
-  cmd = [sys.executable, __file__, f'--out={out}', f'--names={",".join(names)}',
-         f'--num_processes={num_processes}']
-  return subprocess.Popen(cmd, env=_env(num_devices, **env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  cmd = [
+      sys.executable,
+      __file__,
+      f'--out={out}',
+      f'--names={",".join(names)}',
+      f'--num_processes={num_processes}',
+  ]
+  return subprocess.Popen(
+      cmd, env=_env(num_devices, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def _wait(proc, what: str, timeout: float = 600) -> None:
@@ -198,8 +217,17 @@ def test_two_processes_match_one_device(runs, tmp_path):
   (a1, _), _ = runs
   addr = f'127.0.0.1:{_free_port()}'
   out = tmp_path / 'out.npz'
-  procs = [_spawn(out, 2, MULTIHOST_RUNS, num_processes=2, JAX_COORDINATOR_ADDRESS=addr,
-                  TP_JAX_PROCESS_ID=str(p)) for p in range(2)]
+  procs = [
+      _spawn(
+          out,
+          2,
+          MULTIHOST_RUNS,
+          num_processes=2,
+          JAX_COORDINATOR_ADDRESS=addr,
+          TP_JAX_PROCESS_ID=str(p),
+      )
+      for p in range(2)
+  ]
   try:
     for p, proc in enumerate(procs):
       _wait(proc, f'process {p}')

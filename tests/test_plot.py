@@ -21,14 +21,19 @@ def _run(workdir: Path, method: str, blocks: int | None, epochs: int = 3) -> Pat
   workdir.mkdir(parents=True)
   rows = []
   for e in range(1, epochs + 1):
-    row = dict(epoch=e, step=10 * e, train_loss=2.0 / e, train_accuracy=0.3 * e / epochs,
-               test_loss=2.1 / e, test_accuracy=0.28 * e / epochs)
+    row = dict(
+        epoch=e,
+        step=10 * e,
+        train_loss=2.0 / e,
+        train_accuracy=0.3 * e / epochs,
+        test_loss=2.1 / e,
+        test_accuracy=0.28 * e / epochs,
+    )
     if blocks:
       row['block_loss'] = [0.1 * (b + 1) / e for b in range(blocks)]
     rows.append(row)
   (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  (workdir / 'result.json').write_text(json.dumps(dict(config=dict(method=method,
-                                                                   model='lenet'))))
+  (workdir / 'result.json').write_text(json.dumps(dict(config=dict(method=method, model='lenet'))))
   return workdir
 
 
@@ -45,6 +50,7 @@ def test_plot_one_and_two_runs(tmp_path):
   assert _is_png(both)
   # With the per-block panel the figure is wider than without it.
   import matplotlib.image  # pylint: disable=g-import-not-at-top
+
   w_tp = matplotlib.image.imread(out).shape[1]
   w_bp = matplotlib.image.imread(plot.plot_runs([bp], tmp_path / 'bp.png')).shape[1]
   assert w_tp > w_bp
@@ -63,27 +69,40 @@ def test_missing_or_empty_metrics_are_clear_errors(tmp_path):
 def test_command_line(tmp_path):
   tp = _run(tmp_path / 'tp', 'tjml_dtp', blocks=2)
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  p = subprocess.run([sys.executable, '-m', 'experiments.plot', f'--workdir={tp}',
-                      f'--out={tmp_path / "x.png"}'], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=120)
+  p = subprocess.run(
+      [sys.executable, '-m', 'experiments.plot', f'--workdir={tp}', f'--out={tmp_path / "x.png"}'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert p.returncode == 0, p.stderr
   assert _is_png(tmp_path / 'x.png')
-  p = subprocess.run([sys.executable, '-m', 'experiments.plot',
-                      f'--workdir={tmp_path / "nothing"}'], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=120)
+  p = subprocess.run(
+      [sys.executable, '-m', 'experiments.plot', f'--workdir={tmp_path / "nothing"}'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert p.returncode != 0 and 'metrics.jsonl not found' in p.stderr
 
 
 def test_progress_line_and_eta():
   from tp_jax import metrics_writer  # pylint: disable=g-import-not-at-top
-  line = metrics_writer.progress_line(2, 10, 50, 200, elapsed_s=5.0, run_steps_left=1350,
-                                      loss=0.25, width=10)
+
+  line = metrics_writer.progress_line(
+      2, 10, 50, 200, elapsed_s=5.0, run_steps_left=1350, loss=0.25, width=10
+  )
   assert line.startswith('epoch 2/10 [##--------] 50/200')
   assert '100.0 ms/step' in line and 'ETA 0:15' in line and 'run ETA 2:15' in line
   assert line.endswith('loss 0.2500')
   assert 'ETA ?' in metrics_writer.progress_line(1, 1, 0, 10, 0.0)
   assert metrics_writer.format_duration(3725) == '1:02:05'
   import io  # pylint: disable=g-import-not-at-top
+
   out = io.StringIO()
   bar = metrics_writer.Progress(True, out)
   bar.update('abc')

@@ -83,6 +83,7 @@ def _params(net, x, rng):
     if str(getattr(path[-1], 'key', '')) == 'kernel':
       return _randn(rng, *a.shape) / np.sqrt(np.prod(a.shape[:-1]))
     return 0.5 * _randn(rng, *a.shape)
+
   return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
@@ -101,7 +102,8 @@ def _mixed_feedback(params, rng):
   """Feedback weights 0.5 * (forward) + 0.5 * (random of the same scale): a random G
   whose cross term tr(J_G J_F) is sizeable, so that a wrong factor on it is detectable."""
   return jax.tree_util.tree_map(
-      lambda a: 0.5 * a + 0.5 * jnp.std(a) * _randn(rng, *a.shape), params)
+      lambda a: 0.5 * a + 0.5 * jnp.std(a) * _randn(rng, *a.shape), params
+  )
 
 
 def _keys(seed, num):
@@ -111,8 +113,7 @@ def _keys(seed, num):
 def _reconstruction_loss(net, params, fb_params, x, key, sigma):
   """The library's DTP reconstruction loss of block 0: ||G(F(x + eps)) - (x + eps)||^2,
   batch mean, eps ~ N(0, sigma^2) drawn from ``key``."""
-  return vanilla_dtp.reconstruction_loss(net, 0, params[0], fb_params[0], x, None, None,
-                                         key, sigma)
+  return vanilla_dtp.reconstruction_loss(net, 0, params[0], fb_params[0], x, None, None, key, sigma)
 
 
 def _ldrl_loss(net, params, fb_params, x, key, sigma):
@@ -172,9 +173,13 @@ def test_prop1_reconstruction_loss_vanishes_when_GJ_is_identity(seed, shape_kind
     return dict(
         learned=network.block_feedback(net, 0, fb_params[0], t, None, L.LEARNED),
         analytical=network.block_feedback(net, 0, params[0], t, None, mode),
-        J_F=J_F, J_G=J_G, matching_loss=matching_loss(J_F, J_G),
-        losses=jax.vmap(lambda xi, k: _reconstruction_loss(
-            net, params, fb_params, xi[None], k, sigma))(x, keys))
+        J_F=J_F,
+        J_G=J_G,
+        matching_loss=matching_loss(J_F, J_G),
+        losses=jax.vmap(
+            lambda xi, k: _reconstruction_loss(net, params, fb_params, xi[None], k, sigma)
+        )(x, keys),
+    )
 
   q = _run(quantities, params, x, t, _keys(seed, x.shape[0]))
   chex.assert_trees_all_close(q['learned'], q['analytical'], rtol=1e-12, atol=1e-12)
@@ -182,8 +187,7 @@ def test_prop1_reconstruction_loss_vanishes_when_GJ_is_identity(seed, shape_kind
   assert q['matching_loss'] < 1e-10
   cond = np.linalg.cond(np.asarray(params[0]['kernel']))
   chex.assert_shape(q['losses'], (x.shape[0],))
-  assert np.all(q['losses'] <= (1e-13 * cond) ** 2 * (scale ** 2 + sigma ** 2) * n), \
-      q['losses'].max()
+  assert np.all(q['losses'] <= (1e-13 * cond) ** 2 * (scale**2 + sigma**2) * n), q['losses'].max()
 
 
 @pytest.mark.parametrize('seed', [0, 1])
@@ -222,8 +226,11 @@ def test_prop1_reconstruction_loss_positive_somewhere_when_GJ_not_identity(seed,
   G J = J^+ J is the projector onto the row space, L_rec(eps) = ||P_null eps||^2, whose
   Gaussian mean is sigma^2 (n - m)."""
   rng = np.random.default_rng(seed)
-  shape_kind = {'random': rng.choice(['square', 'tall']), 'transpose': 'square',
-                'pinv_of_wide': 'wide'}[kind]
+  shape_kind = {
+      'random': rng.choice(['square', 'tall']),
+      'transpose': 'square',
+      'pinv_of_wide': 'wide',
+  }[kind]
   n, m = _dims(rng, shape_kind)
   net = _dense_net(m, use_bias=False)
   basis, sigma = jnp.eye(n), 0.7
@@ -231,19 +238,30 @@ def test_prop1_reconstruction_loss_positive_somewhere_when_GJ_not_identity(seed,
   key = jax.random.PRNGKey(seed)
 
   def quantities(params, key):
-    fb_params = {'random': lambda: network.init_feedback(params, key),
-                 'transpose': lambda: params,
-                 'pinv_of_wide': lambda: _learned_reproducing(net, params, L.PJMC)}[kind]()
+    fb_params = {
+        'random': lambda: network.init_feedback(params, key),
+        'transpose': lambda: params,
+        'pinv_of_wide': lambda: _learned_reproducing(net, params, L.PJMC),
+    }[kind]()
     J_F, J_G = _example_jacobians(net, params, fb_params, basis)
     D = J_G @ J_F - jnp.eye(n)
     _, s, vt = jnp.linalg.svd(D)
-    out = dict(D=D, s_max=s[0], tjml=jml.tjml(J_F, J_G), pjml=jml.pjml(J_F, J_G),
-               at_basis=n * _reconstruction_loss(net, params, fb_params, basis, key, 0.0),
-               at_u=_reconstruction_loss(net, params, fb_params, vt[:1], key, 0.0))
+    out = dict(
+        D=D,
+        s_max=s[0],
+        tjml=jml.tjml(J_F, J_G),
+        pjml=jml.pjml(J_F, J_G),
+        at_basis=n * _reconstruction_loss(net, params, fb_params, basis, key, 0.0),
+        at_u=_reconstruction_loss(net, params, fb_params, vt[:1], key, 0.0),
+    )
     if kind == 'pinv_of_wide':
       zeros = jnp.zeros((50, n))
-      out['samples'] = jax.vmap(lambda k: _reconstruction_loss(
-          net, params, fb_params, zeros, k, sigma))(_keys(seed, 400)) / sigma ** 2
+      out['samples'] = (
+          jax.vmap(lambda k: _reconstruction_loss(net, params, fb_params, zeros, k, sigma))(
+              _keys(seed, 400)
+          )
+          / sigma**2
+      )
     return out
 
   q = _run(quantities, params, key)
@@ -291,7 +309,7 @@ def test_prop2_drl_expectation_is_frobenius(seed):
     J_F, J_G = _example_jacobians(net, params, fb_params, x)
     eps = sigma * jax.random.normal(k_eps, (40000, n))
     at = [_drl(net, params, fb_params, jnp.broadcast_to(x[i], eps.shape), eps) for i in (0, 1)]
-    return J_G @ J_F - jnp.eye(n), at[0] / sigma ** 2, at[1] / sigma ** 2
+    return J_G @ J_F - jnp.eye(n), at[0] / sigma**2, at[1] / sigma**2
 
   D, at_x0, at_x1 = _run(quantities, params, x, jax.random.PRNGKey(seed))
   chex.assert_trees_all_close(at_x0, at_x1, rtol=1e-9, atol=1e-9)  # the same for every x
@@ -325,8 +343,7 @@ def test_prop2_tikhonov_minimiser_tends_to_pinv(seed, rank_deficit):
   the minimiser tends to the library's PJMC feedback, whose PJML is 0. J is the library's
   Jacobian of a Dense block of a drawn shape and rank (full, or 2 below full)."""
   rng = np.random.default_rng(seed)
-  n, m = _dims(rng, rng.choice(['square', 'tall'] if rank_deficit else
-                               ['square', 'tall', 'wide']))
+  n, m = _dims(rng, rng.choice(['square', 'tall'] if rank_deficit else ['square', 'tall', 'wide']))
   rank = min(n, m) - rank_deficit
   net = _dense_net(m, use_bias=True)
   x = _randn(rng, 1, n)
@@ -339,8 +356,14 @@ def test_prop2_tikhonov_minimiser_tends_to_pinv(seed, rank_deficit):
     s = jnp.linalg.svd(J_F, compute_uv=False)[:rank]
     lams = s[-1] ** 2 * lams_per_s_min2
     G_lams = jax.vmap(lambda lam: tikhonov_minimiser(J_F, lam))(lams)
-    return dict(J_F=J_F, J_pinv=J_pinv, s=s, lams=lams, pjml_of_pjmc=jml.pjml(J_F, J_pinv),
-                pjml=jml.pjml(jnp.broadcast_to(J_F, (len(lams), m, n)), G_lams))
+    return dict(
+        J_F=J_F,
+        J_pinv=J_pinv,
+        s=s,
+        lams=lams,
+        pjml_of_pjmc=jml.pjml(J_F, J_pinv),
+        pjml=jml.pjml(jnp.broadcast_to(J_F, (len(lams), m, n)), G_lams),
+    )
 
   q = _run(quantities, params, x)
   J_F, s, d, lams = q['J_F'], q['s'], q['pjml'], q['lams']
@@ -348,8 +371,7 @@ def test_prop2_tikhonov_minimiser_tends_to_pinv(seed, rank_deficit):
   loss = lambda G, lam: _fro2(G @ J_F - np.eye(n)) + lam * _fro2(G)
   for lam in (1.0, 1e-2):
     G = np.asarray(tikhonov_minimiser(J_F, lam))
-    np.testing.assert_allclose(G, np.linalg.inv(J_F.T @ J_F + lam * np.eye(n)) @ J_F.T,
-                               atol=1e-10)
+    np.testing.assert_allclose(G, np.linalg.inv(J_F.T @ J_F + lam * np.eye(n)) @ J_F.T, atol=1e-10)
     grad = 2 * (G @ J_F - np.eye(n)) @ J_F.T + 2 * lam * G
     np.testing.assert_allclose(grad, 0.0, atol=1e-10)
     for _ in range(5):
@@ -358,7 +380,7 @@ def test_prop2_tikhonov_minimiser_tends_to_pinv(seed, rank_deficit):
       assert inc == pytest.approx(_fro2(delta @ J_F) + lam * _fro2(delta), rel=1e-8)
       assert inc > 0
   assert np.all(np.diff(d) < 0), d
-  np.testing.assert_allclose(d[4:] / lams[4:], np.sqrt(np.sum(s ** -6.0)), rtol=1e-2)
+  np.testing.assert_allclose(d[4:] / lams[4:], np.sqrt(np.sum(s**-6.0)), rtol=1e-2)
   # The pseudo-inverse itself is not a minimiser for lam > 0 (the limit is not trivial).
   assert loss(q['J_pinv'], 1.0) > loss(np.asarray(tikhonov_minimiser(J_F, 1.0)), 1.0) + 1e-6
 
@@ -402,8 +424,13 @@ def test_prop3_ldrl_expectation(seed, block, which):
 
   def quantities(params, fb_params, x, keys):
     J_F, J_G = _example_jacobians(net, params, fb_params, x)
-    return dict(J_F=J_F, J_G=J_G, tjml=jml.tjml(J_F, J_G), samples=jax.vmap(
-        lambda k: _ldrl_loss(net, params, fb_params, x, k, sigma))(keys) / sigma ** 2)
+    return dict(
+        J_F=J_F,
+        J_G=J_G,
+        tjml=jml.tjml(J_F, J_G),
+        samples=jax.vmap(lambda k: _ldrl_loss(net, params, fb_params, x, k, sigma))(keys)
+        / sigma**2,
+    )
 
   q = _run(quantities, params, fb_params, x, _keys(seed, 1000))
   J_F, J_G = q['J_F'], q['J_G']
@@ -436,16 +463,17 @@ def test_prop3_minimiser_is_transpose(seed):
     with_kernel = lambda kernel: ({**params[0], 'kernel': kernel},)
     ldrl_of = lambda kernel: _ldrl_loss(net, params, with_kernel(kernel), x, key, sigma)
     W = params[0]['kernel']
-    return (jax.grad(ldrl_of)(W), jnp.sum(jax.grad(ldrl_of)(W + delta) * delta),
-            ldrl_of(W + delta) - ldrl_of(W))
+    return (
+        jax.grad(ldrl_of)(W),
+        jnp.sum(jax.grad(ldrl_of)(W + delta) * delta),
+        ldrl_of(W + delta) - ldrl_of(W),
+    )
 
-  at_w, along, change = _run(jax.vmap(sample, (None, None, 0)), params, delta,
-                             _keys(seed, num))
+  at_w, along, change = _run(jax.vmap(sample, (None, None, 0)), params, delta, _keys(seed, num))
   means, ses = at_w.mean(0), at_w.std(0, ddof=1) / np.sqrt(num)
   assert np.all(np.abs(means) <= K * ses), (means, ses)
-  _assert_mc_equal(along / (sigma ** 2 * _fro2(delta)), 2.0, wrong=[1.0, 3.0])
-  _assert_mc_equal(change / sigma ** 2, _fro2(delta),
-                   wrong=[0.5 * _fro2(delta), 2 * _fro2(delta)])
+  _assert_mc_equal(along / (sigma**2 * _fro2(delta)), 2.0, wrong=[1.0, 3.0])
+  _assert_mc_equal(change / sigma**2, _fro2(delta), wrong=[0.5 * _fro2(delta), 2 * _fro2(delta)])
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -485,20 +513,29 @@ def test_prop3_nonlinear_small_noise_limit(seed):
 
   def sample(params, fb_params, lin_params, lin_fb, key):
     """q at sigma = 0.04 and 0.02 (common noise), and the plain LDRL at sigma (own noise)."""
+
     def scaled_error(s):
-      err = lambda s: (_ldrl_loss(net, params, fb_params, x, key, s)
-                       - _ldrl_loss(lin_net, lin_params, lin_fb, x, key, s))
-      return 0.5 * (err(s) + err(-s)) / s ** 4
+      err = lambda s: (
+          _ldrl_loss(net, params, fb_params, x, key, s)
+          - _ldrl_loss(lin_net, lin_params, lin_fb, x, key, s)
+      )
+      return 0.5 * (err(s) + err(-s)) / s**4
+
     plain = _ldrl_loss(net, params, fb_params, x, jax.random.fold_in(key, 1), sigma)
-    return scaled_error(0.04), scaled_error(0.02), plain / sigma ** 2
+    return scaled_error(0.04), scaled_error(0.02), plain / sigma**2
 
   q_large, q_small, plain = _run(
-      jax.vmap(sample, (None, None, None, None, 0)), params, fb_params,
-      ({'kernel': J_F.T},), ({'kernel': J_G},), _keys(seed, 40000))
+      jax.vmap(sample, (None, None, None, None, 0)),
+      params,
+      fb_params,
+      ({'kernel': J_F.T},),
+      ({'kernel': J_G},),
+      _keys(seed, 40000),
+  )
   q_mean, q_se = _mc_mean(q_small)
   assert abs(q_mean) > K * q_se, (q_mean, q_se)  # the O(sigma^2) error is resolved
   d_mean, d_se = _mc_mean(q_large - q_small)
   assert abs(d_mean) <= K * d_se + 0.25 * abs(q_mean), (d_mean, d_se, q_mean)
   mean, se = _mc_mean(plain)
-  assert abs(mean - limit) <= K * se + abs(q_mean) * sigma ** 2, (mean, se, limit)
-  assert abs(mean - _fro2(J_G)) > K * se + abs(q_mean) * sigma ** 2  # the cross term counts
+  assert abs(mean - limit) <= K * se + abs(q_mean) * sigma**2, (mean, se, limit)
+  assert abs(mean - _fro2(J_G)) > K * se + abs(q_mean) * sigma**2  # the cross term counts

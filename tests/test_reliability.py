@@ -27,9 +27,13 @@ def _dataset(n_train=64, n_test=16, seed=0, poison=()):
   r = np.random.RandomState(seed)
   x = r.randn(n_train, 28, 28, 1).astype(np.float32)
   x[list(poison)] = np.inf
-  return data.Dataset(jnp.asarray(x), jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
-                      jnp.asarray(r.randn(n_test, 28, 28, 1), jnp.float32),
-                      jnp.asarray(r.randint(0, 10, n_test), jnp.int32), data.info('mnist'))
+  return data.Dataset(
+      jnp.asarray(x),
+      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
+      jnp.asarray(r.randn(n_test, 28, 28, 1), jnp.float32),
+      jnp.asarray(r.randint(0, 10, n_test), jnp.int32),
+      data.info('mnist'),
+  )
 
 
 def _mlp(method='tjml_dtp'):
@@ -90,12 +94,12 @@ def test_disk_full_fails_before_training(tmp_path, monkeypatch):
 
 def test_too_little_space_for_checkpoints_fails_before_training(tmp_path, monkeypatch):
   usage = shutil.disk_usage(tmp_path)
-  monkeypatch.setattr(train.shutil, 'disk_usage',
-                      lambda p: usage._replace(free=1 << 20))
+  monkeypatch.setattr(train.shutil, 'disk_usage', lambda p: usage._replace(free=1 << 20))
   compiled = []
   make_train_step = train.make_train_step
-  monkeypatch.setattr(train, 'make_train_step',
-                      lambda *a, **k: compiled.append(a) or make_train_step(*a, **k))
+  monkeypatch.setattr(
+      train, 'make_train_step', lambda *a, **k: compiled.append(a) or make_train_step(*a, **k)
+  )
   logs = []
   with pytest.raises(train.WorkdirError, match=r'1\.0 MiB free but the checkpoints need'):
     train.train_and_evaluate(_mlp(), tmp_path / 'run', _dataset(), log=logs.append)
@@ -109,8 +113,11 @@ def test_too_little_space_for_checkpoints_fails_before_training(tmp_path, monkey
 
 def _poison_step(cfg, n_train: int, step: int) -> int:
   """The index of an example drawn in (1-based) ``step`` of epoch 1."""
-  idx = data.batches(jax.random.fold_in(train._keys(cfg.seed)[1], 0), n_train,  # pylint: disable=protected-access
-                     cfg.batch_size)
+  idx = data.batches(
+      jax.random.fold_in(train._keys(cfg.seed)[1], 0),
+      n_train,  # pylint: disable=protected-access
+      cfg.batch_size,
+  )
   return int(idx[step - 1][0])
 
 
@@ -128,8 +135,9 @@ def test_divergence_names_step_and_block_and_keeps_last_checkpoint(tmp_path, met
     assert 'non-finite targets at block(s) [1, 2, 3]' in msg
   assert 'non-finite parameters at block(s)' in msg
   assert 'last good checkpoint (step 2)' in msg
-  like = train.train_and_evaluate(cfg, tmp_path / 'fresh', _dataset(), log=_quiet,
-                                  until_step=0)['state']
+  like = train.train_and_evaluate(cfg, tmp_path / 'fresh', _dataset(), log=_quiet, until_step=0)[
+      'state'
+  ]
   ckpt = train.Checkpointer(tmp_path, 2)
   assert ckpt.latest_step() == 2
   state = ckpt.restore(2, like)
@@ -150,8 +158,9 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
   expected2 = int(np.any(np.asarray(idx2) == bad))
   assert [r['skipped_steps'] for r in res['history']] == [1, expected2]
   # Epoch means leave the skipped steps out.
-  assert all(np.isfinite(r['train_loss']) and np.all(np.isfinite(r['block_loss']))
-             for r in res['history'])
+  assert all(
+      np.isfinite(r['train_loss']) and np.all(np.isfinite(r['block_loss'])) for r in res['history']
+  )
   assert res['skipped_steps'] == 1 + expected2
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(res['state']))
   assert res['state'].step == 8
@@ -162,13 +171,20 @@ def _fake_mnist(root: Path) -> Path:
   d = root / 'mnist'
   d.mkdir(parents=True)
   r = np.random.RandomState(0)
-  for n, (images, labels) in ((64, data.DATASETS['mnist'].files['train']),
-                              (16, data.DATASETS['mnist'].files['test'])):
+  for n, (images, labels) in (
+      (64, data.DATASETS['mnist'].files['train']),
+      (16, data.DATASETS['mnist'].files['test']),
+  ):
     with gzip.open(d / images, 'wb') as f:
-      f.write(b'\0\0\x08\x03' + b''.join(v.to_bytes(4, 'big') for v in (n, 28, 28))
-              + r.randint(0, 256, (n, 28, 28), dtype=np.uint8).tobytes())
+      f.write(
+          b'\0\0\x08\x03'
+          + b''.join(v.to_bytes(4, 'big') for v in (n, 28, 28))
+          + r.randint(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()
+      )
     with gzip.open(d / labels, 'wb') as f:
-      f.write(b'\0\0\x08\x01' + n.to_bytes(4, 'big') + r.randint(0, 10, n, dtype=np.uint8).tobytes())
+      f.write(
+          b'\0\0\x08\x01' + n.to_bytes(4, 'big') + r.randint(0, 10, n, dtype=np.uint8).tobytes()
+      )
   return root
 
 
@@ -176,21 +192,44 @@ def _fake_mnist(root: Path) -> Path:
 def test_binary_prints_start_epoch_and_result_lines_only(tmp_path):
   """Default verbosity: no library log lines (Orbax, JAX); --verbosity=0 brings them."""
   _fake_mnist(tmp_path / 'data')
-  cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
-         '--config.batch_size=16', '--config.steps_per_epoch=2', '--config.epochs=2',
-         '--config.eval_batch_size=16', f'--data_dir={tmp_path / "data"}',
-         '--config.verify_checksums=False']
+  cmd = [
+      sys.executable,
+      '-m',
+      'experiments.train',
+      '--config=experiments/configs/mlp_mnist.py',
+      '--config.batch_size=16',
+      '--config.steps_per_epoch=2',
+      '--config.epochs=2',
+      '--config.eval_batch_size=16',
+      f'--data_dir={tmp_path / "data"}',
+      '--config.verify_checksums=False',
+  ]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
-  p = subprocess.run(cmd + [f'--workdir={tmp_path / "run"}'], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=300)
+  p = subprocess.run(
+      cmd + [f'--workdir={tmp_path / "run"}'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert p.returncode == 0, p.stdout + p.stderr
   lines = (p.stdout + p.stderr).splitlines()
   assert len(lines) == 4, lines
   assert ' on mlp/mnist: 64 training examples' in lines[0], lines
   assert [l.split()[:2] for l in lines[1:]] == [
-      ['epoch', '1/2'], ['epoch', '2/2'], ['test', 'accuracy']], lines
-  p = subprocess.run(cmd + [f'--workdir={tmp_path / "verbose"}', '--verbosity=0'], cwd=ROOT,
-                     env=env, capture_output=True, text=True, timeout=300)
+      ['epoch', '1/2'],
+      ['epoch', '2/2'],
+      ['test', 'accuracy'],
+  ], lines
+  p = subprocess.run(
+      cmd + [f'--workdir={tmp_path / "verbose"}', '--verbosity=0'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert p.returncode == 0, p.stdout + p.stderr
   assert 'CheckpointManager' in p.stderr, p.stderr[-3000:]
 
@@ -198,12 +237,22 @@ def test_binary_prints_start_epoch_and_result_lines_only(tmp_path):
 @pytest.mark.slow
 def test_binary_exits_nonzero_on_divergence(tmp_path):
   _fake_mnist(tmp_path / 'data')
-  cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
-         # beta = 1e30: the first target is ~1e30 away, its squared distance overflows.
-         '--config.method=tjml_dtp', '--config.beta=1e30', '--config.batch_size=16',
-         '--config.steps_per_epoch=4', '--config.epochs=1', '--config.check_every_steps=1',
-         f'--workdir={tmp_path / "run"}', f'--data_dir={tmp_path / "data"}',
-         '--config.verify_checksums=False']
+  cmd = [
+      sys.executable,
+      '-m',
+      'experiments.train',
+      '--config=experiments/configs/mlp_mnist.py',
+      # beta = 1e30: the first target is ~1e30 away, its squared distance overflows.
+      '--config.method=tjml_dtp',
+      '--config.beta=1e30',
+      '--config.batch_size=16',
+      '--config.steps_per_epoch=4',
+      '--config.epochs=1',
+      '--config.check_every_steps=1',
+      f'--workdir={tmp_path / "run"}',
+      f'--data_dir={tmp_path / "data"}',
+      '--config.verify_checksums=False',
+  ]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 1, p.stdout + p.stderr
@@ -213,22 +262,36 @@ def test_binary_exits_nonzero_on_divergence(tmp_path):
   assert not (tmp_path / 'run' / 'result.json').exists()
 
 
-
-@pytest.mark.parametrize('flag, message', [
-    ('--config.model=resnet', "error: ConfigError: unknown model 'resnet'"),
-    ('--data_dir=/nonexistent/tp_jax_data', 'error: DataError: '),
-])
+@pytest.mark.parametrize(
+    'flag, message',
+    [
+        ('--config.model=resnet', "error: ConfigError: unknown model 'resnet'"),
+        ('--data_dir=/nonexistent/tp_jax_data', 'error: DataError: '),
+    ],
+)
 @pytest.mark.slow
 def test_binary_reports_bad_input_in_one_line(tmp_path, flag, message):
-  cmd = [sys.executable, '-m', 'experiments.train', '--config=experiments/configs/mlp_mnist.py',
-         f'--workdir={tmp_path / "run"}', flag]
+  cmd = [
+      sys.executable,
+      '-m',
+      'experiments.train',
+      '--config=experiments/configs/mlp_mnist.py',
+      f'--workdir={tmp_path / "run"}',
+      flag,
+  ]
   # No data anywhere, and a mirror nothing listens on: no download leaves this machine.
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', TP_JAX_DATA='',
-             TP_JAX_MIRROR_MNIST='http://127.0.0.1:9/mnist/')
+  env = dict(
+      os.environ,
+      PYTHONPATH=str(ROOT),
+      JAX_PLATFORMS='cpu',
+      TP_JAX_DATA='',
+      TP_JAX_MIRROR_MNIST='http://127.0.0.1:9/mnist/',
+  )
   p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert p.returncode == 1, p.stdout + p.stderr
   assert message in p.stderr, p.stderr[-3000:]
   assert 'Traceback' not in p.stderr, p.stderr[-3000:]
+
 
 # --------------------------------------------------------------------------------------
 # Determinism
@@ -250,8 +313,7 @@ def test_same_seed_bit_identical_different_seed_different(tmp_path):
   for i, seed in enumerate([0, 0, 1]):
     res = train.train_and_evaluate(_lenet(seed), tmp_path / str(i), _dataset(), log=_quiet)
     rows = (tmp_path / str(i) / 'metrics.jsonl').read_text().splitlines()
-    rows = [{k: v for k, v in json.loads(l).items() if k not in train.TIMING_KEYS}
-            for l in rows]
+    rows = [{k: v for k, v in json.loads(l).items() if k not in train.TIMING_KEYS} for l in rows]
     runs.append((rows, [np.asarray(a) for a in jax.tree.leaves(res['state'].params)]))
   (rows0, p0), (rows1, p1), (rows2, p2) = runs
   assert rows0 == rows1

@@ -26,11 +26,20 @@ from experiments.reproduce import tables
 from tp_jax import config as config_lib
 
 REPO = Path(__file__).resolve().parents[1]
-HEADER = ['Model / data', 'Method', 'Trained', 'Train acc (%)', 'Test acc (%)',
-          'Paper test acc (%)', 'ms/step', 'GFLOP/step', 's/epoch', 'Speed vs LDRL',
-          'Speed vs BP']
-NUMERIC = ['Train acc (%)', 'Test acc (%)', 'ms/step', 's/epoch', 'Speed vs LDRL',
-           'Speed vs BP']
+HEADER = [
+    'Model / data',
+    'Method',
+    'Trained',
+    'Train acc (%)',
+    'Test acc (%)',
+    'Paper test acc (%)',
+    'ms/step',
+    'GFLOP/step',
+    's/epoch',
+    'Speed vs LDRL',
+    'Speed vs BP',
+]
+NUMERIC = ['Train acc (%)', 'Test acc (%)', 'ms/step', 's/epoch', 'Speed vs LDRL', 'Speed vs BP']
 
 
 def parse_table(text: str) -> list[dict[str, str]]:
@@ -56,8 +65,10 @@ def number(cell: str) -> float:
 @pytest.fixture(scope='module')
 def smoke_tables(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reproduce')
-  paths = {t: commands.run_table(t, 'smoke', workdir, source='synthetic', log=lambda s: None)
-           for t in (1, 2, 3, 4)}
+  paths = {
+      t: commands.run_table(t, 'smoke', workdir, source='synthetic', log=lambda s: None)
+      for t in (1, 2, 3, 4)
+  }
   return workdir, paths
 
 
@@ -69,8 +80,15 @@ def test_smoke_table(smoke_tables, table):
   assert path == workdir / 'smoke' / f'table{table}.md'
   text = path.read_text()
   assert text.startswith(f'# Table {table}')
-  for what in ('profile: `smoke`', 'command:', 'date:', 'hardware:', 'seeds: 0', 'speed:',
-               'paper:'):
+  for what in (
+      'profile: `smoke`',
+      'command:',
+      'date:',
+      'hardware:',
+      'seeds: 0',
+      'speed:',
+      'paper:',
+  ):
     assert what in text
   assert (workdir / 'smoke' / f'table{table}_curves.png').stat().st_size > 1000
 
@@ -80,7 +98,7 @@ def test_smoke_table(smoke_tables, table):
   has_ldrl = any('ldrl' in c.methods for c in cols)
   i = 0
   for col in cols:
-    block = rows[i: i + len(col.methods)]
+    block = rows[i : i + len(col.methods)]
     i += len(col.methods)
     assert [r['Method'] for r in block] == [col.label(m) for m in col.methods]
     assert {r['Model / data'] for r in block} == {col.title}
@@ -104,7 +122,8 @@ def test_smoke_table(smoke_tables, table):
       ldrl_ms = number(by['ldrl']['ms/step'])
       for r in block:
         assert number(r['Speed vs LDRL']) == pytest.approx(
-            ldrl_ms / number(r['ms/step']), rel=0.02, abs=0.01)
+            ldrl_ms / number(r['ms/step']), rel=0.02, abs=0.01
+        )
     if 'bp' in by:
       assert by['bp']['Speed vs BP'] == '×1.00'
     for m, r in by.items():
@@ -124,7 +143,10 @@ def test_smoke_table(smoke_tables, table):
   assert ('GFLOP ratio' in text) == (table != 4)
   if table in (1, 2, 3):
     assert [tables.PAPER_TEST_ACC[(table, c.id, 'tjml_dtp')] for c in cols] == {
-        1: [99.3, 91.4, 76.7], 2: [85.2], 3: [56.9]}[table]
+        1: [99.3, 91.4, 76.7],
+        2: [85.2],
+        3: [56.9],
+    }[table]
 
 
 def test_step_gflop_counts_the_step():
@@ -134,8 +156,7 @@ def test_step_gflop_counts_the_step():
   cfg.model_kwargs = {'act': 'leaky_relu', 'widths': (256, 256)}
   dims = [(16 * 16, 256), (256, 256), (256, 10)]
   matmuls = 2 * cfg.batch_size * (3 * sum(a * b for a, b in dims) - dims[0][0] * dims[0][1])
-  ds = synthetic.dataset(cfg.dataset, n_train=cfg.batch_size, n_test=8,
-                         image_shape=(16, 16, 1))
+  ds = synthetic.dataset(cfg.dataset, n_train=cfg.batch_size, n_test=8, image_shape=(16, 16, 1))
   assert speed.step_gflop(cfg, ds) == pytest.approx(matmuls / 1e9, rel=0.05)
   cfg.method = 'tjml_dtp'  # the same products: feedback W^T replaces the input gradients
   assert speed.step_gflop(cfg, ds) == pytest.approx(matmuls / 1e9, rel=0.05)
@@ -146,7 +167,9 @@ def test_step_gflop_counts_the_step():
 def test_table4_rows():
   """Reversible Mixer (exact-inverse feedback) vs TJML-DTP and BP on the Mixer."""
   rev, mixer = tables.TABLES[4]
-  assert tables.make_config(rev, 'tjml_dtp', tables.PROFILES['paper'], 0).model == 'reversible_mixer'
+  assert (
+      tables.make_config(rev, 'tjml_dtp', tables.PROFILES['paper'], 0).model == 'reversible_mixer'
+  )
   cfg = tables.make_config(mixer, 'tjml_dtp', tables.PROFILES['paper'], 0)
   assert cfg.model == 'mlp_mixer' and mixer.methods == ('tjml_dtp', 'bp')
   assert rev.id != mixer.id  # separate run directories
@@ -161,9 +184,11 @@ def test_table_regenerates_and_reuses_runs(smoke_tables):
   commands.run_table(2, 'smoke', workdir, what='accuracy', source='synthetic', log=logs.append)
   assert sum('reusing finished run' in l for l in logs) == 4
   assert [l.split(':')[0] for l in logs if ' run ' in l and 'training' in l] == [
-      f'table 2 run {i}/4' for i in range(1, 5)]  # progress: which run of how many
-  after = parse_table(commands.run_table(2, 'smoke', workdir, what='table',
-                                  log=logs.append).read_text())
+      f'table 2 run {i}/4' for i in range(1, 5)
+  ]  # progress: which run of how many
+  after = parse_table(
+      commands.run_table(2, 'smoke', workdir, what='table', log=logs.append).read_text()
+  )
   assert after == before
 
 
@@ -194,9 +219,13 @@ def test_profiles_are_config_overrides():
 
 
 def test_cli_refuses_unknown_table(tmp_path):
-  p = subprocess.run([sys.executable, '-m', 'experiments.reproduce', '--table=5',
-                      f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True,
-                     timeout=120)
+  p = subprocess.run(
+      [sys.executable, '-m', 'experiments.reproduce', '--table=5', f'--workdir={tmp_path}'],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert p.returncode != 0
   assert 'unknown table 5' in p.stderr
   assert not (tmp_path / 'smoke').exists()
@@ -207,8 +236,7 @@ def test_figure2(tmp_path):
   assert csv_path == tmp_path / 'smoke' / 'figure2.csv'
   with open(csv_path) as f:
     rows = list(csv.DictReader(f))
-  assert [(int(r['n']), r['op']) for r in rows] == [
-      (n, op) for n in (4, 8) for op in figure2.OPS]
+  assert [(int(r['n']), r['op']) for r in rows] == [(n, op) for n in (4, 8) for op in figure2.OPS]
   for r in rows:
     assert math.isfinite(float(r['median_ms'])) and float(r['median_ms']) > 0
     assert float(r['min_ms']) <= float(r['median_ms'])
@@ -221,6 +249,7 @@ def test_figure2(tmp_path):
 def test_figure2_ops_are_what_they_claim():
   import jax.numpy as jnp
   import numpy as np
+
   a = jnp.asarray(np.random.default_rng(0).normal(size=(5, 5)) + 5 * np.eye(5), jnp.float32)
   np.testing.assert_allclose(figure2.OPS['inverse'](a) @ a, np.eye(5), atol=1e-4)
   np.testing.assert_allclose(figure2.OPS['pseudo-inverse'](a) @ a, np.eye(5), atol=1e-4)
@@ -233,15 +262,20 @@ def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch)
 
   def train_or_diverge(cfg, workdir, **kwargs):
     if cfg.method == 'ldrl':
-      raise accuracy.train.DivergenceError('training diverged at step 1: non-finite targets at '
-                                    'block(s) [1]')
+      raise accuracy.train.DivergenceError(
+          'training diverged at step 1: non-finite targets at ' 'block(s) [1]'
+      )
     return real_train(cfg, workdir, **kwargs)
 
   monkeypatch.setattr(accuracy.train, 'train_and_evaluate', train_or_diverge)
   logs = []
   commands.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
-  rows = {r['Method']: r for r in parse_table(
-      commands.run_table(3, 'smoke', tmp_path, what='table', log=logs.append).read_text())}
+  rows = {
+      r['Method']: r
+      for r in parse_table(
+          commands.run_table(3, 'smoke', tmp_path, what='table', log=logs.append).read_text()
+      )
+  }
   assert rows['LDRL']['Trained'] == 'diverged: seed 0 at step 1'
   assert rows['LDRL']['Test acc (%)'] == rows['LDRL']['Train acc (%)'] == ''
   for m in ('FWDTP', 'TJML-DTP', 'BP'):

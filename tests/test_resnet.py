@@ -31,11 +31,22 @@ def test_full_width_structure_and_size():
   ~11.2M parameters, as ResNet-18's CIFAR variant (shapes only, nothing computed)."""
   net = models.resnet18()
   kinds = [type(b).__name__ for b in net.blocks]
-  assert kinds == ['Sequential', 'Residual', 'Residual', 'Derived', 'Residual', 'Derived',
-                   'Residual', 'Derived', 'Residual', 'Sequential']
+  assert kinds == [
+      'Sequential',
+      'Residual',
+      'Residual',
+      'Derived',
+      'Residual',
+      'Derived',
+      'Residual',
+      'Derived',
+      'Residual',
+      'Sequential',
+  ]
   params, hs = _shapes(net, (2, 32, 32, 3))
-  assert hs == [(2, 32, 32, 64)] * 3 + [(2, 16, 16, 128)] * 2 + [(2, 8, 8, 256)] * 2 + \
-      [(2, 4, 4, 512)] * 2 + [(2, 10)]
+  assert hs == [(2, 32, 32, 64)] * 3 + [(2, 16, 16, 128)] * 2 + [(2, 8, 8, 256)] * 2 + [
+      (2, 4, 4, 512)
+  ] * 2 + [(2, 10)]
   size = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
   assert 11.0e6 < size < 11.3e6, size
 
@@ -65,10 +76,14 @@ def test_tjml_dtp_update_tends_to_bp_gradient():
   y = jnp.arange(4)
   params = network.init(net, jax.random.key(0), x)
   beta = 1e-3
-  tp, _ = jax.jit(lambda p: dtp.local_grads(net, p, None, L.TJMC_HADAMARD, beta, x, y))(
-      params)
-  bp = jax.jit(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      network.apply(net, p, x), y).mean()))(params)
+  tp, _ = jax.jit(lambda p: dtp.local_grads(net, p, None, L.TJMC_HADAMARD, beta, x, y))(params)
+  bp = jax.jit(
+      jax.grad(
+          lambda p: optax.softmax_cross_entropy_with_integer_labels(
+              network.apply(net, p, x), y
+          ).mean()
+      )
+  )(params)
   for n in range(len(net)):
     g_tp = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(tp[n])])
     g_bp = np.concatenate([np.ravel(a) for a in jax.tree_util.tree_leaves(bp[n])])
@@ -109,8 +124,10 @@ def test_every_method_takes_a_step(method):
   new, metrics = jax.jit(algo.step)(state, (x, y), jax.random.key(1))
   assert bool(metrics['finite'])
   for n, (before, after) in enumerate(zip(state.params, new.params)):
-    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(before),
-                                                         jax.tree_util.tree_leaves(after))]
+    moved = [
+        float(jnp.abs(a - b).max())
+        for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after))
+    ]
     assert max(moved) > 0, (method, n)
 
 

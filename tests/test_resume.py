@@ -39,10 +39,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _dataset(n_train: int = 96, n_test: int = 32, seed: int = 0) -> data.Dataset:
   r = np.random.RandomState(seed)
-  return data.Dataset(jnp.asarray(r.randn(n_train, 28, 28, 1), jnp.float32),
-                      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
-                      jnp.asarray(r.randn(n_test, 28, 28, 1), jnp.float32),
-                      jnp.asarray(r.randint(0, 10, n_test), jnp.int32), data.info('mnist'))
+  return data.Dataset(
+      jnp.asarray(r.randn(n_train, 28, 28, 1), jnp.float32),
+      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
+      jnp.asarray(r.randn(n_test, 28, 28, 1), jnp.float32),
+      jnp.asarray(r.randint(0, 10, n_test), jnp.int32),
+      data.info('mnist'),
+  )
 
 
 def _config(method: str = 'ldrl'):
@@ -82,8 +85,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize('stop', [6, 9])  # after epoch 1; mid-epoch 2 (no checkpoint due)
 def test_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, stop):
   full, _ = uninterrupted
-  part = train.train_and_evaluate(_config(), tmp_path, _dataset(), log=_quiet,
-                                  until_step=stop)
+  part = train.train_and_evaluate(_config(), tmp_path, _dataset(), log=_quiet, until_step=stop)
   assert not part['complete'] and part['step'] == stop
   assert train.Checkpointer(tmp_path, 2).latest_step() == stop
   logs = []
@@ -99,8 +101,11 @@ def test_resumed_run_equals_uninterrupted(uninterrupted, tmp_path, stop):
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
   # Sanity: the run did move (LDRL's feedback weights too), so equality means something.
   assert res['state'].fb_params and not all(
-      np.array_equal(x, y) for x, y in zip(jax.tree.leaves(res['state'].fb_params),
-                                           jax.tree.leaves(part['state'].fb_params)))
+      np.array_equal(x, y)
+      for x, y in zip(
+          jax.tree.leaves(res['state'].fb_params), jax.tree.leaves(part['state'].fb_params)
+      )
+  )
 
 
 @pytest.mark.slow
@@ -154,13 +159,18 @@ def write_fake_mnist(root: Path, n_train: int = 96, n_test: int = 32, seed: int 
   r = np.random.RandomState(seed)
   d = root / 'mnist'
   d.mkdir(parents=True, exist_ok=True)
-  for n, (images, labels) in ((n_train, data.DATASETS['mnist'].files['train']),
-                              (n_test, data.DATASETS['mnist'].files['test'])):
+  for n, (images, labels) in (
+      (n_train, data.DATASETS['mnist'].files['train']),
+      (n_test, data.DATASETS['mnist'].files['test']),
+  ):
     x = r.randint(0, 256, (n, 28, 28), dtype=np.uint8)
     y = r.randint(0, 10, n).astype(np.uint8)
     with gzip.open(d / images, 'wb') as f:
-      f.write((0x803).to_bytes(4, 'big') + b''.join(v.to_bytes(4, 'big') for v in (n, 28, 28))
-              + x.tobytes())
+      f.write(
+          (0x803).to_bytes(4, 'big')
+          + b''.join(v.to_bytes(4, 'big') for v in (n, 28, 28))
+          + x.tobytes()
+      )
     with gzip.open(d / labels, 'wb') as f:
       f.write((0x801).to_bytes(4, 'big') + n.to_bytes(4, 'big') + y.tobytes())
   return root
@@ -170,19 +180,30 @@ STEPS = 12  # 2 epochs x 6 steps; a checkpoint every 2 steps
 
 
 def binary_command(workdir: Path, data_dir: Path) -> list[str]:
-  return [sys.executable, '-m', 'experiments.train',
-          '--config=experiments/configs/lenet_mnist.py', f'--workdir={workdir}',
-          f'--data_dir={data_dir}', '--config.verify_checksums=False',
-          '--config.batch_size=16', '--config.epochs=2', '--config.steps_per_epoch=6',
-          '--config.checkpoint_every_steps=2', '--config.check_every_steps=1',
-          '--config.log_every_steps=1', '--config.beta=0.1', '--config.optimizer.lr=0.01',
-          '--config.eval_batch_size=32']
+  return [
+      sys.executable,
+      '-m',
+      'experiments.train',
+      '--config=experiments/configs/lenet_mnist.py',
+      f'--workdir={workdir}',
+      f'--data_dir={data_dir}',
+      '--config.verify_checksums=False',
+      '--config.batch_size=16',
+      '--config.epochs=2',
+      '--config.steps_per_epoch=6',
+      '--config.checkpoint_every_steps=2',
+      '--config.check_every_steps=1',
+      '--config.log_every_steps=1',
+      '--config.beta=0.1',
+      '--config.optimizer.lr=0.01',
+      '--config.eval_batch_size=32',
+  ]
 
 
 # Kills the process inside Orbax's commit of the n-th checkpoint: every file is written
 # into the temporary directory, which is not yet renamed. The most dangerous moment:
 # a complete-looking checkpoint that was never committed.
-_KILL_IN_COMMIT = r'''
+_KILL_IN_COMMIT = r"""
 import os, runpy, signal, sys
 from orbax.checkpoint._src.path import atomicity
 n, calls = int(os.environ['TP_JAX_TEST_KILL_AT_SAVE']), [0]
@@ -195,7 +216,7 @@ async def finalize(self, *args, **kwargs):
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 sys.argv[0] = 'experiments.train'
 runpy.run_module('experiments.train', run_name='__main__', alter_sys=True)
-'''
+"""
 
 
 def _env(cache: Path) -> dict:
@@ -213,8 +234,15 @@ class Run:
   """A training subprocess whose output lines are collected by a thread."""
 
   def __init__(self, cmd, env):
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+    self.proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     self.lines: list[str] = []
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
@@ -261,13 +289,16 @@ def _uncommitted(ckpt_dir: Path) -> list[str]:
 def _final(workdir: Path) -> dict:
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   result = json.loads((workdir / 'result.json').read_text())
-  return dict(rows=_metrics(rows), **{k: result[k] for k in (
-      'train_loss', 'train_accuracy', 'test_accuracy', 'skipped_steps')})
+  return dict(
+      rows=_metrics(rows),
+      **{k: result[k] for k in ('train_loss', 'train_accuracy', 'test_accuracy', 'skipped_steps')},
+  )
 
 
 def _resumed_step(run: Run) -> int:
-  found = [int(l.rsplit(' ', 1)[1]) for l in run.lines
-           if l.startswith('resumed from checkpoint at step')]
+  found = [
+      int(l.rsplit(' ', 1)[1]) for l in run.lines if l.startswith('resumed from checkpoint at step')
+  ]
   return found[0] if found else 0
 
 
@@ -304,8 +335,9 @@ def test_sigkill_at_random_points_then_restart(tmp_path):
   assert rc == -signal.SIGKILL, run.text()
   half_written = _uncommitted(ckpt)
   assert half_written, 'the kill left no uncommitted checkpoint'
-  trials.append(('in commit', env_hook['TP_JAX_TEST_KILL_AT_SAVE'], True, _committed(ckpt),
-                 half_written))
+  trials.append(
+      ('in commit', env_hook['TP_JAX_TEST_KILL_AT_SAVE'], True, _committed(ckpt), half_written)
+  )
   latest = max(_committed(ckpt), default=0)
   assert latest >= max(before, default=0)
 
@@ -350,7 +382,9 @@ def test_sigkill_at_random_points_then_restart(tmp_path):
 def _tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
   """tag -> [(step, value), ...] as TensorBoard shows them: its own reader, which reads
   the files in name order and applies the SessionLog(START) purge rule."""
-  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0})
+  acc = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.SCALARS: 0}
+  )
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
 
@@ -396,15 +430,23 @@ def test_event_files_round_trip_and_purge_on_resume(tmp_path):
 
 def test_event_writer_needs_no_tensorflow(tmp_path):
   """Writes and reads event files in a process where ``import tensorflow`` fails."""
-  script = ('import sys; sys.modules["tensorflow"] = None\n'
-            'from tp_jax import metrics_writer\n'
-            'from tensorboard.backend.event_processing import event_accumulator as ea\n'
-            f'with metrics_writer.EventWriter({str(tmp_path)!r}) as w:\n'
-            '  w.scalars(7, {"loss": 0.25})\n'
-            f'acc = ea.EventAccumulator({str(tmp_path)!r}); acc.Reload()\n'
-            'print([(e.step, e.value) for e in acc.Scalars("loss")])\n')
-  out = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
-                       check=True, timeout=120)
+  script = (
+      'import sys; sys.modules["tensorflow"] = None\n'
+      'from tp_jax import metrics_writer\n'
+      'from tensorboard.backend.event_processing import event_accumulator as ea\n'
+      f'with metrics_writer.EventWriter({str(tmp_path)!r}) as w:\n'
+      '  w.scalars(7, {"loss": 0.25})\n'
+      f'acc = ea.EventAccumulator({str(tmp_path)!r}); acc.Reload()\n'
+      'print([(e.step, e.value) for e in acc.Scalars("loss")])\n'
+  )
+  out = subprocess.run(
+      [sys.executable, '-c', script],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=120,
+  )
   assert out.stdout.strip() == '[(7, 0.25)]'
 
 
@@ -414,5 +456,6 @@ def test_training_writes_event_files(uninterrupted):
   series = _tensorboard_scalars(wd)
   assert [s for s, _ in series['test/accuracy']] == [6, 12]
   assert [v for _, v in series['test/accuracy']] == pytest.approx(
-      [r['test_accuracy'] for r in full['history']])
+      [r['test_accuracy'] for r in full['history']]
+  )
   assert {f'train/block_loss/block{n}' for n in range(1, 4)} <= set(series)

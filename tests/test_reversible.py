@@ -22,8 +22,10 @@ SMALL = dict(image_hw=(8, 8), patch=4, hidden=8, channel_dim=16, num_blocks=2)
 def _jitted(block):
   """(fwd, feedback) of a block, jitted (eager Flax dispatch is slow on CPU)."""
   fwd = jax.jit(lambda p, x: block.apply({'params': p}, x, method='fwd'))
-  fb = jax.jit(lambda p, t, ctx, mode: block.apply({'params': p}, t, ctx, mode,
-                                                   method='feedback'), static_argnums=3)
+  fb = jax.jit(
+      lambda p, t, ctx, mode: block.apply({'params': p}, t, ctx, mode, method='feedback'),
+      static_argnums=3,
+  )
   return fwd, fb
 
 
@@ -56,14 +58,21 @@ def test_coupling_difference_inverts_once_and_matches_two_inverses():
   fwd, fb = _jitted(block)
   y, ctx = fwd(p, x)
   t = y + 0.5 * jax.random.normal(jax.random.key(4), y.shape)
-  diff = jax.jit(lambda p, t, h, ctx: block.apply(
-      {'params': p}, t, h, ctx, L.TJMC, method='feedback_difference'))
-  np.testing.assert_allclose(diff(p, t, y, ctx), fb(p, t, ctx, L.TJMC) - fb(p, y, ctx, L.TJMC),
-                             atol=2e-5, rtol=1e-5)
+  diff = jax.jit(
+      lambda p, t, h, ctx: block.apply(
+          {'params': p}, t, h, ctx, L.TJMC, method='feedback_difference'
+      )
+  )
+  np.testing.assert_allclose(
+      diff(p, t, y, ctx), fb(p, t, ctx, L.TJMC) - fb(p, y, ctx, L.TJMC), atol=2e-5, rtol=1e-5
+  )
   # One inverse per call: the token-mixing dense appears once in the jaxpr, not twice.
   jaxpr = str(jax.make_jaxpr(diff)(p, t, y, ctx))
-  assert jaxpr.count('dot_general') == str(jax.make_jaxpr(fb, static_argnums=3)(
-      p, t, ctx, L.TJMC)).count('dot_general') > 0
+  assert (
+      jaxpr.count('dot_general')
+      == str(jax.make_jaxpr(fb, static_argnums=3)(p, t, ctx, L.TJMC)).count('dot_general')
+      > 0
+  )
 
 
 def test_coupling_forward_is_the_additive_coupling():
@@ -160,6 +169,7 @@ def test_feedback_weight_methods_are_refused_by_the_validator(method):
 
 def test_table4_config_validates():
   from experiments.configs import reversible_mixer_cifar10  # pylint: disable=g-import-not-at-top
+
   cfg = reversible_mixer_cifar10.get_config()
   config_lib.validate(cfg)
   assert len(models.get(cfg.model, **cfg.model_kwargs)) == 1 + 4 + 2

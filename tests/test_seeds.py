@@ -32,10 +32,13 @@ FIRST_SEED = 5  # not 0: seed s must be FIRST_SEED + s, not s
 
 def _dataset(n_train: int = 64, n_test: int = 16, seed: int = 0) -> data.Dataset:
   r = np.random.RandomState(seed)
-  return data.Dataset(r.randn(n_train, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, n_train).astype(np.int32),
-                      r.randn(n_test, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, n_test).astype(np.int32), data.info('mnist'))
+  return data.Dataset(
+      r.randn(n_train, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, n_train).astype(np.int32),
+      r.randn(n_test, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, n_test).astype(np.int32),
+      data.info('mnist'),
+  )
 
 
 def _mlp(method: str):
@@ -71,8 +74,9 @@ def _without_timing(rows):
 
 
 def _assert_close(a, b, what):
-  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                             rtol=2e-5, atol=1e-6, err_msg=what)
+  np.testing.assert_allclose(
+      np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=1e-6, err_msg=what
+  )
 
 
 def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
@@ -89,8 +93,7 @@ def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
     one.num_seeds, one.seed = 1, cfg.seed + s
     alone = train.train_and_evaluate(one, tmp_path / f'seed{s}', dataset, log=_quiet)
     mine = [train.split_seeds(r, NUM_SEEDS)[s] for r in rows]
-    for got, want in zip(_without_timing(mine), _without_timing(alone['history']),
-                         strict=True):
+    for got, want in zip(_without_timing(mine), _without_timing(alone['history']), strict=True):
       assert got.keys() == want.keys()
       for k in got:
         _assert_close(got[k], want[k], f'seed {s}, epoch {got["epoch"]}, {k}')
@@ -98,8 +101,10 @@ def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
       _assert_close(together[k][s], alone[k], f'seed {s}, {k}')
     for a, b in zip(jax.tree.leaves(states[s]), jax.tree.leaves(alone['state']), strict=True):
       _assert_close(a, b, f'seed {s}, final state')
-    differ |= not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(states[s].params),
-                                                        jax.tree.leaves(states[0].params)))
+    differ |= not all(
+        np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(states[s].params), jax.tree.leaves(states[0].params))
+    )
   assert differ, 'the seeds must differ, or equality says nothing about each seed'
   result = json.loads((tmp_path / 'together' / 'result.json').read_text())
   for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
@@ -129,14 +134,25 @@ def test_num_seeds_is_validated():
     with pytest.raises(config_lib.ConfigError, match='num_seeds must be a positive integer'):
       config_lib.validate(cfg)
   cfg = _mlp('bp')
-  cfg.num_seeds, cfg.seed = 2, 2 ** 32 - 1
+  cfg.num_seeds, cfg.seed = 2, 2**32 - 1
   with pytest.raises(config_lib.ConfigError, match='exceeds 2\\*\\*32 - 1'):
     config_lib.validate(cfg)
 
 
 def test_merge_and_split_seeds_are_inverse():
-  rows = [dict(epoch=1, step=3, train_loss=float(s), block_loss=[s, 2 * s], steps=3,
-               epoch_train_s=0.5, ms_per_step=1.0, skipped_steps=s) for s in range(3)]
+  rows = [
+      dict(
+          epoch=1,
+          step=3,
+          train_loss=float(s),
+          block_loss=[s, 2 * s],
+          steps=3,
+          epoch_train_s=0.5,
+          ms_per_step=1.0,
+          skipped_steps=s,
+      )
+      for s in range(3)
+  ]
   merged = train.merge_seeds(rows)
   assert merged['train_loss'] == [0.0, 1.0, 2.0] and merged['epoch'] == 1
   assert merged['block_loss'] == [[0, 0], [1, 2], [2, 4]] and merged['steps'] == 3
@@ -180,16 +196,18 @@ def uninterrupted_seeds(tmp_path_factory):
 @pytest.mark.parametrize('stop', [3, 4])  # after epoch 1; mid-epoch 2
 def test_seeds_resume_equals_uninterrupted(uninterrupted_seeds, tmp_path, stop):
   ds, (full, _) = _dataset(), uninterrupted_seeds
-  part = train.train_and_evaluate(_resume_config(), tmp_path / 'part', ds, log=_quiet,
-                                  until_step=stop)
+  part = train.train_and_evaluate(
+      _resume_config(), tmp_path / 'part', ds, log=_quiet, until_step=stop
+  )
   assert not part['complete'] and part['step'] == stop
   logs = []
   res = train.train_and_evaluate(_resume_config(), tmp_path / 'part', ds, log=logs.append)
   assert f'resumed from checkpoint at step {stop}' in logs
   assert res['complete']
   assert _without_timing(res['history']) == _without_timing(full['history'])
-  assert _without_timing(train.read_history(tmp_path / 'part' / 'metrics.jsonl')) == \
-      _without_timing(full['history'])
+  assert _without_timing(
+      train.read_history(tmp_path / 'part' / 'metrics.jsonl')
+  ) == _without_timing(full['history'])
   for k in ('test_accuracy', 'train_accuracy', 'train_loss', 'test_accuracy_std'):
     assert res[k] == full[k], k
   for a, b in zip(jax.tree.leaves(res['state']), jax.tree.leaves(full['state']), strict=True):
@@ -212,11 +230,26 @@ def test_plot_of_a_seeds_workdir(tmp_path):
   pytest.importorskip('matplotlib')
   rows = []
   for epoch in (1, 2):
-    rows.append(train.merge_seeds([
-        dict(epoch=epoch, step=3 * epoch, train_loss=2.0 / epoch + s, train_accuracy=0.1 * s,
-             test_loss=2.0, test_accuracy=0.1 * epoch + 0.01 * s, epoch_train_s=1.0, steps=3,
-             ms_per_step=1.0, skipped_steps=0, block_loss=[0.1 * s, 0.2 * epoch])
-        for s in range(NUM_SEEDS)]))
+    rows.append(
+        train.merge_seeds(
+            [
+                dict(
+                    epoch=epoch,
+                    step=3 * epoch,
+                    train_loss=2.0 / epoch + s,
+                    train_accuracy=0.1 * s,
+                    test_loss=2.0,
+                    test_accuracy=0.1 * epoch + 0.01 * s,
+                    epoch_train_s=1.0,
+                    steps=3,
+                    ms_per_step=1.0,
+                    skipped_steps=0,
+                    block_loss=[0.1 * s, 0.2 * epoch],
+                )
+                for s in range(NUM_SEEDS)
+            ]
+        )
+    )
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
   assert plot.num_seeds(rows) == NUM_SEEDS
   out = plot.plot_runs([tmp_path])
@@ -226,6 +259,7 @@ def test_plot_of_a_seeds_workdir(tmp_path):
 @pytest.mark.slow
 def test_tensorboard_has_each_seed(uninterrupted_seeds):
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+
   full, workdir = uninterrupted_seeds
   acc = event_accumulator.EventAccumulator(str(workdir))
   acc.Reload()
@@ -261,14 +295,25 @@ def test_seeds_compose_with_the_data_mesh(tmp_path):
   """2 seeds on 4 devices: each seed's batch is split over the devices, and each seed
   reaches the parameters of its separate 1-device run."""
   root = Path(__file__).resolve().parents[1]
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
-                        ' --xla_force_host_platform_device_count=4').strip(),
-             PYTHONPATH=os.pathsep.join([str(root / 'tests'), str(root),
-                                         os.environ.get('PYTHONPATH', '')]))
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=(
+          os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+      ).strip(),
+      PYTHONPATH=os.pathsep.join(
+          [str(root / 'tests'), str(root), os.environ.get('PYTHONPATH', '')]
+      ),
+  )
   out = tmp_path / 'state.npz'
-  proc = subprocess.run([sys.executable, '-c', _MESH_WORKER, str(out)], env=env,
-                        capture_output=True, text=True, timeout=600, check=False)
+  proc = subprocess.run(
+      [sys.executable, '-c', _MESH_WORKER, str(out)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report == dict(devices=4, seeds_local_batch=True)

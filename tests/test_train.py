@@ -15,10 +15,13 @@ from tp_jax import train
 
 def _dataset(n_train=48, n_test=16, seed=0):
   r = np.random.RandomState(seed)
-  return data.Dataset(r.randn(n_train, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, n_train).astype(np.int32),
-                      r.randn(n_test, 28, 28, 1).astype(np.float32),
-                      r.randint(0, 10, n_test).astype(np.int32), data.info('mnist'))
+  return data.Dataset(
+      r.randn(n_train, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, n_train).astype(np.int32),
+      r.randn(n_test, 28, 28, 1).astype(np.float32),
+      r.randint(0, 10, n_test).astype(np.int32),
+      data.info('mnist'),
+  )
 
 
 def _mlp():
@@ -60,8 +63,9 @@ def test_setup_steps_like_the_training_loop(tmp_path):
   looped = train.train_and_evaluate(cfg, tmp_path, ds, log=lambda s: None)['state']
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(looped)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not np.array_equal(np.asarray(train.epoch_indices(run, 0)),
-                            np.asarray(train.epoch_indices(run, 1)))
+  assert not np.array_equal(
+      np.asarray(train.epoch_indices(run, 0)), np.asarray(train.epoch_indices(run, 1))
+  )
 
 
 def test_read_history(tmp_path):

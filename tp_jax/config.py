@@ -85,8 +85,12 @@ def check_number(cfg, path: str, allow_zero: bool = False) -> None:
   v = cfg
   for p in path.split('.'):
     v = v[p]
-  if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or \
-      (v < 0 if allow_zero else v <= 0):
+  if (
+      not isinstance(v, (int, float))
+      or isinstance(v, bool)
+      or v != v
+      or (v < 0 if allow_zero else v <= 0)
+  ):
     need = 'non-negative' if allow_zero else 'positive'
     raise ConfigError(f'{path} must be a {need} number, got {v!r}')
 
@@ -100,57 +104,69 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """Raises ConfigError naming the first bad field. Cheap: builds the model and traces
   its feedback on shapes only."""
   from tp_jax import algorithms  # pylint: disable=g-import-not-at-top (it imports this module)
+
   if cfg.model not in models.MODELS:
     raise ConfigError(f'unknown model {cfg.model!r}; valid models: {sorted(models.MODELS)}')
   if cfg.dataset not in data.DATASETS:
-    raise ConfigError(f'unknown dataset {cfg.dataset!r}; valid datasets: '
-                      f'{list(data.DATASETS)}')
+    raise ConfigError(f'unknown dataset {cfg.dataset!r}; valid datasets: ' f'{list(data.DATASETS)}')
   if cfg.method not in algorithms.METHODS:
-    raise ConfigError(f'unknown method {cfg.method!r}; valid methods: '
-                      f'{list(algorithms.METHODS)}')
+    raise ConfigError(
+        f'unknown method {cfg.method!r}; valid methods: ' f'{list(algorithms.METHODS)}'
+    )
   act = cfg.model_kwargs.get('act')
   if act is not None and act not in layers.ACTIVATIONS:
-    raise ConfigError(f'unknown activation model_kwargs.act={act!r}; valid: '
-                      f'{list(layers.ACTIVATIONS)}')
+    raise ConfigError(
+        f'unknown activation model_kwargs.act={act!r}; valid: ' f'{list(layers.ACTIVATIONS)}'
+    )
   impl = cfg.model_kwargs.get('conv_impl', 'auto')
   if impl not in conv.IMPLS:
     raise ConfigError(f'unknown model_kwargs.conv_impl={impl!r}; valid: {list(conv.IMPLS)}')
   try:  # unknown, mistyped or empty keyword arguments of the model
     net = models.for_config(cfg)
   except (TypeError, ValueError, IndexError) as e:
-    kw = cfg.model_kwargs.to_dict() if hasattr(cfg.model_kwargs, 'to_dict') else \
-        cfg.model_kwargs
+    kw = cfg.model_kwargs.to_dict() if hasattr(cfg.model_kwargs, 'to_dict') else cfg.model_kwargs
     raise ConfigError(f'model_kwargs={kw!r} do not fit model {cfg.model!r}: {e}') from None
-  if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or \
-      not 0 <= cfg.seed < 2 ** 32:
+  if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
     # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.
     raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
-  if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or \
-      cfg.num_seeds < 1:
+  if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or cfg.num_seeds < 1:
     raise ConfigError(f'num_seeds must be a positive integer, got {cfg.num_seeds!r}')
-  if cfg.seed + cfg.num_seeds > 2 ** 32:
-    raise ConfigError(f'seed + num_seeds - 1 = {cfg.seed + cfg.num_seeds - 1} exceeds '
-                      f'2**32 - 1: the last seeds would repeat the first')
+  if cfg.seed + cfg.num_seeds > 2**32:
+    raise ConfigError(
+        f'seed + num_seeds - 1 = {cfg.seed + cfg.num_seeds - 1} exceeds '
+        f'2**32 - 1: the last seeds would repeat the first'
+    )
   if cfg.data_backend not in data.BACKENDS:
     raise ConfigError(f'unknown data_backend={cfg.data_backend!r}; valid: {list(data.BACKENDS)}')
   if cfg.feedback_act not in algorithms.FEEDBACK_ACTS:
-    raise ConfigError(f'feedback_act must be one of {list(algorithms.FEEDBACK_ACTS)}, got '
-                      f'{cfg.feedback_act!r}')
+    raise ConfigError(
+        f'feedback_act must be one of {list(algorithms.FEEDBACK_ACTS)}, got '
+        f'{cfg.feedback_act!r}'
+    )
   for path in ('batch_size', 'epochs', 'beta', 'optimizer.lr', 'eval_batch_size'):
     check_number(cfg, path)
-  for path in ('steps_per_epoch', 'check_every_steps', 'optimizer.weight_decay',
-               'optimizer.momentum', 'checkpoint_every_steps', 'keep_checkpoints'):
+  for path in (
+      'steps_per_epoch',
+      'check_every_steps',
+      'optimizer.weight_decay',
+      'optimizer.momentum',
+      'checkpoint_every_steps',
+      'keep_checkpoints',
+  ):
     check_number(cfg, path, allow_zero=True)
   if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool):
     raise ConfigError(f'batch_size must be an integer, got {cfg.batch_size!r}')
   if cfg.batch_size % num_devices:
-    raise ConfigError(f'batch_size={cfg.batch_size} is not divisible by the number of '
-                      f'devices ({num_devices}); the global batch is split evenly')
+    raise ConfigError(
+        f'batch_size={cfg.batch_size} is not divisible by the number of '
+        f'devices ({num_devices}); the global batch is split evenly'
+    )
   if not isinstance(cfg.diagnostics, bool):
     raise ConfigError(f'diagnostics must be True or False, got {cfg.diagnostics!r}')
   if cfg.optimizer.name not in ('sgd', 'adam'):
     raise ConfigError(f"optimizer.name must be 'sgd' or 'adam', got {cfg.optimizer.name!r}")
   if cfg.optimizer.schedule not in ('constant', 'cosine'):
-    raise ConfigError(f"optimizer.schedule must be 'constant' or 'cosine', got "
-                      f'{cfg.optimizer.schedule!r}')
+    raise ConfigError(
+        f"optimizer.schedule must be 'constant' or 'cosine', got " f'{cfg.optimizer.schedule!r}'
+    )
   algorithms.validate(cfg, net, models.input_shape(cfg))

@@ -60,72 +60,82 @@ def _ro(d: dict) -> Mapping:
 
 
 _IDX_FILES = {
-  "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _CIFAR_DIR = "cifar-10-batches-bin"
 
-DATASETS: Mapping[str, DatasetInfo] = _ro({
-  "mnist": DatasetInfo(
-    name="mnist",
-    files=_ro(_IDX_FILES),
-    sha256=_ro({
-      "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-      "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-      "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-      "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-    }),
-    image_shape=(28, 28, 1),
-    num_classes=10,
-    num_examples=_ro({"train": 60000, "test": 10000}),
-    mean=(0.1307,),
-    std=(0.3081,),
-    mirrors=(
-      "https://ossci-datasets.s3.amazonaws.com/mnist/",
-      "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    ),
-    archive=None,
-  ),
-  "fashion_mnist": DatasetInfo(
-    name="fashion_mnist",
-    files=_ro(_IDX_FILES),
-    sha256=_ro({
-      "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-      "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-      "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-      "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-    }),
-    image_shape=(28, 28, 1),
-    num_classes=10,
-    num_examples=_ro({"train": 60000, "test": 10000}),
-    mean=(0.2860,),
-    std=(0.3530,),
-    mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-    archive=None,
-  ),
-  "cifar10": DatasetInfo(
-    name="cifar10",
-    files=_ro({
-      "train": tuple(f"{_CIFAR_DIR}/data_batch_{i}.bin" for i in range(1, 6)),
-      "test": (f"{_CIFAR_DIR}/test_batch.bin",),
-    }),
-    sha256=_ro({
-      f"{_CIFAR_DIR}/data_batch_1.bin": "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5",
-      f"{_CIFAR_DIR}/data_batch_2.bin": "a591ca11fa1708a91ee40f54b3da4784ccd871ecf2137de63f51ada8b3fa57ed",
-      f"{_CIFAR_DIR}/data_batch_3.bin": "bbe8596564c0f86427f876058170b84dac6670ddf06d79402899d93ceea26f67",
-      f"{_CIFAR_DIR}/data_batch_4.bin": "014e562d6e23c72197cc727519169a60359f5eccd8945ad5a09d710285ff4e48",
-      f"{_CIFAR_DIR}/data_batch_5.bin": "755304fc0b379caeae8c14f0dac912fbc7d6cd469eb67a1029a08a39453a9add",
-      f"{_CIFAR_DIR}/test_batch.bin": "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b",
-    }),
-    image_shape=(32, 32, 3),
-    num_classes=10,
-    num_examples=_ro({"train": 50000, "test": 10000}),
-    mean=(0.4914, 0.4822, 0.4465),
-    std=(0.2470, 0.2435, 0.2616),
-    mirrors=("https://www.cs.toronto.edu/~kriz/",),
-    archive="cifar-10-binary.tar.gz",
-  ),
-})
+DATASETS: Mapping[str, DatasetInfo] = _ro(
+    {
+        "mnist": DatasetInfo(
+            name="mnist",
+            files=_ro(_IDX_FILES),
+            sha256=_ro(
+                {
+                    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+                    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+                    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+                    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+                }
+            ),
+            image_shape=(28, 28, 1),
+            num_classes=10,
+            num_examples=_ro({"train": 60000, "test": 10000}),
+            mean=(0.1307,),
+            std=(0.3081,),
+            mirrors=(
+                "https://ossci-datasets.s3.amazonaws.com/mnist/",
+                "https://storage.googleapis.com/cvdf-datasets/mnist/",
+            ),
+            archive=None,
+        ),
+        "fashion_mnist": DatasetInfo(
+            name="fashion_mnist",
+            files=_ro(_IDX_FILES),
+            sha256=_ro(
+                {
+                    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+                    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+                    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+                    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+                }
+            ),
+            image_shape=(28, 28, 1),
+            num_classes=10,
+            num_examples=_ro({"train": 60000, "test": 10000}),
+            mean=(0.2860,),
+            std=(0.3530,),
+            mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+            archive=None,
+        ),
+        "cifar10": DatasetInfo(
+            name="cifar10",
+            files=_ro(
+                {
+                    "train": tuple(f"{_CIFAR_DIR}/data_batch_{i}.bin" for i in range(1, 6)),
+                    "test": (f"{_CIFAR_DIR}/test_batch.bin",),
+                }
+            ),
+            sha256=_ro(
+                {
+                    f"{_CIFAR_DIR}/data_batch_1.bin": "cee916563c9f80d84e3cc88e17fdc0941787f1244f00a67874d45b261883ada5",
+                    f"{_CIFAR_DIR}/data_batch_2.bin": "a591ca11fa1708a91ee40f54b3da4784ccd871ecf2137de63f51ada8b3fa57ed",
+                    f"{_CIFAR_DIR}/data_batch_3.bin": "bbe8596564c0f86427f876058170b84dac6670ddf06d79402899d93ceea26f67",
+                    f"{_CIFAR_DIR}/data_batch_4.bin": "014e562d6e23c72197cc727519169a60359f5eccd8945ad5a09d710285ff4e48",
+                    f"{_CIFAR_DIR}/data_batch_5.bin": "755304fc0b379caeae8c14f0dac912fbc7d6cd469eb67a1029a08a39453a9add",
+                    f"{_CIFAR_DIR}/test_batch.bin": "8e2eb146ae340b09e24670f29cabc6326dba54da8789dab6768acf480273f65b",
+                }
+            ),
+            image_shape=(32, 32, 3),
+            num_classes=10,
+            num_examples=_ro({"train": 50000, "test": 10000}),
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            mirrors=("https://www.cs.toronto.edu/~kriz/",),
+            archive="cifar-10-binary.tar.gz",
+        ),
+    }
+)
 
 _CIFAR_RECORD_BYTES = 1 + 32 * 32 * 3
 _IDX_IMAGES_MAGIC = 0x803  # ubyte, 3 dims
@@ -140,7 +150,9 @@ def info(name: str) -> DatasetInfo:
   try:
     return DATASETS[name]
   except KeyError:
-    raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}") from None
+    raise DataError(
+        f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}"
+    ) from None
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -200,8 +212,8 @@ def verify_file(path: str | os.PathLike, expected: str) -> None:
   actual = sha256_file(path)
   if actual != expected:
     raise DataError(
-      f"{path}: sha256 mismatch (expected {expected}, actual {actual}); the file is corrupt "
-      f"or a different version. Delete it to re-download, or pass verify=False to skip the check."
+        f"{path}: sha256 mismatch (expected {expected}, actual {actual}); the file is corrupt "
+        f"or a different version. Delete it to re-download, or pass verify=False to skip the check."
     )
 
 
@@ -225,18 +237,24 @@ def _read_idx(path: Path) -> tuple[int, tuple[int, ...], bytes]:
   return magic, dims, raw[header:]
 
 
-def parse_idx_images(path: str | os.PathLike, image_shape: tuple[int, int, int] = (28, 28, 1)) -> np.ndarray:
+def parse_idx_images(
+    path: str | os.PathLike, image_shape: tuple[int, int, int] = (28, 28, 1)
+) -> np.ndarray:
   """Images from an idx3-ubyte .gz file as uint8 [N, H, W, 1]."""
   path = Path(path)
   magic, dims, body = _read_idx(path)
   if magic != _IDX_IMAGES_MAGIC:
-    raise DataError(f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_IMAGES_MAGIC:x} (idx3 ubyte images)")
+    raise DataError(
+        f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_IMAGES_MAGIC:x} (idx3 ubyte images)"
+    )
   n, h, w = dims
   if (h, w) != image_shape[:2]:
     raise DataError(f"{path}: image dims {h}x{w}, expected {image_shape[0]}x{image_shape[1]}")
   if len(body) != n * h * w:
     what = "truncated" if len(body) < n * h * w else "trailing bytes"
-    raise DataError(f"{path}: {what}: header says {n} images = {n * h * w} bytes, file has {len(body)}")
+    raise DataError(
+        f"{path}: {what}: header says {n} images = {n * h * w} bytes, file has {len(body)}"
+    )
   return np.frombuffer(body, np.uint8).reshape(n, h, w, 1)
 
 
@@ -245,7 +263,9 @@ def parse_idx_labels(path: str | os.PathLike, num_classes: int = 10) -> np.ndarr
   path = Path(path)
   magic, dims, body = _read_idx(path)
   if magic != _IDX_LABELS_MAGIC:
-    raise DataError(f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_LABELS_MAGIC:x} (idx1 ubyte labels)")
+    raise DataError(
+        f"{path}: bad magic number 0x{magic:x}, expected 0x{_IDX_LABELS_MAGIC:x} (idx1 ubyte labels)"
+    )
   (n,) = dims
   if len(body) != n:
     what = "truncated" if len(body) < n else "trailing bytes"
@@ -255,14 +275,16 @@ def parse_idx_labels(path: str | os.PathLike, num_classes: int = 10) -> np.ndarr
   return labels
 
 
-def parse_cifar_batch(path: str | os.PathLike, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def parse_cifar_batch(
+    path: str | os.PathLike, num_classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
   """CIFAR-10 binary batch (<label><1024 R><1024 G><1024 B> records) as uint8 NHWC, int32 labels."""
   path = Path(path)
   raw = path.read_bytes()
   if len(raw) == 0 or len(raw) % _CIFAR_RECORD_BYTES:
     raise DataError(
-      f"{path}: truncated or malformed: size {len(raw)} is not a positive multiple of the "
-      f"{_CIFAR_RECORD_BYTES}-byte record"
+        f"{path}: truncated or malformed: size {len(raw)} is not a positive multiple of the "
+        f"{_CIFAR_RECORD_BYTES}-byte record"
     )
   rec = np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD_BYTES)
   labels = rec[:, 0].astype(np.int32)
@@ -277,7 +299,7 @@ def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
   if bad.size:
     i = int(bad[0])
     raise DataError(
-      f"{path}: label {labels[i]} out of range [0, {num_classes}) at index {i} ({bad.size} bad labels)"
+        f"{path}: label {labels[i]} out of range [0, {num_classes}) at index {i} ({bad.size} bad labels)"
     )
 
 
@@ -289,7 +311,10 @@ def _fetch(url: str, dest_dir: Path, expected_sha256: str | None) -> Path:
   fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".download-", suffix=".part")
   try:
     h = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+    with (
+        os.fdopen(fd, "wb") as out,
+        urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp,
+    ):
       for chunk in iter(lambda: resp.read(1 << 20), b""):
         h.update(chunk)
         out.write(chunk)
@@ -334,7 +359,7 @@ def _extract_archive(archive: Path, root: Path, ds: DatasetInfo, wanted: Sequenc
 
 
 def download(
-  name: str, data_dir: str | os.PathLike | None = None, mirrors: Sequence[str] | None = None
+    name: str, data_dir: str | os.PathLike | None = None, mirrors: Sequence[str] | None = None
 ) -> Path:
   """Fetch the dataset's missing files into <data_dir>/<name>/, verified; returns that dir.
 
@@ -366,7 +391,14 @@ def download(
           tmp = _fetch(url, root, ds.sha256[remote])
           os.replace(tmp, root / remote)
         break
-      except (OSError, http.client.HTTPException, DataError, tarfile.TarError, EOFError, zlib.error) as e:
+      except (
+          OSError,
+          http.client.HTTPException,
+          DataError,
+          tarfile.TarError,
+          EOFError,
+          zlib.error,
+      ) as e:
         errors.append(f"{url}: {e}")
     else:
       failures.append(f"could not download {name}/{remote}; tried:\n  " + "\n  ".join(errors))
@@ -379,12 +411,12 @@ def download(
 
 
 def load(
-  name: str,
-  split: str,
-  data_dir: str | os.PathLike | None = None,
-  verify: bool = True,
-  download: bool = True,
-  mirrors: Sequence[str] | None = None,
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(images_NHWC uint8, labels int32) for one split, read from disk (downloaded if missing)."""
   ds = info(name)
@@ -398,13 +430,17 @@ def load(
     images = parse_idx_images(paths[0], ds.image_shape)
     labels = parse_idx_labels(paths[1], ds.num_classes)
     if len(images) != len(labels):
-      raise DataError(f"{paths[1]}: {len(labels)} labels but {paths[0].name} has {len(images)} images")
+      raise DataError(
+          f"{paths[1]}: {len(labels)} labels but {paths[0].name} has {len(images)} images"
+      )
     return images, labels
   parts = [parse_cifar_batch(p, ds.num_classes) for p in paths]
   return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
 
 
-def _download_or_explain(ds: DatasetInfo, split: str, paths: list[Path], data_dir, allow: bool, mirrors) -> None:
+def _download_or_explain(
+    ds: DatasetInfo, split: str, paths: list[Path], data_dir, allow: bool, mirrors
+) -> None:
   """Download missing files if allowed, else raise a DataError saying where they were expected."""
   # Lives outside `load` because there the bool argument `download` shadows the function.
   reason = "download=False, so no download was attempted"
@@ -416,14 +452,18 @@ def _download_or_explain(ds: DatasetInfo, split: str, paths: list[Path], data_di
       reason = "download finished but files are still missing"
     except DataError as e:
       reason = f"download failed: {e}"
-  urls = [base + (ds.archive or rel) for base in mirror_urls(ds.name, mirrors) for rel in ds.files[split]]
+  urls = [
+      base + (ds.archive or rel)
+      for base in mirror_urls(ds.name, mirrors)
+      for rel in ds.files[split]
+  ]
   urls = list(dict.fromkeys(urls))
   missing = "\n  ".join(f"{p}{'' if p.exists() else '  (missing)'}" for p in paths)
   raise DataError(
-    f"{ds.name}/{split}: data files not found. Expected under data dir {resolve_data_dir(data_dir)}:\n"
-    f"  {missing}\n"
-    f"Set ${DATA_ENV} or pass data_dir= to point elsewhere; mirrors "
-    f"(override with ${MIRROR_ENV_PREFIX}{ds.name.upper()}): {', '.join(urls)}\n{reason}"
+      f"{ds.name}/{split}: data files not found. Expected under data dir {resolve_data_dir(data_dir)}:\n"
+      f"  {missing}\n"
+      f"Set ${DATA_ENV} or pass data_dir= to point elsewhere; mirrors "
+      f"(override with ${MIRROR_ENV_PREFIX}{ds.name.upper()}): {', '.join(urls)}\n{reason}"
   )
 
 
@@ -436,15 +476,17 @@ def tfds_manual_files(name: str) -> tuple[str, ...]:
   """The official files TFDS's builder for `name` looks up in its manual_dir, by the names
   TFDS registers: the four idx .gz files, or CIFAR-10's official tarball."""
   ds = info(name)
-  return (ds.archive,) if ds.archive else tuple(dict.fromkeys(f for s in SPLITS for f in ds.files[s]))
+  return (
+      (ds.archive,) if ds.archive else tuple(dict.fromkeys(f for s in SPLITS for f in ds.files[s]))
+  )
 
 
 def load_tfds(
-  name: str,
-  split: str,
-  data_dir: str | os.PathLike | None = None,
-  download: bool = True,
-  tfds_data_dir: str | os.PathLike | None = None,
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    tfds_data_dir: str | os.PathLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """(images_NHWC uint8, labels int32) of one split through TFDS's own builder.
 
@@ -461,28 +503,37 @@ def load_tfds(
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise DataError(f"data backend 'tfds' needs tensorflow-datasets and tensorflow "
-                    f"(pip install 'tp-jax[tfds]'): {e}") from e
+    raise DataError(
+        f"data backend 'tfds' needs tensorflow-datasets and tensorflow "
+        f"(pip install 'tp-jax[tfds]'): {e}"
+    ) from e
   manual_dir = resolve_data_dir(data_dir) / name
   missing = [manual_dir / f for f in tfds_manual_files(name) if not (manual_dir / f).exists()]
   if missing and not download:
-    raise DataError(f"{name}: TFDS reads the official files from {manual_dir}, but these are "
-                    f"missing (download=False): {', '.join(map(str, missing))}")
+    raise DataError(
+        f"{name}: TFDS reads the official files from {manual_dir}, but these are "
+        f"missing (download=False): {', '.join(map(str, missing))}"
+    )
   builder = tfds.builder(name, data_dir=None if tfds_data_dir is None else str(tfds_data_dir))
   try:
     # One download dir per dataset: TFDS caches the extraction of a manual file under its file
     # name alone, so Fashion-MNIST prepared after MNIST in a shared dir got MNIST's images.
     builder.download_and_prepare(
-      download_dir=str(Path(builder.data_dir_root) / "downloads" / f"tp_jax_{name}"),
-      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+        download_dir=str(Path(builder.data_dir_root) / "downloads" / f"tp_jax_{name}"),
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+    )
   except tfds.core.download.download_manager.NonMatchingChecksumError as e:
-    raise DataError(f"{name}: a file in {manual_dir} does not match TFDS's registered sha256: {e}") from e
+    raise DataError(
+        f"{name}: a file in {manual_dir} does not match TFDS's registered sha256: {e}"
+    ) from e
   arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
   images, labels = arrays["image"], arrays["label"].astype(np.int32)
   expected = (ds.num_examples[split], *ds.image_shape)
   if images.shape != expected or images.dtype != np.uint8 or labels.shape != expected[:1]:
-    raise DataError(f"{name}/{split} from TFDS: images {images.shape} {images.dtype}, labels "
-                    f"{labels.shape}; expected uint8 images {expected} and one label each")
+    raise DataError(
+        f"{name}/{split} from TFDS: images {images.shape} {images.dtype}, labels "
+        f"{labels.shape}; expected uint8 images {expected} and one label each"
+    )
   return images, labels
 
 
@@ -546,26 +597,28 @@ def augment(key: jax.Array, x_NHWC: jax.Array, pad: int = 4) -> jax.Array:
 
 
 def train_val_split(
-  key: jax.Array, x: jax.Array, y: jax.Array, num_val: int
+    key: jax.Array, x: jax.Array, y: jax.Array, num_val: int
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Random disjoint split: (x_train, y_train, x_val, y_val) with `num_val` validation examples."""
   n = x.shape[0]
   if not 0 <= num_val <= n or y.shape[0] != n:
-    raise ValueError(f"need 0 <= num_val <= n and len(y) == len(x); got num_val={num_val}, x {n}, y {y.shape[0]}")
+    raise ValueError(
+        f"need 0 <= num_val <= n and len(y) == len(x); got num_val={num_val}, x {n}, y {y.shape[0]}"
+    )
   perm = epoch_permutation(key, n)
   tr, va = perm[num_val:], perm[:num_val]
   return x[tr], y[tr], x[va], y[va]
 
 
 def load_dataset(
-  name: str,
-  data_dir: str | os.PathLike | None = None,
-  *,
-  verify: bool = True,
-  download: bool = True,
-  mirrors: Sequence[str] | None = None,
-  device: jax.Device | None = None,
-  backend: str = "native",
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    verify: bool = True,
+    download: bool = True,
+    mirrors: Sequence[str] | None = None,
+    device: jax.Device | None = None,
+    backend: str = "native",
 ) -> Dataset:
   """Both splits, normalised float32 NHWC and int32 labels, placed on `device` (default device).
 
@@ -574,7 +627,9 @@ def load_dataset(
   """
   ds = info(name)
   if backend == "native":
-    read = functools.partial(load, data_dir=data_dir, verify=verify, download=download, mirrors=mirrors)
+    read = functools.partial(
+        load, data_dir=data_dir, verify=verify, download=download, mirrors=mirrors
+    )
   elif backend == "tfds":
     read = functools.partial(load_tfds, data_dir=data_dir, download=download)
   else:

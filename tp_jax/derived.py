@@ -54,6 +54,7 @@ Array = jax.Array
 class DerivedCtx:
   """The transpose of F's linearisation at x (``vjp``), x itself (for LEARNED
   feedback) and F's output shape."""
+
   vjp: Callable
   x: Array
   out: layers.Shape
@@ -62,6 +63,7 @@ class DerivedCtx:
 class Function(nn.Module):
   """A pure function F(params, x) as a Linen module: ``init_fn(key, x) -> params``
   (stored as the module's param ``weights``: flax reserves the name ``params``)."""
+
   apply_fn: Callable[[Any, Array], Array]
   init_fn: Callable[[Array, Array], Any]
 
@@ -79,11 +81,17 @@ def from_nnx(module: nnx.Module) -> Function:
   """
   graphdef, params, other = nnx.split(module, nnx.Param, ...)
   if jax.tree_util.tree_leaves(other):
-    kinds = sorted({type(v).__name__ for v in jax.tree_util.tree_leaves(
-        other, is_leaf=lambda v: isinstance(v, nnx.Variable))})
-    raise ValueError(f'{type(module).__name__} (NNX) holds state other than nnx.Param '
-                     f'({", ".join(kinds)}); a DTP block must be a function of its '
-                     f'params and input only')
+    kinds = sorted(
+        {
+            type(v).__name__
+            for v in jax.tree_util.tree_leaves(other, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        }
+    )
+    raise ValueError(
+        f'{type(module).__name__} (NNX) holds state other than nnx.Param '
+        f'({", ".join(kinds)}); a DTP block must be a function of its '
+        f'params and input only'
+    )
   pure_params = nnx.to_pure_dict(params)
 
   def apply_fn(p, x):
@@ -104,7 +112,8 @@ def as_layer(module: Any) -> layers.Layer:
     return Derived(module, parent=None)
   raise layers.FeedbackError(
       f'{type(module).__module__}.{type(module).__name__} is not a Flax module; wrap a '
-      f'pure function F(params, x) as derived.Function(apply_fn, init_fn)')
+      f'pure function F(params, x) as derived.Function(apply_fn, init_fn)'
+  )
 
 
 def _output_depends_on_input(fn: Callable[[Array], Array], x: Array) -> bool:
@@ -115,12 +124,14 @@ def _output_depends_on_input(fn: Callable[[Array], Array], x: Array) -> bool:
   for eqn in jaxpr.eqns:
     if any(isinstance(v, jax_core.Var) and v in live for v in eqn.invars):
       live.update(eqn.outvars)
-  return any(isinstance(v, jax_core.Var) and v in live
-             for v in jax.tree_util.tree_leaves(jaxpr.outvars))
+  return any(
+      isinstance(v, jax_core.Var) and v in live for v in jax.tree_util.tree_leaves(jaxpr.outvars)
+  )
 
 
 class Derived(layers.Layer):
   """A plain Flax module as a DTP layer whose feedback is derived by autodiff."""
+
   module: nn.Module
 
   def _what(self) -> str:
@@ -134,29 +145,38 @@ class Derived(layers.Layer):
     """Refuses, before training, a module the derived feedback would get wrong."""
     collections = sorted(set(self.module.variables) - {'params'})
     if collections:
-      raise ValueError(f'{self._what()} has variable collections {collections} besides '
-                       f"'params' (e.g. BatchNorm's batch_stats): a DTP block must be a "
-                       f'function of its params and input only; use GroupNorm/LayerNorm')
+      raise ValueError(
+          f'{self._what()} has variable collections {collections} besides '
+          f"'params' (e.g. BatchNorm's batch_stats): a DTP block must be a "
+          f'function of its params and input only; use GroupNorm/LayerNorm'
+      )
     params = self.module.variables.get('params', {})
     try:
       depends = _output_depends_on_input(lambda x: self._apply(params, x), x)
     except Exception as e:  # e.g. a dropout RNG that is not given
-      raise ValueError(f'{self._what()} cannot run as a pure function of '
-                       f'(params, x): {type(e).__name__}: {e}') from e
+      raise ValueError(
+          f'{self._what()} cannot run as a pure function of '
+          f'(params, x): {type(e).__name__}: {e}'
+      ) from e
     if not depends:
-      raise ValueError(f'{self._what()}: its output does not depend on its input, so '
-                       f'its feedback is zero and no target could pass through it')
+      raise ValueError(
+          f'{self._what()}: its output does not depend on its input, so '
+          f'its feedback is zero and no target could pass through it'
+      )
 
   def fwd(self, x):
     if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f'{self._what()}: input dtype {x.dtype} is not floating-point; '
-                       f'its derived feedback needs a differentiable input')
+      raise ValueError(
+          f'{self._what()}: input dtype {x.dtype} is not floating-point; '
+          f'its derived feedback needs a differentiable input'
+      )
     if self.is_initializing():
       try:
         self.module(x)
       except Exception as e:
-        raise ValueError(f'{self._what()} failed on an input of shape {x.shape}: '
-                         f'{type(e).__name__}: {e}') from e
+        raise ValueError(
+            f'{self._what()} failed on an input of shape {x.shape}: ' f'{type(e).__name__}: {e}'
+        ) from e
       self._check_init(x)
     params = self.module.variables.get('params', {})
     y, vjp = jax.vjp(lambda x: self._apply(params, x), x)
@@ -164,8 +184,10 @@ class Derived(layers.Layer):
 
   def feedback(self, t, ctx, mode=layers.TJMC):
     if t.shape != ctx.out.dims:
-      raise ValueError(f'{self._what()} feedback: target shape {t.shape} does not match '
-                       f'the forward output shape {ctx.out.dims}')
+      raise ValueError(
+          f'{self._what()} feedback: target shape {t.shape} does not match '
+          f'the forward output shape {ctx.out.dims}'
+      )
     if mode in (layers.TJMC, layers.TJMC_HADAMARD):
       return ctx.vjp(t)[0]
     if mode == layers.LEARNED:
@@ -174,7 +196,8 @@ class Derived(layers.Layer):
     raise layers.FeedbackError(
         f'{self._what()} has no derived feedback for mode {mode}: autodiff gives J_F^T '
         f'(TJMC, TJMC_HADAMARD) or J_F^T at feedback weights (LEARNED), not J_F^-1 or '
-        f'J_F^+; use TJMC or a learned feedback')
+        f'J_F^+; use TJMC or a learned feedback'
+    )
 
   def feedback_is_linear(self, mode):
     return True

@@ -78,9 +78,16 @@ def _flat(tree) -> Array:
   return jnp.concatenate([jnp.ravel(a) for a in leaves]) if leaves else jnp.zeros((0,))
 
 
-def relative_tjml(net: network.Net, params: network.Params, fb_params: network.Params,
-                  n: int, h_in: Array, mode: layers.FeedbackMode, key: Array,
-                  num_probes: int = NUM_PROBES) -> Array:
+def relative_tjml(
+    net: network.Net,
+    params: network.Params,
+    fb_params: network.Params,
+    n: int,
+    h_in: Array,
+    mode: layers.FeedbackMode,
+    key: Array,
+    num_probes: int = NUM_PROBES,
+) -> Array:
   """Block n's (0-based) relative TJML on the batch h_in (its input), estimated
   matrix-free with ``num_probes`` probes per example; traceable (probes from ``key``)."""
   f, g = jml.block_fns(net, params, fb_params, n, mode)
@@ -90,27 +97,43 @@ def relative_tjml(net: network.Net, params: network.Params, fb_params: network.P
   return jnp.mean(jnp.sqrt(jnp.mean(a2, 0) / jnp.mean(t2, 0)))
 
 
-def block_diagnostics(net: network.Net, params: network.Params,
-                      fb_params: network.Params | None, mode: layers.FeedbackMode,
-                      beta: float, x: Array, labels: Array, key: Array,
-                      num_probes: int = NUM_PROBES) -> dict[str, Array]:
+def block_diagnostics(
+    net: network.Net,
+    params: network.Params,
+    fb_params: network.Params | None,
+    mode: layers.FeedbackMode,
+    beta: float,
+    x: Array,
+    labels: Array,
+    key: Array,
+    num_probes: int = NUM_PROBES,
+) -> dict[str, Array]:
   """``bp_angle`` and ``bp_norm_ratio`` of shape (N,), ``tjml`` of shape (N - 1,).
 
   ``fb_params`` None: the feedback is built from ``params`` (the analytical methods,
   as in ``dtp.local_grads``). ``tjml`` takes the first ``TJML_EXAMPLES`` of ``x``."""
   tp, _ = dtp.local_grads(net, params, fb_params, mode, beta, x, labels)
-  bp = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      network.apply(net, p, x), labels).mean())(params)
+  bp = jax.grad(
+      lambda p: optax.softmax_cross_entropy_with_integer_labels(
+          network.apply(net, p, x), labels
+      ).mean()
+  )(params)
   flat = [(_flat(t), _flat(b)) for t, b in zip(tp, bp)]
   hs, _ = network.forward(net, params, x)
   fb = params if fb_params is None else fb_params
   keys = jax.random.split(key, len(net))
   return dict(
       bp_angle=jnp.stack([angle_degrees(t, b) for t, b in flat]),
-      bp_norm_ratio=jnp.stack([jnp.linalg.norm(t) / (beta * jnp.linalg.norm(b))
-                               for t, b in flat]),
-      tjml=jnp.stack([relative_tjml(net, params, fb, n, hs[n - 1][:TJML_EXAMPLES], mode,
-                                    keys[n], num_probes) for n in range(1, len(net))]))
+      bp_norm_ratio=jnp.stack([jnp.linalg.norm(t) / (beta * jnp.linalg.norm(b)) for t, b in flat]),
+      tjml=jnp.stack(
+          [
+              relative_tjml(
+                  net, params, fb, n, hs[n - 1][:TJML_EXAMPLES], mode, keys[n], num_probes
+              )
+              for n in range(1, len(net))
+          ]
+      ),
+  )
 
 
 def method_feedback(cfg, state) -> tuple[network.Params | None, layers.FeedbackMode] | None:
@@ -144,19 +167,27 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
     key = jax.random.fold_in(jax.random.key(_KEY_SEED), state.step)
     return block_diagnostics(run.net, state.params, fb_params, mode, cfg.beta, x, y, key)
 
-  idx_spec = jax.ShapeDtypeStruct((run.steps_per_epoch, cfg.batch_size), jnp.int32,
-                                  sharding=replicated)
-  compiled = jax.jit(diagnose, in_shardings=replicated, out_shardings=replicated).lower(
-      state, run.x_train, run.y_train, idx_spec).compile()
+  idx_spec = jax.ShapeDtypeStruct(
+      (run.steps_per_epoch, cfg.batch_size), jnp.int32, sharding=replicated
+  )
+  compiled = (
+      jax.jit(diagnose, in_shardings=replicated, out_shardings=replicated)
+      .lower(state, run.x_train, run.y_train, idx_spec)
+      .compile()
+  )
 
   def call(state, idx_epoch):
     out = compiled(state, run.x_train, run.y_train, idx_epoch)
     return {k: [float(v) for v in np.asarray(a.addressable_data(0))] for k, a in out.items()}
+
   return call
 
 
 def scalars(values: dict, prefix: str) -> dict[str, float]:
   """TensorBoard tags ``<prefix>/<key>/block<n>`` of the diagnostics in ``values`` (a
   metrics row, or a ``compile_for_run`` result), n the block's 1-based number."""
-  return {f'{prefix}/{k}/block{n}': v for k, first in FIRST_BLOCK.items()
-          for n, v in enumerate(values.get(k, ()), first)}
+  return {
+      f'{prefix}/{k}/block{n}': v
+      for k, first in FIRST_BLOCK.items()
+      for n, v in enumerate(values.get(k, ()), first)
+  }

@@ -72,7 +72,7 @@ from tp_jax import network
 
 Array = jax.Array
 
-MAX_EXACT_SIZE = 2 ** 24
+MAX_EXACT_SIZE = 2**24
 """Largest n_in * n_out per example for which ``block_jml`` materialises Jacobians."""
 
 KINDS = ('tjml', 'ijml', 'pjml')
@@ -100,10 +100,16 @@ def _fro(m: Array) -> Array:
 
 
 def _check_pair(J_F: Array, J_G: Array) -> None:
-  if J_F.ndim < 2 or J_G.ndim < 2 or J_F.shape[-2:] != J_G.shape[-2:][::-1] \
-      or J_F.shape[:-2] != J_G.shape[:-2]:
-    raise JMLError(f'J_F must be (..., n_out, n_in) and J_G (..., n_in, n_out); got '
-                   f'J_F {J_F.shape} and J_G {J_G.shape}')
+  if (
+      J_F.ndim < 2
+      or J_G.ndim < 2
+      or J_F.shape[-2:] != J_G.shape[-2:][::-1]
+      or J_F.shape[:-2] != J_G.shape[:-2]
+  ):
+    raise JMLError(
+        f'J_F must be (..., n_out, n_in) and J_G (..., n_in, n_out); got '
+        f'J_F {J_F.shape} and J_G {J_G.shape}'
+    )
 
 
 def target_matrix(J_F: Array, kind: str) -> Array:
@@ -112,8 +118,10 @@ def target_matrix(J_F: Array, kind: str) -> Array:
     return jnp.swapaxes(J_F, -1, -2)
   if kind == 'ijml':
     if J_F.shape[-1] != J_F.shape[-2]:
-      raise JMLError(f'IJML needs a square Jacobian (J_F^-1 must exist); J_F has shape '
-                     f'{J_F.shape[-2:]} (n_out x n_in). Use PJML for non-square blocks')
+      raise JMLError(
+          f'IJML needs a square Jacobian (J_F^-1 must exist); J_F has shape '
+          f'{J_F.shape[-2:]} (n_out x n_in). Use PJML for non-square blocks'
+      )
     return jnp.linalg.inv(J_F)
   if kind == 'pjml':
     return jnp.linalg.pinv(J_F)
@@ -161,14 +169,17 @@ def _jac(fn: Callable, in_size: int, out_size: int) -> Callable:
 
 def _per_example(fn_batched: Callable) -> Callable:
   """A function of one example (no batch axis) from one acting on a batch per example."""
+
   def fn(x, *rest):
     rest = jax.tree_util.tree_map(lambda a: a[None], rest)
     return fn_batched(x[None], *rest)[0]
+
   return fn
 
 
-def example_jacobians(f: Callable, g: Callable, x1: Array, y1: Array,
-                      ctx1: Any = None) -> tuple[Array, Array]:
+def example_jacobians(
+    f: Callable, g: Callable, x1: Array, y1: Array, ctx1: Any = None
+) -> tuple[Array, Array]:
   """J_F (n_out x n_in) at x1 and J_G (n_in x n_out) at y1 for ONE example.
 
   ``f(x) -> y`` and ``g(t, ctx) -> x`` act on batches (leading axis) per example;
@@ -183,8 +194,9 @@ def example_jacobians(f: Callable, g: Callable, x1: Array, y1: Array,
   return J_F, J_G
 
 
-def jacobians(f: Callable, g: Callable, x: Array, y: Array | None = None,
-              ctx: Any = None) -> tuple[Array, Array]:
+def jacobians(
+    f: Callable, g: Callable, x: Array, y: Array | None = None, ctx: Any = None
+) -> tuple[Array, Array]:
   """Per-example Jacobians of F at x and of G at y = F(x) (default), vmapped over batch.
 
   Args:
@@ -205,20 +217,32 @@ def jacobians(f: Callable, g: Callable, x: Array, y: Array | None = None,
 # DTP blocks
 
 
-def block_fns(net: network.Net, params: network.Params, fb_params: network.Params, n: int,
-              mode: layers.FeedbackMode) -> tuple[Callable, Callable]:
+def block_fns(
+    net: network.Net,
+    params: network.Params,
+    fb_params: network.Params,
+    n: int,
+    mode: layers.FeedbackMode,
+) -> tuple[Callable, Callable]:
   """(F_n, G_n) as batched functions: ``F(h) -> (y, ctx)`` and ``G(t, ctx) -> h``."""
+
   def f(h):
     return network.block_forward(net, n, params[n], h)
 
   def g(t, ctx):
     return network.block_feedback(net, n, fb_params[n], t, ctx, mode)
+
   return f, g
 
 
-def block_jacobians(net: network.Net, params: network.Params, fb_params: network.Params,
-                    n: int, h_in: Array, mode: layers.FeedbackMode = layers.TJMC
-                    ) -> tuple[Array, Array]:
+def block_jacobians(
+    net: network.Net,
+    params: network.Params,
+    fb_params: network.Params,
+    n: int,
+    h_in: Array,
+    mode: layers.FeedbackMode = layers.TJMC,
+) -> tuple[Array, Array]:
   """Per-example (J_F, J_G) of DTP block n (0-based) at its input batch h_in."""
   f, g = block_fns(net, params, fb_params, n, mode)
   y, ctx = f(h_in)
@@ -234,6 +258,7 @@ class JMLResult:
     (0.0 for exact values).
   per_example_absolute / per_example_relative: numpy arrays of shape (B,).
   """
+
   kind: str
   absolute: float
   relative: float
@@ -269,23 +294,30 @@ def host_target(J_F: np.ndarray, kind: str, dtype: Any = np.float32) -> np.ndarr
   if kind == 'ijml':
     s = np.linalg.svd(J_F, compute_uv=False)
     if s[-1] <= rtol * s[0]:
-      raise JMLError(f'IJML is undefined: J_F ({m} x {n}) is singular to '
-                     f'{np.dtype(dtype)} precision (s_min / s_max = '
-                     f'{s[-1] / max(s[0], 1e-300):.1e} <= {rtol:.1e}); use PJML')
+      raise JMLError(
+          f'IJML is undefined: J_F ({m} x {n}) is singular to '
+          f'{np.dtype(dtype)} precision (s_min / s_max = '
+          f'{s[-1] / max(s[0], 1e-300):.1e} <= {rtol:.1e}); use PJML'
+      )
     return np.linalg.inv(J_F)
   if eps < np.finfo(np.float32).eps:
     return np.linalg.pinv(J_F, rcond=rtol)
   A = J_F if m <= n else J_F.T
   lam, U = np.linalg.eigh(A @ A.T)
-  keep = lam > rtol ** 2 * max(lam.max(), 0.0)
+  keep = lam > rtol**2 * max(lam.max(), 0.0)
   U = U[:, keep]
   A_pinv = (A.T @ U) / lam[keep] @ U.T
   return A_pinv if m <= n else A_pinv.T
 
 
-def _exact_losses(net: network.Net, params: network.Params,
-                  feedbacks: Sequence[tuple[network.Params, layers.FeedbackMode]], n: int,
-                  h_in: Array, kinds: Sequence[str]) -> list[dict[str, Any]]:
+def _exact_losses(
+    net: network.Net,
+    params: network.Params,
+    feedbacks: Sequence[tuple[network.Params, layers.FeedbackMode]],
+    n: int,
+    h_in: Array,
+    kinds: Sequence[str],
+) -> list[dict[str, Any]]:
   """Exact per-example losses of block n for several feedbacks and kinds at once.
 
   J_F is computed once per example and shared by every feedback; J_G once per feedback
@@ -306,17 +338,19 @@ def _exact_losses(net: network.Net, params: network.Params,
   jac_f = _jit(jax.vmap(lambda x1: _jac(f1, n_in, n_out)(x1).reshape(n_out, n_in)))
   jac_gs = []
   for fb_params, mode in feedbacks:
+
     def jac_g_at(x1, fb=fb_params, mode=mode):
       # Each example's ctx comes from its own forward: a derived block's ctx (its vjp)
       # holds the parameters, which have no batch axis to slice per example.
       y1, c1 = network.block_forward(net, n, params[n], x1[None])
       g1 = lambda t: network.block_feedback(net, n, fb[n], t[None], c1, mode)[0]
       return _jac(g1, n_out, n_in)(y1[0]).reshape(n_in, n_out)
+
     jac_gs.append(_jit(jax.vmap(jac_g_at)))
   out: list[dict[str, Any]] = [{} for _ in feedbacks]
   sums: list[dict[str, tuple[list, list]]] = [{k: ([], []) for k in kinds} for _ in feedbacks]
   for start in range(0, B, chunk):
-    xc = h_in[start:start + chunk]
+    xc = h_in[start : start + chunk]
     J_F = np.asarray(jac_f(xc), np.float64)
     J_G = []
     for i, jac_g in enumerate(jac_gs):
@@ -360,8 +394,8 @@ def _probe_stats(f, g, h_in, y, ctx, probes):
   def one(v):
     _, g_v = jax.jvp(lambda t: g(t, ctx), (y,), (v,))
     (ft_v,) = f_vjp(v)
-    return (jnp.sum(jnp.square(g_v - ft_v), axis=axes),
-            jnp.sum(jnp.square(ft_v), axis=axes))
+    return (jnp.sum(jnp.square(g_v - ft_v), axis=axes), jnp.sum(jnp.square(ft_v), axis=axes))
+
   return jax.vmap(one)(probes)
 
 
@@ -389,20 +423,40 @@ def _delta_method(a2: np.ndarray, t2: np.ndarray):
   with np.errstate(divide='ignore', invalid='ignore'):
     se_abs = np.where(q > 0, np.sqrt(var_q) / (2 * absolute), 0.0)
     rel = np.sqrt(q / p)
-    var_log = (var_q / q ** 2 + var_p / p ** 2 - 2 * cov / (q * p)) / 4
+    var_log = (var_q / q**2 + var_p / p**2 - 2 * cov / (q * p)) / 4
     se_rel = np.where(q > 0, rel * np.sqrt(np.maximum(var_log, 0.0)), 0.0)
   return absolute, rel, se_abs, se_rel
 
 
 def _exact_result(kind, absolute, relative, n_in, n_out) -> JMLResult:
-  return JMLResult(kind, float(absolute.mean()), float(relative.mean()), True, 0.0, 0.0,
-                   absolute, relative, 0, n_in, n_out)
+  return JMLResult(
+      kind,
+      float(absolute.mean()),
+      float(relative.mean()),
+      True,
+      0.0,
+      0.0,
+      absolute,
+      relative,
+      0,
+      n_in,
+      n_out,
+  )
 
 
-def block_jml(net: network.Net, params: network.Params, fb_params: network.Params, n: int,
-              h_in: Array, mode: layers.FeedbackMode = layers.TJMC, kind: str = 'tjml',
-              exact: bool | None = None, num_probes: int = 64, key: Array | None = None,
-              max_exact_size: int = MAX_EXACT_SIZE) -> JMLResult:
+def block_jml(
+    net: network.Net,
+    params: network.Params,
+    fb_params: network.Params,
+    n: int,
+    h_in: Array,
+    mode: layers.FeedbackMode = layers.TJMC,
+    kind: str = 'tjml',
+    exact: bool | None = None,
+    num_probes: int = 64,
+    key: Array | None = None,
+    max_exact_size: int = MAX_EXACT_SIZE,
+) -> JMLResult:
   """A Jacobian matching loss of DTP block n (0-based) on the batch h_in (its input).
 
   F_n uses ``params[n]``; G_n uses ``fb_params[n]`` with ``mode`` (pass ``params`` and
@@ -424,13 +478,17 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
   y_shape = jax.eval_shape(f0, h_in).shape
   n_in, n_out = _size(h_in.shape[1:]), _size(y_shape[1:])
   if kind == 'ijml' and n_in != n_out:
-    raise JMLError(f'IJML is undefined for block {n}: J_F is {n_out} x {n_in}, not '
-                   f'square (J_F^-1 does not exist); use PJML')
+    raise JMLError(
+        f'IJML is undefined for block {n}: J_F is {n_out} x {n_in}, not '
+        f'square (J_F^-1 does not exist); use PJML'
+    )
   if exact is None:
     exact = kind != 'tjml' or n_in * n_out <= max_exact_size
   if not exact and kind != 'tjml':
-    raise JMLError(f'{kind.upper()} has no matrix-free estimate (it needs J_F^-1 v or '
-                   f'J_F^+ v); only TJML does. Use exact=True')
+    raise JMLError(
+        f'{kind.upper()} has no matrix-free estimate (it needs J_F^-1 v or '
+        f'J_F^+ v); only TJML does. Use exact=True'
+    )
   B = h_in.shape[0]
   if exact:
     res = _exact_losses(net, params, [(fb_params, mode)], n, h_in, [kind])[0][kind]
@@ -443,18 +501,29 @@ def block_jml(net: network.Net, params: network.Params, fb_params: network.Param
   rng = _host_rng(jax.random.PRNGKey(0) if key is None else key)
   # Probes per vmapped step: bounded memory, and a divisor of num_probes so that a
   # single program is compiled.
-  chunk = max(1, min(num_probes, 2 ** 22 // max(B * (n_in + n_out), 1)))
+  chunk = max(1, min(num_probes, 2**22 // max(B * (n_in + n_out), 1)))
   while num_probes % chunk:
     chunk -= 1
   stats = _jit(lambda *a: _probe_stats(f0, g, *a))
-  parts = [stats(h_in, y, ctx, _probes(rng, (chunk, *y.shape), y.dtype))
-           for _ in range(num_probes // chunk)]
+  parts = [
+      stats(h_in, y, ctx, _probes(rng, (chunk, *y.shape), y.dtype))
+      for _ in range(num_probes // chunk)
+  ]
   a2, t2 = (np.concatenate([np.asarray(p[i], np.float64) for p in parts]) for i in (0, 1))
   absolute, relative, se_abs, se_rel = _delta_method(a2, t2)
-  return JMLResult(kind, float(absolute.mean()), float(relative.mean()), False,
-                   float(np.sqrt(np.sum(se_abs ** 2)) / B),
-                   float(np.sqrt(np.sum(se_rel ** 2)) / B),
-                   absolute, relative, num_probes, n_in, n_out)
+  return JMLResult(
+      kind,
+      float(absolute.mean()),
+      float(relative.mean()),
+      False,
+      float(np.sqrt(np.sum(se_abs**2)) / B),
+      float(np.sqrt(np.sum(se_rel**2)) / B),
+      absolute,
+      relative,
+      num_probes,
+      n_in,
+      n_out,
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -471,7 +540,8 @@ def _layer_chain(layer: layers.Layer) -> list[layers.Layer]:
 def _out_shape(layer: layers.Layer, in_shape: Sequence[int]) -> tuple[int, ...]:
   return jax.eval_shape(
       lambda h: layer.init_with_output(jax.random.PRNGKey(0), h, method='fwd')[0][0],
-      jax.ShapeDtypeStruct(tuple(in_shape), jnp.float32)).shape
+      jax.ShapeDtypeStruct(tuple(in_shape), jnp.float32),
+  ).shape
 
 
 def pjmc_inexact_reason(block: layers.Layer, in_shape: Sequence[int]) -> str | None:
@@ -497,28 +567,36 @@ def pjmc_inexact_reason(block: layers.Layer, in_shape: Sequence[int]) -> str | N
     if isinstance(layer, (layers.Reshape, layers.Transpose)):
       kinds.append(('orthogonal', describe(layer)))
     elif isinstance(layer, layers.Dense) and out[-1] != shape[-1]:
-      kinds.append(('wide' if out[-1] < shape[-1] else 'tall',
-                    f'{describe(layer)} ({shape[-1]} -> {out[-1]})'))
+      kinds.append(
+          (
+              'wide' if out[-1] < shape[-1] else 'tall',
+              f'{describe(layer)} ({shape[-1]} -> {out[-1]})',
+          )
+      )
     else:
       kinds.append(('invertible', describe(layer)))
     shape = out
   non_square = [i for i, (kind, _) in enumerate(kinds) if kind in ('wide', 'tall')]
   if len(non_square) > 1:
-    return (f'{len(non_square)} non-square dense layers '
-            f'({", ".join(kinds[i][1] for i in non_square)}): the product of their '
-            f'pseudo-inverses is not the pseudo-inverse of the product')
+    return (
+        f'{len(non_square)} non-square dense layers '
+        f'({", ".join(kinds[i][1] for i in non_square)}): the product of their '
+        f'pseudo-inverses is not the pseudo-inverse of the product'
+    )
   if not non_square:
     return None
   j = non_square[0]
   kind, what = kinds[j]
-  side = kinds[:j] if kind == 'wide' else kinds[j + 1:]
+  side = kinds[:j] if kind == 'wide' else kinds[j + 1 :]
   blocking = [name for k, name in side if k != 'orthogonal']
   if not blocking:
     return None
   where = 'before' if kind == 'wide' else 'after'
-  return (f'{kind} {what} with {", ".join(blocking)} {where} it: PJMC is exact for a '
-          f'wide dense only with reshapes before it, for a tall one only with reshapes '
-          f'after it')
+  return (
+      f'{kind} {what} with {", ".join(blocking)} {where} it: PJMC is exact for a '
+      f'wide dense only with reshapes before it, for a tall one only with reshapes '
+      f'after it'
+  )
 
 
 def check_pjmc_exact(net: network.Net, x_shape: Sequence[int]) -> None:
@@ -533,7 +611,8 @@ def check_pjmc_exact(net: network.Net, x_shape: Sequence[int]) -> None:
   if bad:
     raise layers.FeedbackError(
         'PJMC (layer-by-layer pseudo-inverses) is not the pseudo-inverse of these '
-        'blocks\' Jacobians, so PJML-DTP would not be PJML-DTP: ' + '; '.join(bad))
+        "blocks' Jacobians, so PJML-DTP would not be PJML-DTP: " + '; '.join(bad)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -549,8 +628,11 @@ def describe(layer: Any) -> str:
     return f'Residual({describe(layer.inner)})'
   if isinstance(layer, layers.Conv):
     kh, kw = layer.kernel_size
-    pad = layer.padding if isinstance(layer.padding, str) else \
-        'pad' + ''.join(str(tuple(p)) for p in layer.padding).replace(' ', '')
+    pad = (
+        layer.padding
+        if isinstance(layer.padding, str)
+        else 'pad' + ''.join(str(tuple(p)) for p in layer.padding).replace(' ', '')
+    )
     return f'Conv({layer.features},{kh}x{kw}/{layer.strides[0]},{pad})'
   if isinstance(layer, layers.Dense):
     return f'Dense({layer.features})'
@@ -571,11 +653,17 @@ def _fmt_shape(shape: Sequence[int]) -> str:
   return 'x'.join(str(d) for d in shape)
 
 
-def report(net: network.Net, params: network.Params,
-           feedbacks: Mapping[str, tuple[network.Params, layers.FeedbackMode]], x: Array,
-           kinds: Sequence[str] = KINDS, blocks: Sequence[int] | None = None,
-           num_probes: int = 64, key: Array | None = None,
-           max_exact_size: int = MAX_EXACT_SIZE) -> list[dict]:
+def report(
+    net: network.Net,
+    params: network.Params,
+    feedbacks: Mapping[str, tuple[network.Params, layers.FeedbackMode]],
+    x: Array,
+    kinds: Sequence[str] = KINDS,
+    blocks: Sequence[int] | None = None,
+    num_probes: int = 64,
+    key: Array | None = None,
+    max_exact_size: int = MAX_EXACT_SIZE,
+) -> list[dict]:
   """One row per (block, feedback, kind) for which the loss is defined and computable.
 
   Args:
@@ -607,15 +695,23 @@ def report(net: network.Net, params: network.Params,
     mode = feedbacks[fb_name][1]
     h_in, h_out = hs[n], hs[n + 1]
     return dict(
-        block=n, description=describe(net.blocks[n]),
+        block=n,
+        description=describe(net.blocks[n]),
         shape=f'{_fmt_shape(h_in.shape[1:])} -> {_fmt_shape(h_out.shape[1:])}',
-        kind=kind, feedback=fb_name, mode=f'{mode.weights}/{mode.act}',
-        absolute=r.absolute, relative=r.relative,
+        kind=kind,
+        feedback=fb_name,
+        mode=f'{mode.weights}/{mode.act}',
+        absolute=r.absolute,
+        relative=r.relative,
         method='exact' if r.exact else 'estimated',
-        stderr_absolute=r.stderr_absolute, stderr_relative=r.stderr_relative,
-        num_probes=r.num_probes, used_by_dtp=n > 0,
-        pjmc_exact=(pjmc_inexact_reason(net.blocks[n], h_in.shape) is None
-                    if mode == layers.PJMC else None))
+        stderr_absolute=r.stderr_absolute,
+        stderr_relative=r.stderr_relative,
+        num_probes=r.num_probes,
+        used_by_dtp=n > 0,
+        pjmc_exact=(
+            pjmc_inexact_reason(net.blocks[n], h_in.shape) is None if mode == layers.PJMC else None
+        ),
+    )
 
   for n in (range(len(net)) if blocks is None else blocks):
     n_in, n_out = _size(hs[n].shape[1:]), _size(hs[n + 1].shape[1:])
@@ -631,8 +727,18 @@ def report(net: network.Net, params: network.Params,
         key, sub = jax.random.split(key)
         fb_params, mode = feedbacks[fb_name]
         try:
-          r = block_jml(net, params, fb_params, n, hs[n], mode, 'tjml', exact=False,
-                        num_probes=num_probes, key=sub)
+          r = block_jml(
+              net,
+              params,
+              fb_params,
+              n,
+              hs[n],
+              mode,
+              'tjml',
+              exact=False,
+              num_probes=num_probes,
+              key=sub,
+          )
         except layers.FeedbackError:  # the block refuses this feedback mode
           continue
         rows.append(row(n, fb_name, 'tjml', r))
@@ -641,17 +747,23 @@ def report(net: network.Net, params: network.Params,
 
 def format_rows(rows: Sequence[dict]) -> str:
   """A fixed-width text table of ``report`` rows."""
-  head = (f'{"blk":>3} {"kind":<5} {"feedback":<16} {"absolute":>22} {"relative":>22} '
-          f'{"method":<9} {"pjmc exact?":<11} block')
+  head = (
+      f'{"blk":>3} {"kind":<5} {"feedback":<16} {"absolute":>22} {"relative":>22} '
+      f'{"method":<9} {"pjmc exact?":<11} block'
+  )
   exact_flag = {None: '', True: 'yes', False: 'NO'}
   lines = [head, '-' * len(head)]
   for r in rows:
+
     def val(v, se):
       return f'{v:.4e}' + (f' +- {se:.1e}' if r['method'] == 'estimated' else '')
-    lines.append(f'{r["block"]:>3} {r["kind"]:<5} {r["feedback"]:<16} '
-                 f'{val(r["absolute"], r["stderr_absolute"]):>22} '
-                 f'{val(r["relative"], r["stderr_relative"]):>22} {r["method"]:<9} '
-                 f'{exact_flag[r["pjmc_exact"]]:<11} {r["description"]} {r["shape"]}')
+
+    lines.append(
+        f'{r["block"]:>3} {r["kind"]:<5} {r["feedback"]:<16} '
+        f'{val(r["absolute"], r["stderr_absolute"]):>22} '
+        f'{val(r["relative"], r["stderr_relative"]):>22} {r["method"]:<9} '
+        f'{exact_flag[r["pjmc_exact"]]:<11} {r["description"]} {r["shape"]}'
+    )
   return '\n'.join(lines)
 
 

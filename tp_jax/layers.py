@@ -54,7 +54,6 @@ from jax import lax
 
 from tp_jax import conv as conv_ops
 
-
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
 
@@ -71,16 +70,20 @@ class FeedbackMode:
   act: 'integral' (varsigma, TJMC), 'hadamard' (sigma'(x) * t, TJMC), 'inverse'
     (sigma^-1, IJMC/PJMC) or 'forward' (sigma itself, as in the LDRL/FWDTP code).
   """
+
   weights: str = 'transpose'
   act: str = 'integral'
 
   def __post_init__(self):
     if self.weights not in ('transpose', 'inverse', 'pinv'):
-      raise ValueError(f"FeedbackMode.weights must be 'transpose', 'inverse' or 'pinv', "
-                       f'got {self.weights!r}')
+      raise ValueError(
+          f"FeedbackMode.weights must be 'transpose', 'inverse' or 'pinv', " f'got {self.weights!r}'
+      )
     if self.act not in ('integral', 'hadamard', 'inverse', 'forward'):
-      raise ValueError(f"FeedbackMode.act must be 'integral', 'hadamard', 'inverse' or "
-                       f"'forward', got {self.act!r}")
+      raise ValueError(
+          f"FeedbackMode.act must be 'integral', 'hadamard', 'inverse' or "
+          f"'forward', got {self.act!r}"
+      )
 
 
 TJMC = FeedbackMode('transpose', 'integral')
@@ -93,6 +96,7 @@ LEARNED = FeedbackMode('transpose', 'forward')
 @struct.dataclass
 class Shape:
   """A static shape carried inside a ctx pytree (no array leaves, survives jit)."""
+
   dims: tuple[int, ...] = struct.field(pytree_node=False)
 
 
@@ -117,8 +121,7 @@ class Layer(nn.Module):
     """Is t -> feedback(t, ctx, mode) linear (for a fixed ctx)?"""
     return False
 
-  def feedback_difference(self, t: Array, h: Array, ctx: Any,
-                          mode: FeedbackMode = TJMC) -> Array:
+  def feedback_difference(self, t: Array, h: Array, ctx: Any, mode: FeedbackMode = TJMC) -> Array:
     """G(t) - G(h), the difference correction, for h the output of the forward pass that
     returned ctx. A linear G is applied once, to t - h: it halves the feedback cost of
     DTP for the linear layers (conv, dense, pooling)."""
@@ -130,14 +133,18 @@ class Layer(nn.Module):
     return self.fwd(x)[0]
 
   def _refuse(self, mode: FeedbackMode, what: str) -> FeedbackError:
-    return FeedbackError(f'{type(self).__name__} (name={self.name!r}) has no closed-form '
-                         f'{what} feedback (mode {mode}); use TJMC or a learned feedback')
+    return FeedbackError(
+        f'{type(self).__name__} (name={self.name!r}) has no closed-form '
+        f'{what} feedback (mode {mode}); use TJMC or a learned feedback'
+    )
 
 
 def _check_last_dim(layer: str, x: Array, expected: int, what: str) -> None:
   if x.shape[-1] != expected:
-    raise ValueError(f'{layer}: input shape {x.shape} does not match {what} '
-                     f'(expected last dimension {expected})')
+    raise ValueError(
+        f'{layer}: input shape {x.shape} does not match {what} '
+        f'(expected last dimension {expected})'
+    )
 
 
 # PyTorch's default (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
@@ -150,10 +157,10 @@ torch_default_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'
 
 def _check_features(layer: Layer) -> None:
   """Refuses a width that cannot be right when the layer is built, before any init."""
-  if isinstance(layer.features, bool) or not isinstance(layer.features, int) or \
-      layer.features < 1:
-    raise ValueError(f'{type(layer).__name__}: features must be a positive integer, got '
-                     f'{layer.features!r}')
+  if isinstance(layer.features, bool) or not isinstance(layer.features, int) or layer.features < 1:
+    raise ValueError(
+        f'{type(layer).__name__}: features must be a positive integer, got ' f'{layer.features!r}'
+    )
 
 
 class Dense(Layer):
@@ -164,6 +171,7 @@ class Dense(Layer):
   an earlier layer of the block (a sigma^-1) is evaluated at its own forward output; a
   dropped bias would cancel in DTP's G(t) - G(h) only where the dense layer is the
   block's first (nonlinear) layer."""
+
   features: int
   use_bias: bool = True
   kernel_init: Callable = torch_default_init
@@ -192,8 +200,10 @@ class Dense(Layer):
     if mode.weights == 'pinv':
       return t @ jnp.linalg.pinv(w_IxO)
     if w_IxO.shape[0] != w_IxO.shape[1]:
-      raise FeedbackError(f'IJMC needs a square dense kernel; {self.name!r} has kernel '
-                          f'shape {w_IxO.shape} (use PJMC for non-square layers)')
+      raise FeedbackError(
+          f'IJMC needs a square dense kernel; {self.name!r} has kernel '
+          f'shape {w_IxO.shape} (use PJMC for non-square layers)'
+      )
     return t @ jnp.linalg.inv(w_IxO)
 
   def feedback_is_linear(self, mode):
@@ -204,8 +214,14 @@ class Dense(Layer):
 # Convolution
 
 
-def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding: Padding,
-                  in_hw: Sequence[int], impl: str = 'auto') -> Array:
+def conv_feedback(
+    t_NHWO: Array,
+    w_HWIO: Array,
+    strides: Sequence[int],
+    padding: Padding,
+    in_hw: Sequence[int],
+    impl: str = 'auto',
+) -> Array:
   """The TJMC feedback of a convolution: the kernel rotated 180 deg with in/out swapped.
 
   Equals the transposed convolution (the vjp of the forward w.r.t. its input) for any
@@ -213,8 +229,11 @@ def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding:
   (k-1-lo, k-1-hi+r) with r the rows the forward's floor division dropped.
   """
   kh, kw = w_HWIO.shape[:2]
-  pads = lax.padtype_to_pads(in_hw, (kh, kw), strides, padding) if isinstance(padding, str) \
+  pads = (
+      lax.padtype_to_pads(in_hw, (kh, kw), strides, padding)
+      if isinstance(padding, str)
       else padding
+  )
   out_hw = t_NHWO.shape[1:3]
   tpads = []
   for n, k, s, (lo, hi), o in zip(in_hw, (kh, kw), strides, pads, out_hw):
@@ -230,6 +249,7 @@ def conv_feedback(t_NHWO: Array, w_HWIO: Array, strides: Sequence[int], padding:
 
 class Conv(Layer):
   """2-D convolution, NHWC / HWIO, with bias; feedback in ``conv_feedback``."""
+
   features: int
   kernel_size: tuple[int, int] = (3, 3)
   strides: tuple[int, int] = (1, 1)
@@ -247,8 +267,7 @@ class Conv(Layer):
   def fwd(self, x):
     if x.ndim != 4:
       raise ValueError(f'Conv {self.name!r}: expected NHWC input, got shape {x.shape}')
-    w_HWIO = self.param('kernel', self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features))
+    w_HWIO = self.param('kernel', self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
     _check_last_dim('Conv', x, w_HWIO.shape[2], f'kernel {w_HWIO.shape}')
     y = conv_ops.conv2d(x, w_HWIO, self.strides, self.padding, impl=self.impl)
     if self.use_bias:
@@ -285,9 +304,14 @@ def _pool_windows(x_NHWC: Array, window, strides, padding, fill) -> list[Array]:
   pads = _pool_pads(x_NHWC.shape[1:3], window, strides, padding)
   xp = jnp.pad(x_NHWC, ((0, 0), *pads, (0, 0)), constant_values=fill)
   out_hw = [(xp.shape[1 + a] - window[a]) // strides[a] + 1 for a in range(2)]
-  return [xp[:, i:i + (out_hw[0] - 1) * strides[0] + 1:strides[0],
-             j:j + (out_hw[1] - 1) * strides[1] + 1:strides[1]]
-          for i, j in _window_offsets(window)]
+  return [
+      xp[
+          :,
+          i : i + (out_hw[0] - 1) * strides[0] + 1 : strides[0],
+          j : j + (out_hw[1] - 1) * strides[1] + 1 : strides[1],
+      ]
+      for i, j in _window_offsets(window)
+  ]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
@@ -331,11 +355,12 @@ def max_unpool(t_NHWC: Array, argmax: Array, in_hw, window, strides, padding) ->
       cfg.append((off, padded_hw[a] - off - span, strides[a] - 1))
     total = total + lax.pad(part, jnp.zeros((), t_NHWC.dtype), cfg + [(0, 0, 0)])
   (lo_h, _), (lo_w, _) = pads
-  return total[:, lo_h:lo_h + in_hw[0], lo_w:lo_w + in_hw[1]]
+  return total[:, lo_h : lo_h + in_hw[0], lo_w : lo_w + in_hw[1]]
 
 
 class MaxPool(Layer):
   """Max-pooling (e.g. 2x2/2, or LeNet's overlapping 3x3/2 with padding 1)."""
+
   window: tuple[int, int] = (2, 2)
   strides: tuple[int, int] = (2, 2)
   padding: Padding = 'VALID'
@@ -351,8 +376,10 @@ class MaxPool(Layer):
       raise self._refuse(mode, mode.weights)
     argmax, in_shape = ctx
     if t.shape != argmax.shape:
-      raise ValueError(f'MaxPool feedback: target shape {t.shape} does not match the '
-                       f'pooled shape {argmax.shape}')
+      raise ValueError(
+          f'MaxPool feedback: target shape {t.shape} does not match the '
+          f'pooled shape {argmax.shape}'
+      )
     return max_unpool(t, argmax, in_shape.dims, self.window, self.strides, self.padding)
 
   def feedback_is_linear(self, mode):
@@ -366,6 +393,7 @@ class MaxPool(Layer):
 @dataclasses.dataclass(frozen=True)
 class ActivationFns:
   """sigma, sigma', sigma^-1 and varsigma = int sigma'(sigma^-1(y)) dy (None: undefined)."""
+
   f: Callable
   df: Callable
   inv: Callable | None
@@ -388,26 +416,35 @@ ACTIVATIONS: dict[str, Callable[[float], ActivationFns]] = {
         f=jax.nn.elu,
         df=lambda x: jnp.where(x > 0, 1.0, jnp.exp(jnp.minimum(x, 0.0))),
         inv=lambda y: jnp.where(y > 0, y, jnp.log1p(jnp.minimum(y, 0.0))),
-        integral=lambda y: jnp.where(y > 0, y, y + 0.5 * y * y)),
+        integral=lambda y: jnp.where(y > 0, y, y + 0.5 * y * y),
+    ),
     # tanh: sigma'(sigma^-1(y)) = 1 - y^2, varsigma(y) = y - y^3/3.
     'tanh': lambda a: ActivationFns(
-        f=jnp.tanh, df=lambda x: 1.0 - jnp.tanh(x) ** 2, inv=jnp.arctanh,
-        integral=lambda y: y - y ** 3 / 3.0),
+        f=jnp.tanh,
+        df=lambda x: 1.0 - jnp.tanh(x) ** 2,
+        inv=jnp.arctanh,
+        integral=lambda y: y - y**3 / 3.0,
+    ),
     # sigmoid: sigma'(sigma^-1(y)) = y (1 - y), varsigma(y) = y^2/2 - y^3/3.
     'sigmoid': lambda a: ActivationFns(
-        f=jax.nn.sigmoid, df=lambda x: jax.nn.sigmoid(x) * (1.0 - jax.nn.sigmoid(x)),
+        f=jax.nn.sigmoid,
+        df=lambda x: jax.nn.sigmoid(x) * (1.0 - jax.nn.sigmoid(x)),
         inv=lambda y: jnp.log(y) - jnp.log1p(-y),
-        integral=lambda y: y * y / 2.0 - y ** 3 / 3.0),
+        integral=lambda y: y * y / 2.0 - y**3 / 3.0,
+    ),
     # GELU is not invertible: only the Hadamard feedback is defined.
     'gelu': lambda a: ActivationFns(
         f=lambda x: jax.nn.gelu(x, approximate=False),
         df=lambda x: jax.scipy.stats.norm.cdf(x) + x * jax.scipy.stats.norm.pdf(x),
-        inv=None, integral=None),
+        inv=None,
+        integral=None,
+    ),
 }
 
 
 class Activation(Layer):
   """Element-wise sigma. ``negative_slope`` is LeakyReLU's slope (unused otherwise)."""
+
   fn: str = 'elu'
   negative_slope: float = 0.01
 
@@ -433,9 +470,11 @@ class Activation(Layer):
       return fns.f(t)
     g = fns.integral if mode.act == 'integral' else fns.inv
     if g is None:
-      raise FeedbackError(f'activation {self.fn!r} is not invertible, so its '
-                          f'{mode.act!r} feedback is undefined; use the Hadamard feedback '
-                          f'(FeedbackMode act="hadamard") or an invertible activation')
+      raise FeedbackError(
+          f'activation {self.fn!r} is not invertible, so its '
+          f'{mode.act!r} feedback is undefined; use the Hadamard feedback '
+          f'(FeedbackMode act="hadamard") or an invertible activation'
+      )
     return g(t)
 
 
@@ -456,6 +495,7 @@ class LayerNorm(Layer):
   at gamma = 1, relative 1/sqrt(d - 2)); near var(x) ~ eps it is smaller by
   sqrt(var(x) / s). An approximation, measured in the tests and in BUILD_NOTES.md.
   """
+
   epsilon: float = 1e-5
 
   @nn.compact
@@ -499,6 +539,7 @@ class NormDense(Layer):
   channel units. Parameters: ``norm_scale``, ``norm_bias`` (LayerNorm's gamma, beta),
   ``kernel``, ``bias`` (Dense's).
   """
+
   features: int
   use_bias: bool = True
   epsilon: float = 1e-5
@@ -530,6 +571,7 @@ class NormDense(Layer):
 
 class Mean(Layer):
   """Mean over one non-batch axis (global average pooling / mean over tokens)."""
+
   axis: int | tuple[int, ...] = 1
 
   def fwd(self, x):
@@ -551,6 +593,7 @@ class Mean(Layer):
 
 class Reshape(Layer):
   """Reshape of the non-batch axes (e.g. flatten: ``shape=(-1,)``); G = the inverse."""
+
   shape: tuple[int, ...] = (-1,)
 
   def fwd(self, x):
@@ -569,6 +612,7 @@ def Flatten(name: str | None = None) -> Reshape:  # pylint: disable=invalid-name
 
 class Transpose(Layer):
   """Permutation of the non-batch axes (token mixing); G = the inverse permutation."""
+
   perm: tuple[int, ...] = (2, 1)
 
   def fwd(self, x):
@@ -590,6 +634,7 @@ class Transpose(Layer):
 
 class Sequential(Layer):
   """f_k . ... . f_1, with feedback g_1 . ... . g_k (the reversed composition)."""
+
   layers: Sequence[nn.Module]
 
   def __post_init__(self):
@@ -627,6 +672,7 @@ class Sequential(Layer):
 
 class Residual(Layer):
   """F(x) = f(x) + x, G(t) = g*(t) + t (TJMC only: F's inverse is not closed-form)."""
+
   inner: nn.Module
 
   def __post_init__(self):
@@ -636,8 +682,9 @@ class Residual(Layer):
   def fwd(self, x):
     y, ctx = self.inner.fwd(x)
     if y.shape != x.shape:
-      raise ValueError(f'Residual: inner output shape {y.shape} does not match input '
-                       f'shape {x.shape}')
+      raise ValueError(
+          f'Residual: inner output shape {y.shape} does not match input ' f'shape {x.shape}'
+      )
     return y + x, ctx
 
   def feedback(self, t, ctx, mode=TJMC):
@@ -656,6 +703,7 @@ class Residual(Layer):
 
 def _as_layer(module: Any) -> Layer:
   from tp_jax import derived  # pylint: disable=g-import-not-at-top (it imports this module)
+
   return derived.as_layer(module)
 
 
@@ -664,5 +712,6 @@ def __getattr__(name: str) -> Any:
   ``tp_jax.derived``, which imports this module: looked up on first use."""
   if name in ('Derived', 'Function', 'from_nnx'):
     from tp_jax import derived  # pylint: disable=g-import-not-at-top
+
     return getattr(derived, name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

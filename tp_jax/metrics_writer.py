@@ -47,8 +47,12 @@ class EventWriter:
     self._records = RecordWriter(open(self.path, 'ab'))
     self._write(event_pb2.Event(file_version='brain.Event:2'))
     if start_step:
-      self._write(event_pb2.Event(
-          step=start_step + 1, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+      self._write(
+          event_pb2.Event(
+              step=start_step + 1,
+              session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+          )
+      )
     self.flush()
 
   def _write(self, event: event_pb2.Event) -> None:
@@ -60,8 +64,11 @@ class EventWriter:
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """One event holding every value of ``values`` at ``step``."""
     if values:
-      summary = summary_pb2.Summary(value=[
-          summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+      summary = summary_pb2.Summary(
+          value=[
+              summary_pb2.Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()
+          ]
+      )
       self._write(event_pb2.Event(step=step, summary=summary))
 
   def flush(self) -> None:
@@ -92,9 +99,16 @@ def format_duration(seconds: float) -> str:
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m:d}:{s:02d}'
 
 
-def progress_line(epoch: int, num_epochs: int, done: int, total: int, elapsed_s: float,
-                  run_steps_left: int | None = None, loss: float | None = None,
-                  width: int = 24) -> str:
+def progress_line(
+    epoch: int,
+    num_epochs: int,
+    done: int,
+    total: int,
+    elapsed_s: float,
+    run_steps_left: int | None = None,
+    loss: float | None = None,
+    width: int = 24,
+) -> str:
   """``epoch 2/10 [######------]  96/234  3.1 ms/step  ETA 0:00:43  run ETA 0:05:10``.
 
   The ETA extrapolates this epoch's time per step so far (elapsed_s over done steps).
@@ -102,8 +116,9 @@ def progress_line(epoch: int, num_epochs: int, done: int, total: int, elapsed_s:
   frac = done / total if total else 1.0
   filled = int(round(width * frac))
   per_step = elapsed_s / done if done else math.nan
-  parts = [f'epoch {epoch}/{num_epochs} [{"#" * filled}{"-" * (width - filled)}] '
-           f'{done}/{total}']
+  parts = [
+      f'epoch {epoch}/{num_epochs} [{"#" * filled}{"-" * (width - filled)}] ' f'{done}/{total}'
+  ]
   if done:
     parts.append(f'{1e3 * per_step:.1f} ms/step')
   parts.append(f'ETA {format_duration((total - done) * per_step)}')
@@ -120,8 +135,7 @@ class Progress:
   def __init__(self, enabled: bool | None = None, stream: IO[str] | None = None):
     self.stream = stream if stream is not None else sys.stderr
     if enabled is None:
-      enabled = bool(getattr(self.stream, 'isatty', lambda: False)()) or \
-          'ipykernel' in sys.modules
+      enabled = bool(getattr(self.stream, 'isatty', lambda: False)()) or 'ipykernel' in sys.modules
     self.enabled = enabled
     self._width = 0
 
@@ -139,4 +153,3 @@ class Progress:
       self.stream.write('\r' + ' ' * self._width + '\r')
       self.stream.flush()
       self._width = 0
-

@@ -18,8 +18,9 @@ _POOL_3x3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 _PAD_2 = ((2, 2), (2, 2))
 
 
-def lenet(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
-          conv_impl: str = 'auto') -> Net:
+def lenet(
+    num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01, conv_impl: str = 'auto'
+) -> Net:
   """The reference TP LeNet (scalingDTP / Meulemans et al.): works on 28x28 and 32x32.
 
   Blocks: (conv 5x5 32, act, pool 3x3/2 pad 1), (conv 5x5 64, act, pool),
@@ -27,30 +28,44 @@ def lenet(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
   """
   a = lambda: L.Activation(act, negative_slope)
   conv = lambda c: L.Conv(c, (5, 5), padding=_PAD_2, impl=conv_impl)
-  return Net((
-      L.Sequential([conv(32), a(), L.MaxPool(**_POOL_3x3)]),
-      L.Sequential([conv(64), a(), L.MaxPool(**_POOL_3x3)]),
-      L.Sequential([L.Reshape((-1,)), L.Dense(512), a()]),
-      L.Sequential([L.Dense(num_classes)]),
-  ), name='lenet')
+  return Net(
+      (
+          L.Sequential([conv(32), a(), L.MaxPool(**_POOL_3x3)]),
+          L.Sequential([conv(64), a(), L.MaxPool(**_POOL_3x3)]),
+          L.Sequential([L.Reshape((-1,)), L.Dense(512), a()]),
+          L.Sequential([L.Dense(num_classes)]),
+      ),
+      name='lenet',
+  )
 
 
-def simple_vgg(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
-               channels: tuple[int, ...] = (128, 128, 256, 256, 512),
-               conv_impl: str = 'auto') -> Net:
+def simple_vgg(
+    num_classes: int = 10,
+    act: str = 'elu',
+    negative_slope: float = 0.01,
+    channels: tuple[int, ...] = (128, 128, 256, 256, 512),
+    conv_impl: str = 'auto',
+) -> Net:
   """Simplified VGG: blocks (conv 3x3 SAME, act, max-pool 2x2/2) then (flatten, dense)."""
   blocks = tuple(
-      L.Sequential([L.Conv(c, (3, 3), padding='SAME', impl=conv_impl),
-                    L.Activation(act, negative_slope),
-                    L.MaxPool((2, 2), (2, 2), 'VALID')]) for c in channels)
+      L.Sequential(
+          [
+              L.Conv(c, (3, 3), padding='SAME', impl=conv_impl),
+              L.Activation(act, negative_slope),
+              L.MaxPool((2, 2), (2, 2), 'VALID'),
+          ]
+      )
+      for c in channels
+  )
   head = L.Sequential([L.Reshape((-1,)), L.Dense(num_classes)])
   return Net(blocks + (head,), name='simple_vgg')
 
 
 def _mixer_token_mlp(tokens: int, act: L.Activation) -> L.Sequential:
   """Act(FC(Norm(x)^T))^T: the token-mixing map of a Mixer block."""
-  return L.Sequential([L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens), act,
-                       L.Transpose((2, 1))])
+  return L.Sequential(
+      [L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens), act, L.Transpose((2, 1))]
+  )
 
 
 def _mixer_channel_mlp(channel_dim: int, out: int, act: L.Activation) -> L.Sequential:
@@ -59,19 +74,26 @@ def _mixer_channel_mlp(channel_dim: int, out: int, act: L.Activation) -> L.Seque
   return L.Sequential([L.NormDense(channel_dim), act, L.Dense(out)])
 
 
-def _mixer(name: str, mixing_blocks, num_classes: int, patch: int, hidden: int,
-           tokens: int) -> Net:
+def _mixer(name: str, mixing_blocks, num_classes: int, patch: int, hidden: int, tokens: int) -> Net:
   """Patch embedding, ``mixing_blocks``, (Norm, mean over tokens), dense head."""
-  embed = L.Sequential([L.Conv(hidden, (patch, patch), (patch, patch), 'VALID'),
-                        L.Reshape((tokens, hidden))])
+  embed = L.Sequential(
+      [L.Conv(hidden, (patch, patch), (patch, patch), 'VALID'), L.Reshape((tokens, hidden))]
+  )
   pool = L.Sequential([L.LayerNorm(), L.Mean(axis=1)])
   head = L.Sequential([L.Dense(num_classes)])
   return Net((embed, *mixing_blocks, pool, head), name=name)
 
 
-def mlp_mixer(num_classes: int = 10, act: str = 'leaky_relu', negative_slope: float = 0.01,
-              patch: int = 4, hidden: int = 128, channel_dim: int = 256,
-              num_blocks: int = 4, image_hw: tuple[int, int] = (32, 32)) -> Net:
+def mlp_mixer(
+    num_classes: int = 10,
+    act: str = 'leaky_relu',
+    negative_slope: float = 0.01,
+    patch: int = 4,
+    hidden: int = 128,
+    channel_dim: int = 256,
+    num_blocks: int = 4,
+    image_hw: tuple[int, int] = (32, 32),
+) -> Net:
   """MLP-Mixer as in the paper: patch embedding, then per Mixer block a token unit
   Act(FC(Norm(x)^T))^T + x (eq. 46) and a channel unit FC(Act(FC(Norm(x)))) + x
   (eq. 44); then (Norm, mean over tokens) and a dense head. Each unit is a DTP block."""
@@ -84,27 +106,41 @@ def mlp_mixer(num_classes: int = 10, act: str = 'leaky_relu', negative_slope: fl
   return _mixer('mlp_mixer', units, num_classes, patch, hidden, tokens)
 
 
-def reversible_mixer(num_classes: int = 10, act: str = 'leaky_relu',
-                     negative_slope: float = 0.01, patch: int = 4, hidden: int = 128,
-                     channel_dim: int = 256, num_blocks: int = 4,
-                     image_hw: tuple[int, int] = (32, 32)) -> Net:
+def reversible_mixer(
+    num_classes: int = 10,
+    act: str = 'leaky_relu',
+    negative_slope: float = 0.01,
+    patch: int = 4,
+    hidden: int = 128,
+    channel_dim: int = 256,
+    num_blocks: int = 4,
+    image_hw: tuple[int, int] = (32, 32),
+) -> Net:
   """The paper's Table 4 model: ``mlp_mixer`` with each Mixer block (token + channel
   unit) replaced by one additive coupling (``reversible.Coupling``) whose f is the
   token-mixing map and g the channel-mixing map, each on half of the ``hidden``
   channels. Each coupling is one DTP block whose feedback is its exact inverse."""
   if hidden % 2:
-    raise ValueError(f'reversible_mixer: hidden must be even to split into two halves, '
-                     f'got {hidden}')
+    raise ValueError(
+        f'reversible_mixer: hidden must be even to split into two halves, ' f'got {hidden}'
+    )
   tokens = (image_hw[0] // patch) * (image_hw[1] // patch)
   a = lambda: L.Activation(act, negative_slope)
-  blocks = [reversible.Coupling(_mixer_token_mlp(tokens, a()),
-                                _mixer_channel_mlp(channel_dim, hidden // 2, a()))
-            for _ in range(num_blocks)]
+  blocks = [
+      reversible.Coupling(
+          _mixer_token_mlp(tokens, a()), _mixer_channel_mlp(channel_dim, hidden // 2, a())
+      )
+      for _ in range(num_blocks)
+  ]
   return _mixer('reversible_mixer', blocks, num_classes, patch, hidden, tokens)
 
 
-def mlp(num_classes: int = 10, act: str = 'tanh', negative_slope: float = 0.01,
-        widths: tuple[int, ...] = (256, 256, 256, 256, 256)) -> Net:
+def mlp(
+    num_classes: int = 10,
+    act: str = 'tanh',
+    negative_slope: float = 0.01,
+    widths: tuple[int, ...] = (256, 256, 256, 256, 256),
+) -> Net:
   """The FWDTP paper's MLP: (flatten, dense, act) blocks, then a dense head.
 
   IJML-DTP needs every block after the first to be square (W^-1 must exist); set
@@ -117,7 +153,10 @@ def mlp(num_classes: int = 10, act: str = 'tanh', negative_slope: float = 0.01,
 
 
 MODELS: dict[str, Callable[..., Net]] = {
-    'lenet': lenet, 'simple_vgg': simple_vgg, 'mlp_mixer': mlp_mixer, 'mlp': mlp,
+    'lenet': lenet,
+    'simple_vgg': simple_vgg,
+    'mlp_mixer': mlp_mixer,
+    'mlp': mlp,
     'reversible_mixer': reversible_mixer,
 }
 
@@ -132,8 +171,10 @@ def for_config(cfg) -> Net:
   """``cfg.model`` built with ``cfg.model_kwargs`` for ``cfg.dataset``'s classes."""
   num_classes = data.info(cfg.dataset).num_classes
   if 'num_classes' in cfg.model_kwargs:
-    raise ValueError(f'model_kwargs.num_classes: the number of classes comes from the '
-                     f'dataset ({cfg.dataset}: {num_classes}); remove it')
+    raise ValueError(
+        f'model_kwargs.num_classes: the number of classes comes from the '
+        f'dataset ({cfg.dataset}: {num_classes}); remove it'
+    )
   return get(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
 
 
@@ -163,6 +204,7 @@ class PreActDownsample(nn.Module):
   the projection shortcut on the pre-activated input): a = act(GN(x)),
   F(x) = conv3x3(act(GN(conv3x3/s(a)))) + conv1x1/s(a). A plain Flax module: its
   feedback (g* + P^T, with P the projection) is derived by autodiff."""
+
   features: int
   strides: tuple[int, int] = (2, 2)
   act: str = 'elu'
@@ -171,16 +213,22 @@ class PreActDownsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     sigma = L.ACTIVATIONS[self.act](self.negative_slope).f
-    conv = lambda k, s, **kw: nn.Conv(self.features, k, s, padding='SAME',
-                                      kernel_init=L.torch_default_init, **kw)
+    conv = lambda k, s, **kw: nn.Conv(
+        self.features, k, s, padding='SAME', kernel_init=L.torch_default_init, **kw
+    )
     a = sigma(_group_norm(x.shape[-1])(x))
     y = conv((3, 3), self.strides)(a)
     y = conv((3, 3), (1, 1))(sigma(_group_norm(self.features)(y)))
     return y + conv((1, 1), self.strides, use_bias=False)(a)
 
 
-def resnet18(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.01,
-             width: int = 64, conv_impl: str = 'auto') -> Net:
+def resnet18(
+    num_classes: int = 10,
+    act: str = 'elu',
+    negative_slope: float = 0.01,
+    width: int = 64,
+    conv_impl: str = 'auto',
+) -> Net:
   """ResNet-18, CIFAR variant (3x3 stem, no max-pool; four stages of two basic units,
   ``width`` x (1, 2, 4, 8) channels, strides 1, 2, 2, 2), pre-activation (He et al.
   2016b) so that every unit with an identity skip is exactly F = f + id, one DTP block
@@ -197,10 +245,12 @@ def resnet18(num_classes: int = 10, act: str = 'elu', negative_slope: float = 0.
       if stage > 0 and unit == 0:
         blocks.append(PreActDownsample(c, (2, 2), act, negative_slope))
       else:
-        blocks.append(L.Residual(L.Sequential(
-            [_group_norm(c), a(), conv(c), _group_norm(c), a(), conv(c)])))
-  blocks.append(L.Sequential([_group_norm(8 * width), a(), L.Mean(axis=(1, 2)),
-                              L.Dense(num_classes)]))
+        blocks.append(
+            L.Residual(L.Sequential([_group_norm(c), a(), conv(c), _group_norm(c), a(), conv(c)]))
+        )
+  blocks.append(
+      L.Sequential([_group_norm(8 * width), a(), L.Mean(axis=(1, 2)), L.Dense(num_classes)])
+  )
   return Net(tuple(blocks), name='resnet18')
 
 

@@ -31,6 +31,7 @@ class Net:
   """An ordered tuple of DTP blocks: ``tp_jax.layers`` layers, or plain Flax modules
   (wrapped as ``layers.Derived``). Jitted steps close over it (it is not hashable: a
   Sequential holds a list, so it cannot be a static argument)."""
+
   blocks: tuple[layers.Layer, ...]
   name: str = 'net'
 
@@ -60,8 +61,9 @@ def init(net: Net, key: Array, x: Array) -> Params:
     except ValueError as e:  # FeedbackError included
       if type(e) not in (ValueError, layers.FeedbackError):
         raise  # a library's own error type (its constructor may take other arguments)
-      raise type(e)(f'{net.name}: block {n} ({type(block).__name__}) on an input of '
-                    f'shape {x.shape}: {e}') from e
+      raise type(e)(
+          f'{net.name}: block {n} ({type(block).__name__}) on an input of ' f'shape {x.shape}: {e}'
+      ) from e
     params.append(p)
   return tuple(params)
 
@@ -71,15 +73,17 @@ def block_forward(net: Net, n: int, p: dict, h: Array) -> tuple[Array, Any]:
   return net.blocks[n].apply({'params': p}, h, method='fwd')
 
 
-def block_feedback(net: Net, n: int, p: dict, t: Array, ctx: Any,
-                   mode: layers.FeedbackMode = layers.TJMC) -> Array:
+def block_feedback(
+    net: Net, n: int, p: dict, t: Array, ctx: Any, mode: layers.FeedbackMode = layers.TJMC
+) -> Array:
   """G_n(t): pass the forward params for TJMC, or separate feedback weights."""
   with _naming_block(net, n):
     return net.blocks[n].apply({'params': p}, t, ctx, mode, method='feedback')
 
 
-def block_feedback_difference(net: Net, n: int, p: dict, t: Array, h: Array, ctx: Any,
-                              mode: layers.FeedbackMode = layers.TJMC) -> Array:
+def block_feedback_difference(
+    net: Net, n: int, p: dict, t: Array, h: Array, ctx: Any, mode: layers.FeedbackMode = layers.TJMC
+) -> Array:
   """G_n(t) - G_n(h), each linear part of G_n applied once to a difference."""
   with _naming_block(net, n):
     return net.blocks[n].apply({'params': p}, t, h, ctx, mode, method='feedback_difference')
@@ -94,8 +98,9 @@ def _naming_block(net: Net, n: int):
     raise layers.FeedbackError(f'{net.name}: block {n}: {e}') from e
 
 
-def forward(net: Net, params: Params, x: Array, detach: bool = False
-            ) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
+def forward(
+    net: Net, params: Params, x: Array, detach: bool = False
+) -> tuple[tuple[Array, ...], tuple[Any, ...]]:
   """All block outputs (h_1..h_N) and ctxs. ``detach`` stops gradients between blocks,
   so that a sum of block-local losses trains each block on its own loss only."""
   _check_params(net, params)
@@ -141,5 +146,4 @@ def _leaf_name(path) -> str:
 
 def _check_params(net: Net, params: Sequence[Any]) -> None:
   if len(params) != len(net):
-    raise ValueError(f'{net.name} has {len(net)} blocks but params has {len(params)} '
-                     f'entries')
+    raise ValueError(f'{net.name} has {len(net)} blocks but params has {len(params)} ' f'entries')

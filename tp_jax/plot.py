@@ -39,8 +39,13 @@ class Panel:
   integer_x: bool = False  # epochs: integer ticks
 
 
-def save_figure(grid: Sequence[Sequence[Panel]], out: str | Path, title: str | None = None,
-                panel_size: tuple[float, float] = (4.2, 3.4), dpi: int = 110) -> Path:
+def save_figure(
+    grid: Sequence[Sequence[Panel]],
+    out: str | Path,
+    title: str | None = None,
+    panel_size: tuple[float, float] = (4.2, 3.4),
+    dpi: int = 110,
+) -> Path:
   """Draws ``grid`` (rows of panels, all rows the same length) into the PNG ``out``."""
   import matplotlib.figure  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
@@ -52,11 +57,13 @@ def save_figure(grid: Sequence[Sequence[Panel]], out: str | Path, title: str | N
     for j, panel in enumerate(row):
       ax = axes[i, j]
       for line in panel.lines:
-        (drawn,) = ax.plot(line.x, line.y, line.style, color=line.color, alpha=line.alpha,
-                           label=line.label)
+        (drawn,) = ax.plot(
+            line.x, line.y, line.style, color=line.color, alpha=line.alpha, label=line.label
+        )
         if line.band is not None:
-          ax.fill_between(line.x, *line.band, color=drawn.get_color(),
-                          alpha=0.2 * line.alpha, linewidth=0)
+          ax.fill_between(
+              line.x, *line.band, color=drawn.get_color(), alpha=0.2 * line.alpha, linewidth=0
+          )
       ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
       if panel.log_y:
         ax.set_yscale('log')
@@ -78,8 +85,10 @@ def read_history(workdir: str | Path) -> list[dict]:
   """A workdir's metrics.jsonl rows; a clear error when there is none yet."""
   path = Path(workdir) / 'metrics.jsonl'
   if not path.exists():
-    raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir '
-                            f'(python -m experiments.train --workdir=...)?')
+    raise FileNotFoundError(
+        f'{path} not found: is {workdir} a training workdir '
+        f'(python -m experiments.train --workdir=...)?'
+    )
   rows = train.read_history(path)
   if not rows:
     raise ValueError(f'{path} has no rows yet: no epoch has finished')
@@ -106,27 +115,43 @@ def num_seeds(rows: list[dict]) -> int:
   return len(accuracy) if isinstance(accuracy, list) else 1
 
 
-def seed_line(label: str, x: Sequence[float], per_seed: Sequence[Sequence[float]],
-              style: str = '-', color: str | None = None, alpha: float = 1.0) -> Line:
+def seed_line(
+    label: str,
+    x: Sequence[float],
+    per_seed: Sequence[Sequence[float]],
+    style: str = '-',
+    color: str | None = None,
+    alpha: float = 1.0,
+) -> Line:
   """The line of ``per_seed`` [seeds][len(x)] values: one seed's own values, or the mean
   over the seeds with a min-max band."""
   if len(per_seed) == 1:
     return Line(label, x, per_seed[0], style, color, alpha)
   y = np.asarray(per_seed, np.float64)
-  return Line(f'{label} (mean, min-max of {len(y)} seeds)', x, list(y.mean(0)), style,
-              color, alpha, band=(list(y.min(0)), list(y.max(0))))
+  return Line(
+      f'{label} (mean, min-max of {len(y)} seeds)',
+      x,
+      list(y.mean(0)),
+      style,
+      color,
+      alpha,
+      band=(list(y.min(0)), list(y.max(0))),
+  )
 
 
 # (row key, panel title, y label, log scale): per-block lists of a metrics row.
-PER_BLOCK = [('block_loss', 'per-block local loss', 'loss', True),
-             ('feedback_loss', 'feedback loss (LDRL/DTP)', 'loss', False),
-             ('bp_angle', 'angle of the TP update to BP\'s gradient', 'degrees', False),
-             ('bp_norm_ratio', '|TP update| / |beta BP gradient|', 'ratio', True),
-             ('tjml', 'relative TJML of the feedback (blocks 2..N)', 'relative TJML', True)]
+PER_BLOCK = [
+    ('block_loss', 'per-block local loss', 'loss', True),
+    ('feedback_loss', 'feedback loss (LDRL/DTP)', 'loss', False),
+    ('bp_angle', "angle of the TP update to BP's gradient", 'degrees', False),
+    ('bp_norm_ratio', '|TP update| / |beta BP gradient|', 'ratio', True),
+    ('tjml', 'relative TJML of the feedback (blocks 2..N)', 'relative TJML', True),
+]
 
 
-def plot_runs(workdirs: Sequence[str | Path], out: str | Path | None = None,
-              title: str | None = None) -> Path:
+def plot_runs(
+    workdirs: Sequence[str | Path], out: str | Path | None = None, title: str | None = None
+) -> Path:
   """Train/test accuracy and loss per epoch of ``workdirs`` overlaid, and a panel per
   per-block quantity the rows hold; into ``out`` (default: <first workdir>/curves.png).
   """
@@ -144,11 +169,20 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path | None = None,
     seeds = num_seeds(rows)
     seed_rows = [[train.split_seeds(r, seeds)[s] for r in rows] for s in range(seeds)]
     for split, style in (('train', '--'), ('test', '-')):
-      accuracy.append(seed_line(f'{label} {split}', ep,
-                                [[100 * r[f'{split}_accuracy'] for r in h] for h in seed_rows],
-                                style, c))
-      loss.append(seed_line(f'{label} {split}', ep,
-                            [[r[f'{split}_loss'] for r in h] for h in seed_rows], style, c))
+      accuracy.append(
+          seed_line(
+              f'{label} {split}',
+              ep,
+              [[100 * r[f'{split}_accuracy'] for r in h] for h in seed_rows],
+              style,
+              c,
+          )
+      )
+      loss.append(
+          seed_line(
+              f'{label} {split}', ep, [[r[f'{split}_loss'] for r in h] for h in seed_rows], style, c
+          )
+      )
     for key in per_block:
       have = [r['epoch'] for r in rows if key in r]
       if not have:
@@ -156,13 +190,23 @@ def plot_runs(workdirs: Sequence[str | Path], out: str | Path | None = None,
       values = [[r[key] for r in h if key in r] for h in seed_rows]  # [seed][epoch][block]
       nblocks = len(values[0][0])
       for b in range(nblocks):
-        per_block[key].append(seed_line(
-            f'{label} block {b + 1}' if len(runs) > 1 else f'block {b + 1}', have,
-            [[v[b] for v in h] for h in values], '-', c,
-            alpha=0.35 + 0.65 * (b + 1) / nblocks))
-  panels = [Panel('accuracy', 'epoch', '%', accuracy, integer_x=True),
-            Panel('cross-entropy', 'epoch', 'loss', loss, integer_x=True)]
-  panels += [Panel(name, 'epoch', ylabel, per_block[key], log_y=log, integer_x=True)
-             for key, name, ylabel, log in PER_BLOCK if per_block[key]]
-  return save_figure([panels], Path(out) if out else Path(workdirs[0]) / 'curves.png',
-                     title)
+        per_block[key].append(
+            seed_line(
+                f'{label} block {b + 1}' if len(runs) > 1 else f'block {b + 1}',
+                have,
+                [[v[b] for v in h] for h in values],
+                '-',
+                c,
+                alpha=0.35 + 0.65 * (b + 1) / nblocks,
+            )
+        )
+  panels = [
+      Panel('accuracy', 'epoch', '%', accuracy, integer_x=True),
+      Panel('cross-entropy', 'epoch', 'loss', loss, integer_x=True),
+  ]
+  panels += [
+      Panel(name, 'epoch', ylabel, per_block[key], log_y=log, integer_x=True)
+      for key, name, ylabel, log in PER_BLOCK
+      if per_block[key]
+  ]
+  return save_figure([panels], Path(out) if out else Path(workdirs[0]) / 'curves.png', title)

@@ -30,6 +30,7 @@ class Coupling(L.Layer):
   """F(x1, x2) = (x1 + f(x2), x2 + g(x1 + f(x2))) on the halves of the last axis;
   G = F^-1 exactly. ``f`` and ``g`` are any ``tp_jax.layers`` maps from half the last
   axis to itself; only their forward maps are used."""
+
   f: L.Layer
   g: L.Layer
 
@@ -41,8 +42,10 @@ class Coupling(L.Layer):
   def _map(self, fn: L.Layer, x, what: str):
     y, _ = fn.fwd(x)
     if y.shape != x.shape:
-      raise ValueError(f'Coupling: {what} maps shape {x.shape} to {y.shape}; '
-                       f'it must keep the shape of a half')
+      raise ValueError(
+          f'Coupling: {what} maps shape {x.shape} to {y.shape}; '
+          f'it must keep the shape of a half'
+      )
     return y
 
   def fwd(self, x):
@@ -62,7 +65,8 @@ class Coupling(L.Layer):
       raise L.FeedbackError(
           f'Coupling (name={self.name!r}): its feedback is the exact inverse '
           f'of the forward map; learned/fixed feedback weights (mode {mode}) have no '
-          f'meaning here')
+          f'meaning here'
+      )
     return self.inverse(t)
 
   def feedback_is_linear(self, mode):
@@ -71,4 +75,3 @@ class Coupling(L.Layer):
   def feedback_difference(self, t, h, x, mode=L.TJMC):
     """F^-1(t) - F^-1(h), with F^-1(h) = x, the forward input: one inverse, not two."""
     return self.feedback(t, x, mode) - x
-

@@ -80,9 +80,18 @@ TIMING_KEYS = ('epoch_train_s', 'ms_per_step', 'steps')
 
 # Config fields that may differ between a run and its resumption: none of them changes
 # what is computed (``epochs`` extends or shortens the run).
-RESUMABLE_CHANGES = ('epochs', 'check_every_steps', 'log_every_steps', 'keep_checkpoints',
-                     'checkpoint_every_steps', 'data_dir', 'verify_checksums',
-                     'skip_nonfinite', 'eval_batch_size', 'num_processes')
+RESUMABLE_CHANGES = (
+    'epochs',
+    'check_every_steps',
+    'log_every_steps',
+    'keep_checkpoints',
+    'checkpoint_every_steps',
+    'data_dir',
+    'verify_checksums',
+    'skip_nonfinite',
+    'eval_batch_size',
+    'num_processes',
+)
 
 
 class DivergenceError(RuntimeError):
@@ -109,11 +118,11 @@ def maybe_initialize_distributed(cfg) -> None:
     return
   if not jax.distributed.is_initialized():
     pid = os.environ.get('TP_JAX_PROCESS_ID')
-    jax.distributed.initialize(num_processes=n,
-                               process_id=int(pid) if pid is not None else None)
+    jax.distributed.initialize(num_processes=n, process_id=int(pid) if pid is not None else None)
   if jax.process_count() != n:
-    raise config_lib.ConfigError(f'num_processes={n} but JAX runs {jax.process_count()} '
-                                 f'processes')
+    raise config_lib.ConfigError(
+        f'num_processes={n} but JAX runs {jax.process_count()} ' f'processes'
+    )
 
 
 def _put(x, sharding: NamedSharding) -> Array:
@@ -126,8 +135,10 @@ def _put(x, sharding: NamedSharding) -> Array:
 
 def _fetch(tree):
   """Host copies of replicated (possibly multi-process) arrays."""
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))
-                      if isinstance(a, jax.Array) else np.asarray(a), tree)
+  return jax.tree.map(
+      lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else np.asarray(a),
+      tree,
+  )
 
 
 # --------------------------------------------------------------------------------------
@@ -168,8 +179,7 @@ def make_init(algo: algorithms.Algorithm, mesh: Mesh, num_seeds: int = 1) -> Cal
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=fast)
 
 
-def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
-                    steps_per_epoch: int) -> Callable:
+def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh, steps_per_epoch: int) -> Callable:
   """(state, x_all, y_all, idx_epoch, step_key) -> (state, metrics), jitted.
 
   ``idx_epoch`` [steps_per_epoch, batch_size] holds the epoch's example indices; the
@@ -199,14 +209,16 @@ def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh,
     new_state, metrics = algo.step(state, (x, y), k_step)
     metrics['params_finite'] = jnp.stack([common.all_finite(p) for p in new_state.params])
     if cfg.skip_nonfinite:  # keep the old state, but count the step
-      new_state = jax.tree.map(lambda n, o: jnp.where(metrics['finite'], n, o),
-                               new_state, state._replace(step=state.step + 1))
+      new_state = jax.tree.map(
+          lambda n, o: jnp.where(metrics['finite'], n, o),
+          new_state,
+          state._replace(step=state.step + 1),
+      )
     return new_state, metrics
 
   if cfg.num_seeds > 1:
     train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
-  return jax.jit(train_step, in_shardings=replicated, out_shardings=replicated,
-                 donate_argnums=(0,))
+  return jax.jit(train_step, in_shardings=replicated, out_shardings=replicated, donate_argnums=(0,))
 
 
 def make_evaluate(net: network.Net, batch_size: int, mesh: Mesh | None = None) -> Callable:
@@ -255,6 +267,7 @@ class Run:
   for them (see ``make_train_step``); ``init`` and ``evaluate`` are jitted and compile
   on their first call (jax.jit's own cache serves later calls of the same run).
   """
+
   cfg: ml_collections.ConfigDict
   mesh: Mesh
   net: network.Net
@@ -285,14 +298,19 @@ class Run:
 def steps_per_epoch(cfg, n_train: int) -> int:
   """Full batches in the training set, capped by ``cfg.steps_per_epoch`` when set."""
   if cfg.batch_size > n_train:
-    raise config_lib.ConfigError(f'batch_size={cfg.batch_size} exceeds the {n_train} '
-                                 f'training examples')
+    raise config_lib.ConfigError(
+        f'batch_size={cfg.batch_size} exceeds the {n_train} ' f'training examples'
+    )
   steps = n_train // cfg.batch_size
   return min(steps, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps
 
 
-def setup(cfg: ml_collections.ConfigDict, dataset: data.Dataset | None = None, *,
-          before_compile: Callable[[Any], None] = lambda state_spec: None) -> Run:
+def setup(
+    cfg: ml_collections.ConfigDict,
+    dataset: data.Dataset | None = None,
+    *,
+    before_compile: Callable[[Any], None] = lambda state_spec: None,
+) -> Run:
   """Data on the mesh, model, algorithm, keys and the compiled step of ``cfg``.
 
   ``dataset``: the default loads ``cfg.dataset``. ``before_compile`` gets the
@@ -305,8 +323,9 @@ def setup(cfg: ml_collections.ConfigDict, dataset: data.Dataset | None = None, *
   devices = jax.devices()
   config_lib.validate(cfg, num_devices=len(devices))
   if dataset is None:
-    dataset = data.load_dataset(cfg.dataset, cfg.data_dir or None,
-                                verify=cfg.verify_checksums, backend=cfg.data_backend)
+    dataset = data.load_dataset(
+        cfg.dataset, cfg.data_dir or None, verify=cfg.verify_checksums, backend=cfg.data_backend
+    )
   net = models.for_config(cfg)
   check_input_shape(cfg, net, dataset.x_train.shape[1:])
   spe = steps_per_epoch(cfg, dataset.x_train.shape[0])
@@ -314,27 +333,52 @@ def setup(cfg: ml_collections.ConfigDict, dataset: data.Dataset | None = None, *
   mesh = Mesh(np.array(devices), ('data',))
   replicated = NamedSharding(mesh, P())
   x_train, y_train, x_test, y_test = (
-      _put(a, replicated) for a in (dataset.x_train, dataset.y_train.astype(jnp.int32),
-                                    dataset.x_test, dataset.y_test.astype(jnp.int32)))
+      _put(a, replicated)
+      for a in (
+          dataset.x_train,
+          dataset.y_train.astype(jnp.int32),
+          dataset.x_test,
+          dataset.y_test.astype(jnp.int32),
+      )
+  )
   tx = algorithms.make_optimizer(cfg.optimizer, spe * cfg.epochs)
   algo = algorithms.make(net, cfg, tx)
   init = make_init(algo, mesh, cfg.num_seeds)
   k_init, k_data, k_steps = _run_keys(cfg)
   init_key, step_key = _key_data(k_init, replicated), _key_data(k_steps, replicated)
-  state_spec = jax.eval_shape(init, init_key, x_train[:cfg.batch_size])
+  state_spec = jax.eval_shape(init, init_key, x_train[: cfg.batch_size])
   state_spec = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec)
-  idx_spec = jax.ShapeDtypeStruct((*_seed_axis(cfg), spe, cfg.batch_size), jnp.int32,
-                                  sharding=replicated)
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec
+  )
+  idx_spec = jax.ShapeDtypeStruct(
+      (*_seed_axis(cfg), spe, cfg.batch_size), jnp.int32, sharding=replicated
+  )
   before_compile(state_spec)
   t0 = time.perf_counter()
-  step = make_train_step(algo, cfg, mesh, spe).lower(
-      state_spec, x_train, y_train, idx_spec, step_key).compile()
+  step = (
+      make_train_step(algo, cfg, mesh, spe)
+      .lower(state_spec, x_train, y_train, idx_spec, step_key)
+      .compile()
+  )
   compile_s = time.perf_counter() - t0
-  return Run(cfg=cfg, mesh=mesh, net=net, algo=algo, x_train=x_train, y_train=y_train,
-             x_test=x_test, y_test=y_test, steps_per_epoch=spe, init=init,
-             train_step=step, evaluate=make_evaluate(net, cfg.eval_batch_size, mesh),
-             init_key=init_key, data_key=k_data, step_key=step_key, compile_s=compile_s)
+  return Run(
+      cfg=cfg,
+      mesh=mesh,
+      net=net,
+      algo=algo,
+      x_train=x_train,
+      y_train=y_train,
+      x_test=x_test,
+      y_test=y_test,
+      steps_per_epoch=spe,
+      init=init,
+      train_step=step,
+      evaluate=make_evaluate(net, cfg.eval_batch_size, mesh),
+      init_key=init_key,
+      data_key=k_data,
+      step_key=step_key,
+      compile_s=compile_s,
+  )
 
 
 def _seed_axis(cfg) -> tuple[int, ...]:
@@ -344,7 +388,7 @@ def _seed_axis(cfg) -> tuple[int, ...]:
 
 def init_state(run: Run) -> algorithms.TrainState:
   """The run's initial ``TrainState`` (a function of the seed alone)."""
-  return run.init(run.init_key, run.x_train[:run.cfg.batch_size])
+  return run.init(run.init_key, run.x_train[: run.cfg.batch_size])
 
 
 def seed_states(state, num_seeds: int) -> list:
@@ -358,12 +402,16 @@ def seed_states(state, num_seeds: int) -> list:
 def epoch_indices(run: Run, epoch: int) -> Array:
   """[steps_per_epoch, batch_size] example indices of (0-based) ``epoch``, replicated;
   with ``num_seeds`` S > 1, [S, steps_per_epoch, batch_size]: each seed's own order."""
+
   def order(data_key):
     idx = data.batches(jax.random.fold_in(data_key, epoch), run.n_train, run.cfg.batch_size)
-    return np.asarray(idx)[:run.steps_per_epoch].astype(np.int32)
+    return np.asarray(idx)[: run.steps_per_epoch].astype(np.int32)
 
-  idx = order(run.data_key) if run.cfg.num_seeds == 1 else \
-      np.stack([order(run.data_key[s]) for s in range(run.cfg.num_seeds)])
+  idx = (
+      order(run.data_key)
+      if run.cfg.num_seeds == 1
+      else np.stack([order(run.data_key[s]) for s in range(run.cfg.num_seeds)])
+  )
   return _put(idx, NamedSharding(run.mesh, P()))
 
 
@@ -384,13 +432,18 @@ class Checkpointer:
 
   def __init__(self, workdir: Path, keep: int):
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
     self._ocp = ocp
     self.directory = (Path(workdir) / 'checkpoints').absolute()
     self._mngr = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
-                                             enable_async_checkpointing=False,
-                                             cleanup_tmp_directories=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep or None,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -400,22 +453,29 @@ class Checkpointer:
 
   def save(self, step: int, state: algorithms.TrainState, meta: dict) -> None:
     ocp = self._ocp
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.tree.leaves(state)), meta=ocp.args.JsonSave(meta)))
+    self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(jax.tree.leaves(state)), meta=ocp.args.JsonSave(meta)
+        ),
+    )
     self._mngr.wait_until_finished()
 
   def restore_meta(self, step: int) -> dict:
     if not (self.directory / str(step) / 'meta').exists():
-      raise RuntimeError(f'{self.directory / str(step)} has no meta item: it was written by '
-                         f'an older tp_jax (before metrics and config were checkpointed). '
-                         f'Resume it with that version, or use a new workdir')
-    out = self._mngr.restore(step, args=self._ocp.args.Composite(
-        meta=self._ocp.args.JsonRestore()))
+      raise RuntimeError(
+          f'{self.directory / str(step)} has no meta item: it was written by '
+          f'an older tp_jax (before metrics and config were checkpointed). '
+          f'Resume it with that version, or use a new workdir'
+      )
+    out = self._mngr.restore(step, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))
     return dict(out['meta'])
 
   def restore(self, step: int, like: algorithms.TrainState) -> algorithms.TrainState:
-    out = self._mngr.restore(step, args=self._ocp.args.Composite(
-        state=self._ocp.args.StandardRestore(jax.tree.leaves(like))))
+    out = self._mngr.restore(
+        step,
+        args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(jax.tree.leaves(like))),
+    )
     return jax.tree.unflatten(jax.tree.structure(like), out['state'])
 
   def close(self) -> None:
@@ -429,16 +489,23 @@ def _encode_metrics(chunks: list[dict[str, np.ndarray]]) -> dict:
   out = {}
   for k in chunks[0]:
     a = np.ascontiguousarray(np.concatenate([c[k] for c in chunks]))
-    out[k] = dict(dtype=a.dtype.str, shape=list(a.shape),
-                  data=base64.b64encode(a.tobytes()).decode())
+    out[k] = dict(
+        dtype=a.dtype.str, shape=list(a.shape), data=base64.b64encode(a.tobytes()).decode()
+    )
   return out
 
 
 def _decode_metrics(enc: dict) -> list[dict[str, np.ndarray]]:
   if not enc:
     return []
-  return [{k: np.frombuffer(base64.b64decode(v['data']), np.dtype(v['dtype'])
-                            ).reshape(v['shape']).copy() for k, v in enc.items()}]
+  return [
+      {
+          k: np.frombuffer(base64.b64decode(v['data']), np.dtype(v['dtype']))
+          .reshape(v['shape'])
+          .copy()
+          for k, v in enc.items()
+      }
+  ]
 
 
 def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
@@ -454,14 +521,18 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
 def _check_resumable(saved: dict, cfg, workdir: Path, step: int) -> None:
   now = _flat(json.loads(cfg.to_json_best_effort()))
   saved = {'num_seeds': 1, **_flat(saved)}  # checkpoints from before num_seeds: one seed
-  diff = sorted(k for k in set(now) | set(saved)
-                if now.get(k) != saved.get(k) and k.split('.')[0] not in RESUMABLE_CHANGES)
+  diff = sorted(
+      k
+      for k in set(now) | set(saved)
+      if now.get(k) != saved.get(k) and k.split('.')[0] not in RESUMABLE_CHANGES
+  )
   if diff:
     what = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff)
     raise config_lib.ConfigError(
         f'{workdir} holds a checkpoint (step {step}) of a different config ({what}); '
         f'resuming would mix two experiments. Use a new --workdir, or the original '
-        f'values. Fields that may change on resume: {list(RESUMABLE_CHANGES)}')
+        f'values. Fields that may change on resume: {list(RESUMABLE_CHANGES)}'
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -470,9 +541,15 @@ def _check_resumable(saved: dict, cfg, workdir: Path, step: int) -> None:
 
 def hardware() -> dict[str, Any]:
   devs = jax.devices()
-  return dict(backend=jax.default_backend(), devices=[d.device_kind for d in devs],
-              num_devices=len(devs), num_processes=jax.process_count(),
-              cpu_count=os.cpu_count(), platform=platform.platform(), jax=jax.__version__)
+  return dict(
+      backend=jax.default_backend(),
+      devices=[d.device_kind for d in devs],
+      num_devices=len(devs),
+      num_processes=jax.process_count(),
+      cpu_count=os.cpu_count(),
+      platform=platform.platform(),
+      jax=jax.__version__,
+  )
 
 
 def divergence_message(metrics: dict[str, np.ndarray], first_step: int) -> str | None:
@@ -503,8 +580,10 @@ def _check_workdir(workdir: Path) -> None:
     probe.write_bytes(b'\0' * 4096)
     probe.unlink()
   except OSError as e:
-    raise WorkdirError(f'workdir {workdir} is not writable ({e.strerror or e}); results '
-                       f'and checkpoints could not be saved') from e
+    raise WorkdirError(
+        f'workdir {workdir} is not writable ({e.strerror or e}); results '
+        f'and checkpoints could not be saved'
+    ) from e
 
 
 def _check_disk_space(workdir: Path, state, keep: int) -> None:
@@ -513,34 +592,43 @@ def _check_disk_space(workdir: Path, state, keep: int) -> None:
   need = state_bytes * ((keep or 2) + 1) + (16 << 20)
   free = shutil.disk_usage(workdir).free
   if free < need:
-    raise WorkdirError(f'workdir {workdir} has {free / 2**20:.1f} MiB free but the '
-                       f'checkpoints need about {need / 2**20:.1f} MiB '
-                       f'({(keep or 2) + 1} x {state_bytes / 2**20:.1f} MiB + margin)')
+    raise WorkdirError(
+        f'workdir {workdir} has {free / 2**20:.1f} MiB free but the '
+        f'checkpoints need about {need / 2**20:.1f} MiB '
+        f'({(keep or 2) + 1} x {state_bytes / 2**20:.1f} MiB + margin)'
+    )
 
 
 def check_input_shape(cfg, net: network.Net, image_shape: tuple[int, ...]) -> None:
   if cfg.model == 'mlp_mixer':
     want = tuple(cfg.model_kwargs.get('image_hw', (32, 32)))
     if tuple(image_shape[:2]) != want:
-      raise ValueError(f'mlp_mixer was built for {want} images but {cfg.dataset} has '
-                       f'shape {image_shape}; set model_kwargs.image_hw')
+      raise ValueError(
+          f'mlp_mixer was built for {want} images but {cfg.dataset} has '
+          f'shape {image_shape}; set model_kwargs.image_hw'
+      )
   try:
-    jax.eval_shape(lambda k: network.init(net, k, jnp.zeros((1, *image_shape))),
-                   jax.random.key(0))
+    jax.eval_shape(lambda k: network.init(net, k, jnp.zeros((1, *image_shape))), jax.random.key(0))
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{cfg.model} cannot take {cfg.dataset} images of shape '
-                     f'{image_shape}: {type(e).__name__}: {e}') from e
+    raise ValueError(
+        f'{cfg.model} cannot take {cfg.dataset} images of shape '
+        f'{image_shape}: {type(e).__name__}: {e}'
+    ) from e
 
 
 # --------------------------------------------------------------------------------------
 # The loop
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                       dataset: data.Dataset | None = None,
-                       log: Callable[[str], None] = print, *,
-                       until_step: int | None = None,
-                       progress: bool | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    cfg: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    dataset: data.Dataset | None = None,
+    log: Callable[[str], None] = print,
+    *,
+    until_step: int | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
   """Trains ``cfg.model`` with ``cfg.method``; writes into ``workdir``:
 
     metrics.jsonl        one row per epoch (rewritten atomically)
@@ -575,8 +663,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
     resume = opened[0]
     state = resume.restore(init_state(run), log)
     log(_start_line(run))
-    history, state, step = _train_epochs(run, state, resume, workdir, log, until_step,
-                                         progress)
+    history, state, step = _train_epochs(run, state, resume, workdir, log, until_step, progress)
   finally:
     if opened:
       opened[0].ckpt.close()
@@ -587,6 +674,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | os.PathLik
 class _Resume:
   """The workdir's checkpoints and where the run resumes: ``start`` (0: from scratch),
   the metrics and training seconds of the epoch in progress at ``start``."""
+
   ckpt: Checkpointer
   start: int
   partial: list[dict[str, np.ndarray]]
@@ -602,11 +690,17 @@ class _Resume:
       try:
         meta = ckpt.restore_meta(start)
       except Exception as e:  # pylint: disable=broad-except
-        raise RuntimeError(f'could not read the checkpoint at step {start} in '
-                           f'{ckpt.directory}: {type(e).__name__}: {e}') from e
+        raise RuntimeError(
+            f'could not read the checkpoint at step {start} in '
+            f'{ckpt.directory}: {type(e).__name__}: {e}'
+        ) from e
       _check_resumable(meta.get('config', {}), cfg, workdir, start)
-      return cls(ckpt, start, _decode_metrics(meta.get('epoch_metrics', {})),
-                 meta.get('epoch_train_s', 0.0))
+      return cls(
+          ckpt,
+          start,
+          _decode_metrics(meta.get('epoch_metrics', {})),
+          meta.get('epoch_train_s', 0.0),
+      )
     except BaseException:
       ckpt.close()
       raise
@@ -617,25 +711,33 @@ class _Resume:
     try:
       state = self.ckpt.restore(self.start, state)
     except Exception as e:  # pylint: disable=broad-except
-      raise RuntimeError(f'could not restore the checkpoint at step {self.start} in '
-                         f'{self.ckpt.directory}: {type(e).__name__}: {e}') from e
+      raise RuntimeError(
+          f'could not restore the checkpoint at step {self.start} in '
+          f'{self.ckpt.directory}: {type(e).__name__}: {e}'
+      ) from e
     log(f'resumed from checkpoint at step {self.start}')
     return state
 
 
 def _start_line(run: Run) -> str:
   cfg = run.cfg
-  return (f'{cfg.method} on {cfg.model}/{cfg.dataset}: {run.n_train} training examples, '
-          f'batch {cfg.batch_size} over {run.mesh.devices.size} device(s)'
-          + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
-          + f', {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
-          + (f', seeds {cfg.seed}..{cfg.seed + cfg.num_seeds - 1} in one program'
-             if cfg.num_seeds > 1 else '')
-          + (f'; step compiled in {run.compile_s:.1f} s' if run.compile_s else ''))
+  return (
+      f'{cfg.method} on {cfg.model}/{cfg.dataset}: {run.n_train} training examples, '
+      f'batch {cfg.batch_size} over {run.mesh.devices.size} device(s)'
+      + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
+      + f', {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
+      + (
+          f', seeds {cfg.seed}..{cfg.seed + cfg.num_seeds - 1} in one program'
+          if cfg.num_seeds > 1
+          else ''
+      )
+      + (f'; step compiled in {run.compile_s:.1f} s' if run.compile_s else '')
+  )
 
 
-def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_step,
-                  progress) -> tuple[list[dict], Any, int]:
+def _train_epochs(
+    run: Run, state, resume: _Resume, workdir: Path, log, until_step, progress
+) -> tuple[list[dict], Any, int]:
   """Epochs from ``resume.start`` to the end (or ``until_step``): steps in chunks of
   ``check_every_steps``, checkpoints, one metrics row and log line per epoch.
   Returns (history, state, step)."""
@@ -646,8 +748,11 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
   save_every = cfg.checkpoint_every_steps or spe
   start, ckpt = resume.start, resume.ckpt
   step, last_saved = start, start or None
-  history = [r for r in read_history(workdir / 'metrics.jsonl') if r['step'] <= start] \
-      if start and (workdir / 'metrics.jsonl').exists() else []
+  history = (
+      [r for r in read_history(workdir / 'metrics.jsonl') if r['step'] <= start]
+      if start and (workdir / 'metrics.jsonl').exists()
+      else []
+  )
   writer = None
   if primary:
     _write_history(workdir / 'metrics.jsonl', history)  # drops rows a killed run left
@@ -659,8 +764,16 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
 
   def save(chunks, train_s):
     nonlocal last_saved
-    ckpt.save(step, state, dict(config=config_json, step=step,
-                                epoch_metrics=_encode_metrics(chunks), epoch_train_s=train_s))
+    ckpt.save(
+        step,
+        state,
+        dict(
+            config=config_json,
+            step=step,
+            epoch_metrics=_encode_metrics(chunks),
+            epoch_train_s=train_s,
+        ),
+    )
     last_saved = step
 
   try:
@@ -669,8 +782,11 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
         break
       idx = epoch_indices(run, epoch)
       done = step - epoch * spe
-      first, chunks, train_s = done, (resume.partial if done else []), \
-          (resume.partial_s if done else 0.0)
+      first, chunks, train_s = (
+          done,
+          (resume.partial if done else []),
+          (resume.partial_s if done else 0.0),
+      )
       this_s = 0.0
       while done < spe and step < stop_step:
         next_save = (step // save_every + 1) * save_every
@@ -690,48 +806,70 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
         msg = _seeds_divergence_message(cfg, m, step)
         if msg and not cfg.skip_nonfinite:
           bar.clear()
-          where = (f'the last good checkpoint (step {last_saved}) is kept in '
-                   f'{ckpt.directory}' if last_saved else 'no checkpoint was saved yet')
-          raise DivergenceError(f'{msg}; {where}. Lower the learning rate or beta, or set '
-                                f'skip_nonfinite=True to skip (and count) such steps.')
+          where = (
+              f'the last good checkpoint (step {last_saved}) is kept in ' f'{ckpt.directory}'
+              if last_saved
+              else 'no checkpoint was saved yet'
+          )
+          raise DivergenceError(
+              f'{msg}; {where}. Lower the learning rate or beta, or set '
+              f'skip_nonfinite=True to skip (and count) such steps.'
+          )
         chunks.append(m)
         for s, values in step_diagnostics if writer is not None else ():
           writer.scalars(s, diagnostics.scalars(values, 'step'))
         if cfg.log_every_steps:
           for s, m_seed in enumerate(_seed_metrics(cfg, m)):
-            _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar,
-                       _seed_suffix(cfg, s))
+            _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar, _seed_suffix(cfg, s))
         step, done = stop, stop - epoch * spe
-        bar.update(metrics_writer.progress_line(
-            epoch + 1, cfg.epochs, done, spe, this_s / max(done - first, 1) * done,
-            run_steps_left=run.total_steps - step, loss=float(np.mean(m['loss']))))
+        bar.update(
+            metrics_writer.progress_line(
+                epoch + 1,
+                cfg.epochs,
+                done,
+                spe,
+                this_s / max(done - first, 1) * done,
+                run_steps_left=run.total_steps - step,
+                loss=float(np.mean(m['loss'])),
+            )
+        )
         if done < spe and (step % save_every == 0 or step == stop_step):
           save(chunks, train_s)
       if done < spe:
         break  # stopped at until_step
       m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-      row = merge_seeds([
-          _epoch_row(run, state_s, m_s, epoch, step, train_s, this_s, done - first)
-          for state_s, m_s in zip(seed_states(state, cfg.num_seeds), _seed_metrics(cfg, m))])
+      row = merge_seeds(
+          [
+              _epoch_row(run, state_s, m_s, epoch, step, train_s, this_s, done - first)
+              for state_s, m_s in zip(seed_states(state, cfg.num_seeds), _seed_metrics(cfg, m))
+          ]
+      )
       if diagnose:
         row.update(diagnose(state, idx))
       history.append(row)
       if primary:
         _write_history(workdir / 'metrics.jsonl', history)
-        writer.scalars(step, {f'{k}{_seed_suffix(cfg, s)}': v
-                              for s, r in enumerate(split_seeds(row, cfg.num_seeds))
-                              for k, v in _tb_scalars(r).items()})
+        writer.scalars(
+            step,
+            {
+                f'{k}{_seed_suffix(cfg, s)}': v
+                for s, r in enumerate(split_seeds(row, cfg.num_seeds))
+                for k, v in _tb_scalars(r).items()
+            },
+        )
         writer.flush()
       save([], 0.0)
       bar.clear()
       seed_mean = lambda k: float(np.mean(row[k]))  # a seed's value when num_seeds is 1
       skipped = int(np.sum(row['skipped_steps']))
-      log(f'epoch {epoch + 1}/{cfg.epochs}  loss {seed_mean("train_loss"):.4f}  '
+      log(
+          f'epoch {epoch + 1}/{cfg.epochs}  loss {seed_mean("train_loss"):.4f}  '
           f'train {100 * seed_mean("train_accuracy"):.2f}%  '
           f'test {100 * seed_mean("test_accuracy"):.2f}%  '
           f'{row["ms_per_step"]:.1f} ms/step  ({this_s:.1f} s train)'
           + (f'  {skipped} steps skipped' if skipped else '')
-          + (f'  (means of {cfg.num_seeds} seeds)' if cfg.num_seeds > 1 else ''))
+          + (f'  (means of {cfg.num_seeds} seeds)' if cfg.num_seeds > 1 else '')
+      )
   finally:
     bar.clear()
     if writer is not None:
@@ -739,19 +877,32 @@ def _train_epochs(run: Run, state, resume: _Resume, workdir: Path, log, until_st
   return history, state, step
 
 
-def _epoch_row(run: Run, state, m: dict[str, np.ndarray], epoch: int, step: int,
-               train_s: float, this_s: float, steps: int) -> dict[str, Any]:
+def _epoch_row(
+    run: Run,
+    state,
+    m: dict[str, np.ndarray],
+    epoch: int,
+    step: int,
+    train_s: float,
+    this_s: float,
+    steps: int,
+) -> dict[str, Any]:
   """The metrics.jsonl row of a finished epoch; ``m`` holds its per-step metrics."""
   test_loss, test_acc = _fetch(run.evaluate(state.params, run.x_test, run.y_test))
   ok = m['finite']  # the epoch's means leave out skipped (non-finite) steps
   mean = lambda a: np.mean(a[ok], 0) if ok.any() else np.full(a.shape[1:], np.nan)
-  row = dict(epoch=epoch + 1, step=step,
-             train_loss=float(mean(m['loss'])),
-             train_accuracy=float(mean(m['accuracy'])),
-             test_loss=float(test_loss), test_accuracy=float(test_acc),
-             epoch_train_s=train_s, steps=steps,
-             ms_per_step=1e3 * this_s / max(steps, 1),
-             skipped_steps=int(np.sum(~m['finite'])))
+  row = dict(
+      epoch=epoch + 1,
+      step=step,
+      train_loss=float(mean(m['loss'])),
+      train_accuracy=float(mean(m['accuracy'])),
+      test_loss=float(test_loss),
+      test_accuracy=float(test_acc),
+      epoch_train_s=train_s,
+      steps=steps,
+      ms_per_step=1e3 * this_s / max(steps, 1),
+      skipped_steps=int(np.sum(~m['finite'])),
+  )
   for k in ('block_loss', 'feedback_loss'):
     if k in m:
       row[k] = [float(v) for v in mean(m[k])]
@@ -775,8 +926,9 @@ def split_seeds(row: dict, num_seeds: int) -> list[dict]:
   """Each seed's row of a ``merge_seeds`` row (its inverse)."""
   if num_seeds == 1:
     return [row]
-  return [{k: v if k in SEED_SHARED_KEYS else v[s] for k, v in row.items()}
-          for s in range(num_seeds)]
+  return [
+      {k: v if k in SEED_SHARED_KEYS else v[s] for k, v in row.items()} for s in range(num_seeds)
+  ]
 
 
 def _seed_metrics(cfg, m: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -798,8 +950,7 @@ def _seeds_divergence_message(cfg, m: dict[str, np.ndarray], first_step: int) ->
   return '; '.join(f'seed {cfg.seed + s}: {msg}' for s, msg in enumerate(msgs) if msg) or None
 
 
-def _summary(run: Run, state, step: int, history: list[dict], workdir: Path
-             ) -> dict[str, Any]:
+def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> dict[str, Any]:
   """The result dict; written to result.json when the run is complete.
 
   With ``num_seeds`` > 1 the accuracies, losses and skipped steps are per-seed lists,
@@ -810,25 +961,45 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path
   timed = [r for r in history if r['steps'] == run.steps_per_epoch]
   seed_histories = [[split_seeds(r, num_seeds)[s] for r in history] for s in range(num_seeds)]
   result = dict(
-      config=run.cfg.to_dict(), hardware=hardware(), epochs=len(history),
-      steps_per_epoch=run.steps_per_epoch, step=step, complete=step >= run.total_steps,
-      **merge_seeds([dict(test_accuracy=h[-1]['test_accuracy'] if h else None,
-                          skipped_steps=sum(r['skipped_steps'] for r in h))
-                     for h in seed_histories]),
+      config=run.cfg.to_dict(),
+      hardware=hardware(),
+      epochs=len(history),
+      steps_per_epoch=run.steps_per_epoch,
+      step=step,
+      complete=step >= run.total_steps,
+      **merge_seeds(
+          [
+              dict(
+                  test_accuracy=h[-1]['test_accuracy'] if h else None,
+                  skipped_steps=sum(r['skipped_steps'] for r in h),
+              )
+              for h in seed_histories
+          ]
+      ),
       epoch_train_s=float(np.median([r['epoch_train_s'] for r in timed])) if timed else None,
       ms_per_step=float(np.median([r['ms_per_step'] for r in history])) if history else None,
-      compile_s=run.compile_s, history=history)
+      compile_s=run.compile_s,
+      history=history,
+  )
   if result['complete']:
-    train = merge_seeds([
-        dict(zip(('train_loss', 'train_accuracy'),
-                 map(float, _fetch(run.evaluate(st.params, run.x_train, run.y_train)))))
-        for st in seed_states(state, num_seeds)])
+    train = merge_seeds(
+        [
+            dict(
+                zip(
+                    ('train_loss', 'train_accuracy'),
+                    map(float, _fetch(run.evaluate(st.params, run.x_train, run.y_train))),
+                )
+            )
+            for st in seed_states(state, num_seeds)
+        ]
+    )
     result.update(train_accuracy=train['train_accuracy'], train_loss=train['train_loss'])
   if num_seeds > 1:
     for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
       if None not in result.get(k, [None]):
-        result.update({f'{k}_mean': float(np.mean(result[k])),
-                       f'{k}_std': float(np.std(result[k], ddof=1))})
+        result.update(
+            {f'{k}_mean': float(np.mean(result[k])), f'{k}_std': float(np.std(result[k], ddof=1))}
+        )
   if result['complete']:
     if jax.process_index() == 0:
       tmp = workdir / 'result.json.tmp'
@@ -839,9 +1010,14 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path
 
 
 def _tb_scalars(row: dict) -> dict[str, float]:
-  out = {'train/loss': row['train_loss'], 'train/accuracy': row['train_accuracy'],
-         'test/loss': row['test_loss'], 'test/accuracy': row['test_accuracy'],
-         'perf/ms_per_step': row['ms_per_step'], 'train/skipped_steps': row['skipped_steps']}
+  out = {
+      'train/loss': row['train_loss'],
+      'train/accuracy': row['train_accuracy'],
+      'test/loss': row['test_loss'],
+      'test/accuracy': row['test_accuracy'],
+      'perf/ms_per_step': row['ms_per_step'],
+      'train/skipped_steps': row['skipped_steps'],
+  }
   for k in ('block_loss', 'feedback_loss'):
     for n, v in enumerate(row.get(k, ()), 1):
       out[f'train/{k}/block{n}'] = v
@@ -860,8 +1036,10 @@ def _log_steps(m, first_step, every, log, writer, bar, suffix: str = '') -> None
     for n, v in enumerate(m.get('block_loss', [[]] * (i + 1))[i], 1):
       values[f'step/block_loss/block{n}'] = float(v)
     bar.clear()
-    log(f'step {s}{suffix}  loss {values["step/loss"]:.4f}  '
-        f'accuracy {values["step/accuracy"]:.3f}')
+    log(
+        f'step {s}{suffix}  loss {values["step/loss"]:.4f}  '
+        f'accuracy {values["step/accuracy"]:.3f}'
+    )
     if writer is not None:
       writer.scalars(s, {f'{k}{suffix}': v for k, v in values.items()})
   if writer is not None:

@@ -24,8 +24,7 @@ Where each value comes from:
 from experiments.configs import vgg_cifar10
 
 # LDRL values per stage (VGG's for its blocks 2..5; the lr ours) and for the head.
-_PER_STAGE = dict(iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2),
-                  lr=(1e-4,) * 4)
+_PER_STAGE = dict(iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2), lr=(1e-4,) * 4)
 _HEAD = dict(iterations=20, noise=0.08, lr=0.18)
 
 

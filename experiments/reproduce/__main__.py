@@ -39,14 +39,25 @@ def define_flags() -> None:
   flags.DEFINE_integer('table', None, 'Table to reproduce: 1, 2, 3 or 4.')
   flags.DEFINE_integer('figure', None, 'Figure to reproduce: 2.')
   flags.DEFINE_enum('profile', 'smoke', list(PROFILES), 'Run size.')
-  flags.DEFINE_list('seeds', None, 'Seeds (default: the profile\'s).')
+  flags.DEFINE_list('seeds', None, "Seeds (default: the profile's).")
   flags.DEFINE_string('workdir', 'runs/reproduce', 'Output root; <workdir>/<profile>/...')
-  flags.DEFINE_enum('what', 'all', ['all', 'speed', 'accuracy', 'table'],
-                    'Which part of a table to run; the table file is always regenerated.')
-  flags.DEFINE_enum('data', 'real', ['real', 'synthetic'],
-                    'Real datasets, or random images of the same shapes (machinery only).')
-  flags.DEFINE_list('figure_sizes', None, 'Matrix sizes for Figure 2 (default: the '
-                    'profile\'s: 100..500, 1024, 2048, 4096).')
+  flags.DEFINE_enum(
+      'what',
+      'all',
+      ['all', 'speed', 'accuracy', 'table'],
+      'Which part of a table to run; the table file is always regenerated.',
+  )
+  flags.DEFINE_enum(
+      'data',
+      'real',
+      ['real', 'synthetic'],
+      'Real datasets, or random images of the same shapes (machinery only).',
+  )
+  flags.DEFINE_list(
+      'figure_sizes',
+      None,
+      'Matrix sizes for Figure 2 (default: the ' "profile's: 100..500, 1024, 2048, 4096).",
+  )
 
 
 if __name__ == '__main__':

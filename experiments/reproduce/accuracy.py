@@ -40,8 +40,10 @@ def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
     have = json.loads(cfg_file.read_text())
     if have != want:
       diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-      raise RuntimeError(f'{workdir} holds a run with another config (fields {diff}); '
-                         f'use a fresh --workdir or delete that directory')
+      raise RuntimeError(
+          f'{workdir} holds a run with another config (fields {diff}); '
+          f'use a fresh --workdir or delete that directory'
+      )
     for name in ('result.json', DIVERGED):
       if (workdir / name).exists():
         log(f'reusing finished run {workdir}')
@@ -49,16 +51,18 @@ def train_one(cfg, workdir: Path, dataset: data.Dataset, log: Log) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   cfg_file.write_text(json.dumps(want, indent=1))
   try:
-    return train.train_and_evaluate(cfg, workdir, dataset=dataset,
-                                    log=lambda s: log(f'  [{workdir}] {s}'))
+    return train.train_and_evaluate(
+        cfg, workdir, dataset=dataset, log=lambda s: log(f'  [{workdir}] {s}')
+    )
   except train.DivergenceError as e:
     out = {'diverged': str(e)}
     (workdir / DIVERGED).write_text(json.dumps(out, indent=1))
     return out
 
 
-def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
-                 source: str, log: Log) -> None:
+def run_accuracy(
+    table: int, profile: Profile, root: Path, seeds: Sequence[int], source: str, log: Log
+) -> None:
   total = sum(len(col.methods) for col in TABLES[table]) * len(seeds)
   done, start = 0, time.perf_counter()
   for col in TABLES[table]:
@@ -67,13 +71,16 @@ def run_accuracy(table: int, profile: Profile, root: Path, seeds: Sequence[int],
       for seed in seeds:
         cfg = make_config(col, method, profile, seed)
         done += 1
-        log(f'table {table} run {done}/{total}: training {col.model_name}/{col.dataset} '
-            f'{method} seed {seed} ({(time.perf_counter() - start) / 60:.0f} min so far)')
+        log(
+            f'table {table} run {done}/{total}: training {col.model_name}/{col.dataset} '
+            f'{method} seed {seed} ({(time.perf_counter() - start) / 60:.0f} min so far)'
+        )
         t0 = time.perf_counter()
         r = train_one(cfg, run_dir(root, col, method, seed), ds, log)
         if 'diverged' in r:
           log(f'  -> {r["diverged"]}')
           continue
-        log(f'  -> train {100 * r["train_accuracy"]:.2f}%  test '
-            f'{100 * r["test_accuracy"]:.2f}%  ({time.perf_counter() - t0:.0f} s)')
-
+        log(
+            f'  -> train {100 * r["train_accuracy"]:.2f}%  test '
+            f'{100 * r["test_accuracy"]:.2f}%  ({time.perf_counter() - t0:.0f} s)'
+        )

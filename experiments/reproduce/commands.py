@@ -31,9 +31,13 @@ def _compile_mode(profile: Profile, workdir: Path):
     yield
     return
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  names = ('jax_disable_most_optimizations', 'jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
+
+  names = (
+      'jax_disable_most_optimizations',
+      'jax_compilation_cache_dir',
+      'jax_persistent_cache_min_compile_time_secs',
+      'jax_persistent_cache_min_entry_size_bytes',
+  )
   old = {k: jax.config.values.get(k) for k in names}
   new = dict(zip(names, (True, str(workdir / profile.name / 'jax_cache'), 0.0, 0)))
   try:
@@ -47,9 +51,16 @@ def _compile_mode(profile: Profile, workdir: Path):
     compilation_cache.reset_cache()
 
 
-def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
-              seeds: Sequence[int] | None = None, what: str = 'all', source: str = 'real',
-              command: str = '', log: Log = print) -> Path:
+def run_table(
+    table: int,
+    profile: str | Profile,
+    workdir: str | os.PathLike,
+    seeds: Sequence[int] | None = None,
+    what: str = 'all',
+    source: str = 'real',
+    command: str = '',
+    log: Log = print,
+) -> Path:
   """Runs (parts of) one table and writes ``<workdir>/<profile>/table<T>.md``."""
   profile = PROFILES[profile] if isinstance(profile, str) else profile
   if table not in TABLES:
@@ -59,8 +70,9 @@ def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
   seeds = tuple(seeds) if seeds else profile.seeds
   root = Path(workdir) / profile.name / f'table{table}'
   root.mkdir(parents=True, exist_ok=True)
-  command = command or f'python -m experiments.reproduce --table={table} ' \
-      f'--profile={profile.name}'
+  command = (
+      command or f'python -m experiments.reproduce --table={table} ' f'--profile={profile.name}'
+  )
   with _compile_mode(profile, Path(workdir)):
     if what in ('all', 'speed'):
       speed.run_speed(table, profile, root, source, log, command)
@@ -69,26 +81,41 @@ def run_table(table: int, profile: str | Profile, workdir: str | os.PathLike,
   return report.write_table(table, profile, root, seeds, command, log)
 
 
-def run_figure(figure: int, profile: str | Profile, workdir: str | os.PathLike,
-               sizes: Sequence[int] | None = None, command: str = '',
-               log: Log = print) -> Path:
+def run_figure(
+    figure: int,
+    profile: str | Profile,
+    workdir: str | os.PathLike,
+    sizes: Sequence[int] | None = None,
+    command: str = '',
+    log: Log = print,
+) -> Path:
   profile = PROFILES[profile] if isinstance(profile, str) else profile
   if figure != 2:
     raise ValueError(f'unknown figure {figure}; valid: [2]')
   out = Path(workdir) / profile.name
-  header = '\n'.join([
-      f'# Figure 2: inverse, pseudo-inverse and transpose of n x n float32 matrices '
-      f'({profile.name} profile)', '',
-      f'- command: `{command or "python -m experiments.reproduce --figure=2"}`',
-      f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
-      f'- hardware: {report.hardware_line(train.hardware())}',
-      f'- method: jitted jnp.linalg.inv / jnp.linalg.pinv / transpose (materialised), '
-      f'compiled ahead of time, one warm-up call (skipped when a call takes over '
-      f'{profile.figure_max_seconds / 10:g} s), then the median of up to '
-      f'{profile.figure_repeats} calls with block_until_ready (at least 3; fewer than '
-      f'the maximum once a point has taken {profile.figure_max_seconds:g} s)'])
+  header = '\n'.join(
+      [
+          f'# Figure 2: inverse, pseudo-inverse and transpose of n x n float32 matrices '
+          f'({profile.name} profile)',
+          '',
+          f'- command: `{command or "python -m experiments.reproduce --figure=2"}`',
+          f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
+          f'- hardware: {report.hardware_line(train.hardware())}',
+          f'- method: jitted jnp.linalg.inv / jnp.linalg.pinv / transpose (materialised), '
+          f'compiled ahead of time, one warm-up call (skipped when a call takes over '
+          f'{profile.figure_max_seconds / 10:g} s), then the median of up to '
+          f'{profile.figure_repeats} calls with block_until_ready (at least 3; fewer than '
+          f'the maximum once a point has taken {profile.figure_max_seconds:g} s)',
+      ]
+  )
   with _compile_mode(profile, Path(workdir)):
-    figure2.run(out, sizes or profile.figure_sizes, profile.figure_repeats,
-                profile.figure_max_seconds, log=log, header=header)
+    figure2.run(
+        out,
+        sizes or profile.figure_sizes,
+        profile.figure_repeats,
+        profile.figure_max_seconds,
+        log=log,
+        header=header,
+    )
   log(f'wrote {out / "figure2.csv"}, {out / "figure2.png"}, {out / "figure2.md"}')
   return out / 'figure2.csv'

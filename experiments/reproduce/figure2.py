@@ -58,9 +58,15 @@ def time_op(fn: Callable, a: jax.Array, repeats: int, max_seconds: float) -> lis
   return times
 
 
-def run(outdir: str | Path, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int = 11,
-        max_seconds_per_point: float = 30.0, seed: int = 0,
-        log: Callable[[str], None] = print, header: str = '') -> list[dict]:
+def run(
+    outdir: str | Path,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    repeats: int = 11,
+    max_seconds_per_point: float = 30.0,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    header: str = '',
+) -> list[dict]:
   """Times every op at every size; writes figure2.csv and figure2.png under outdir."""
   outdir = Path(outdir)
   outdir.mkdir(parents=True, exist_ok=True)
@@ -72,11 +78,18 @@ def run(outdir: str | Path, sizes: Sequence[int] = DEFAULT_SIZES, repeats: int =
     a = jax.block_until_ready(a)
     for op, fn in OPS.items():
       times = time_op(jax.jit(fn), a, repeats, max_seconds_per_point)
-      row = dict(n=n, op=op, median_ms=1e3 * statistics.median(times),
-                 min_ms=1e3 * min(times), repeats=len(times))
+      row = dict(
+          n=n,
+          op=op,
+          median_ms=1e3 * statistics.median(times),
+          min_ms=1e3 * min(times),
+          repeats=len(times),
+      )
       rows.append(row)
-      log(f'figure 2: n={n:5d} {op:15s} median {row["median_ms"]:10.3f} ms '
-          f'({len(times)} repeats)')
+      log(
+          f'figure 2: n={n:5d} {op:15s} median {row["median_ms"]:10.3f} ms '
+          f'({len(times)} repeats)'
+      )
   with open(outdir / 'figure2.csv', 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=['n', 'op', 'median_ms', 'min_ms', 'repeats'])
     w.writeheader()
@@ -91,25 +104,34 @@ def markdown(rows: list[dict], header: str = '') -> str:
   sizes = sorted({r['n'] for r in rows})
   ms = {(r['n'], r['op']): r['median_ms'] for r in rows}
   lines = [header, ''] if header else []
-  lines += ['| n | inverse (ms) | pseudo-inverse (ms) | transpose (ms) | inverse / transpose '
-            '| pseudo-inverse / transpose |', '|---|---|---|---|---|---|']
+  lines += [
+      '| n | inverse (ms) | pseudo-inverse (ms) | transpose (ms) | inverse / transpose '
+      '| pseudo-inverse / transpose |',
+      '|---|---|---|---|---|---|',
+  ]
   for n in sizes:
     inv, pinv, tr = (ms[(n, op)] for op in OPS)
-    lines.append(f'| {n} | {inv:.3f} | {pinv:.3f} | {tr:.3f} | {inv / tr:.0f}× | '
-                 f'{pinv / tr:.0f}× |')
+    lines.append(
+        f'| {n} | {inv:.3f} | {pinv:.3f} | {tr:.3f} | {inv / tr:.0f}× | ' f'{pinv / tr:.0f}× |'
+    )
   return '\n'.join(lines) + '\n'
 
 
 def plot(rows: list[dict], path: Path, title: str = '') -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   small = [n for n in sorted({r['n'] for r in rows}) if n <= max(PAPER_SIZES)]
   for ax, log_scale, keep in ((axes[0], False, set(small)), (axes[1], True, None)):
     for op in OPS:
-      pts = sorted((r['n'], r['median_ms']) for r in rows
-                   if r['op'] == op and (keep is None or r['n'] in keep))
+      pts = sorted(
+          (r['n'], r['median_ms'])
+          for r in rows
+          if r['op'] == op and (keep is None or r['n'] in keep)
+      )
       if pts:
         ax.plot(*zip(*pts), marker='o', label=op)
     ax.set_xlabel('n (n x n matrix)')

@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from experiments.reproduce.accuracy import DIVERGED, run_dir
-from experiments.reproduce.tables import (DATASET_NAMES, PAPER_TEST_ACC, TABLE_TITLES,
-                                          TABLES, TARGET_SPEEDUP_OVER_LDRL,
-                                          TARGET_TJML_OVER_BP, Column, Profile,
-                                          full_epoch_steps, make_config)
+from experiments.reproduce.tables import (
+    DATASET_NAMES,
+    PAPER_TEST_ACC,
+    TABLE_TITLES,
+    TABLES,
+    TARGET_SPEEDUP_OVER_LDRL,
+    TARGET_TJML_OVER_BP,
+    Column,
+    Profile,
+    full_epoch_steps,
+    make_config,
+)
 from tp_jax import data
 from tp_jax import plot
 from tp_jax import train
@@ -69,8 +77,10 @@ def _trained(results: list[dict], col: Column, diverged: Sequence[str] = ()) -> 
 
 
 def hardware_line(hw: dict) -> str:
-  return (f'{hw["backend"]} ({", ".join(sorted(set(hw["devices"])))} x{hw["num_devices"]}), '
-          f'{hw["cpu_count"]} CPU cores visible, {hw["platform"]}, jax {hw["jax"]}')
+  return (
+      f'{hw["backend"]} ({", ".join(sorted(set(hw["devices"])))} x{hw["num_devices"]}), '
+      f'{hw["cpu_count"]} CPU cores visible, {hw["platform"]}, jax {hw["jax"]}'
+  )
 
 
 def _speeds(root: Path, table: int) -> dict[str, dict]:
@@ -83,8 +93,9 @@ def _speeds(root: Path, table: int) -> dict[str, dict]:
   return out
 
 
-def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
-                command: str, log: Log) -> Path:
+def write_table(
+    table: int, profile: Profile, root: Path, seeds: Sequence[int], command: str, log: Log
+) -> Path:
   cols = TABLES[table]
   speeds = _speeds(root, table)
   lines_rows = []
@@ -100,34 +111,47 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
           sm.setdefault(m, v)
     if speed:
       hardware = speed['hardware']
-      note = (f'{col.title}: measured {speed["date"]}, load average '
-              f'{speed["loadavg_before"][0]:.1f} before / {speed["loadavg_after"][0]:.1f} '
-              f'after')
+      note = (
+          f'{col.title}: measured {speed["date"]}, load average '
+          f'{speed["loadavg_before"][0]:.1f} before / {speed["loadavg_after"][0]:.1f} '
+          f'after'
+      )
       if speed.get('same_step_as'):
-        note = (f'{col.title}: the same step as {DATASET_NAMES[speed["same_step_as"]]} '
-                f'(same model, shapes and config), so its measurement is reused')
+        note = (
+            f'{col.title}: the same step as {DATASET_NAMES[speed["same_step_as"]]} '
+            f'(same model, shapes and config), so its measurement is reused'
+        )
       if speed.get('joint'):
-        note = (f'{col.title}: timed in one interleaved session with '
-                f'{", ".join(c.title for c in cols if c.id != col.id)} '
-                f'({speed["date"]}); speed vs BP is vs that session\'s BP')
+        note = (
+            f'{col.title}: timed in one interleaved session with '
+            f'{", ".join(c.title for c in cols if c.id != col.id)} '
+            f'({speed["date"]}); speed vs BP is vs that session\'s BP'
+        )
       speed_notes.append(note)
     curves[col.id] = (col.title, {})
     for method in col.methods:
       res = _results(root, col, method, seeds)
       curves[col.id][1][col.label(method)] = res
       paper = PAPER_TEST_ACC.get((table, col.id, method))
-      row = [col.title, col.label(method),
-             _trained(res, col, _diverged(root, col, method, seeds)),
-             _fmt_acc([r['train_accuracy'] for r in res if 'train_accuracy' in r]),
-             _fmt_acc([r['test_accuracy'] for r in res]),
-             f'{paper:.1f}' if paper is not None else '']
+      row = [
+          col.title,
+          col.label(method),
+          _trained(res, col, _diverged(root, col, method, seeds)),
+          _fmt_acc([r['train_accuracy'] for r in res if 'train_accuracy' in r]),
+          _fmt_acc([r['test_accuracy'] for r in res]),
+          f'{paper:.1f}' if paper is not None else '',
+      ]
       if speed and method in speed['methods']:
         mine = speed['methods'][method]
         ms = mine['ms_per_step']
         gflop = mine.get('gflop_per_step')
-        row += [f'{ms:.1f}', '' if gflop is None else f'{gflop:.2f}', f'{mine["epoch_s"]:.1f}',
-                f'×{sm["ldrl"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'ldrl' in sm else '',
-                f'×{sm["bp"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'bp' in sm else '']
+        row += [
+            f'{ms:.1f}',
+            '' if gflop is None else f'{gflop:.2f}',
+            f'{mine["epoch_s"]:.1f}',
+            f'×{sm["ldrl"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'ldrl' in sm else '',
+            f'×{sm["bp"]["epoch_s"] / mine["epoch_s"]:.2f}' if 'bp' in sm else '',
+        ]
       else:
         row += [''] * 5
       lines_rows.append('| ' + ' | '.join(row) + ' |')
@@ -136,13 +160,17 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
       lim = TARGET_TJML_OVER_BP[table]
       flops = [sm[m].get('gflop_per_step') for m in ('tjml_dtp', 'bp')]
       flop_note = f'; GFLOP ratio {flops[0] / flops[1]:.2f}' if all(flops) else ''
-      targets.append(f'- {col.title}: TJML-DTP time per step / BP = {ratio:.2f}{flop_note} '
-                     f'(target ≤ {lim}: {"met" if ratio <= lim else "NOT met"})')
+      targets.append(
+          f'- {col.title}: TJML-DTP time per step / BP = {ratio:.2f}{flop_note} '
+          f'(target ≤ {lim}: {"met" if ratio <= lim else "NOT met"})'
+      )
     if table in TARGET_SPEEDUP_OVER_LDRL and 'tjml_dtp' in sm and 'ldrl' in sm:
       up = sm['ldrl']['epoch_s'] / sm['tjml_dtp']['epoch_s']
       lim = TARGET_SPEEDUP_OVER_LDRL[table]
-      targets.append(f'- {col.title}: TJML-DTP speed per epoch vs LDRL = ×{up:.1f} '
-                     f'(target ≥ ×{lim:g}: {"met" if up >= lim else "NOT met"})')
+      targets.append(
+          f'- {col.title}: TJML-DTP speed per epoch vs LDRL = ×{up:.1f} '
+          f'(target ≥ ×{lim:g}: {"met" if up >= lim else "NOT met"})'
+      )
 
   speed_commands = sorted({s['command'] for s in speeds.values() if s.get('command')})
   epochs_desc = []
@@ -159,7 +187,8 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
         epochs_desc.append(item)
   plan = profile.speed
   head = [
-      f'# {TABLE_TITLES[table]} ({profile.name} profile)', '',
+      f'# {TABLE_TITLES[table]} ({profile.name} profile)',
+      '',
       f'- profile: `{profile.name}`: {profile.description}',
       f'- command: `{command}`'
       + ''.join(f'; speed measured by `{c}`' for c in speed_commands if c != command),
@@ -170,14 +199,18 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
       f'- training (accuracy columns, planned): {"; ".join(epochs_desc)}; the "Trained" '
       f'column says what each finished run did (empty: not run yet). Train accuracy is '
       f'evaluated on the whole training set after training, test accuracy on the test set'
-      + (f' (subsets: {profile.train_examples} train / {profile.test_examples} test '
-         f'examples)' if profile.train_examples else '') + '.',
-      f'- speed: every method\'s full jitted training step in one process, '
+      + (
+          f' (subsets: {profile.train_examples} train / {profile.test_examples} test ' f'examples)'
+          if profile.train_examples
+          else ''
+      )
+      + '.',
+      f"- speed: every method's full jitted training step in one process, "
       f'{plan.describe()}; s/epoch = ms/step × steps of one full epoch (training set / '
-      f'batch), excluding evaluation and compilation; speed vs X = X\'s time per epoch / '
-      f'the method\'s (LDRL ×1.00, BP ×1.00 in their own rows); GFLOP/step = XLA\'s '
-      f'cost analysis of the same step compiled with XLA\'s own convolution (XLA counts a '
-      f'loop body once: the fast convolution\'s weight gradient loops over batch chunks; '
+      f"batch), excluding evaluation and compilation; speed vs X = X's time per epoch / "
+      f"the method's (LDRL ×1.00, BP ×1.00 in their own rows); GFLOP/step = XLA's "
+      f"cost analysis of the same step compiled with XLA's own convolution (XLA counts a "
+      f"loop body once: the fast convolution's weight gradient loops over batch chunks; "
       f'blank for LDRL, whose feedback training is a loop).'
       + (' ' + '; '.join(speed_notes) + '.' if speed_notes else ''),
       '- paper: published test accuracy of Bao et al. (AAAI 2024) for TJML-DTP (Tables '
@@ -191,8 +224,10 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
   if targets:
     text += '\n\nPerformance targets (issue 4)'
     if profile.fast_compile:
-      text += (' — smoke profile: compiled without optimisations at batch 8, so these '
-               'ratios are not measurements')
+      text += (
+          ' — smoke profile: compiled without optimisations at batch 8, so these '
+          'ratios are not measurements'
+      )
     text += ':\n\n' + '\n'.join(targets)
   text += '\n'
   out = root.parent / f'table{table}.md'
@@ -202,8 +237,9 @@ def write_table(table: int, profile: Profile, root: Path, seeds: Sequence[int],
   return out
 
 
-def plot_curves(table: int, curves: dict[str, tuple[str, dict[str, list[dict]]]],
-                path: Path) -> None:
+def plot_curves(
+    table: int, curves: dict[str, tuple[str, dict[str, list[dict]]]], path: Path
+) -> None:
   """Test accuracy and training loss against epochs of data seen, per column (the
   mean over seeds)."""
   columns = []
@@ -224,7 +260,11 @@ def plot_curves(table: int, curves: dict[str, tuple[str, dict[str, list[dict]]]]
         y = [scale * statistics.mean(row[key] for row in by_step[s]) for s in steps]
         lines[key].append(plot.Line(label, x, y, 'o-'))
     seen = 'epochs of training data seen'
-    columns.append([plot.Panel(title, seen, 'test accuracy (%)', lines['test_accuracy']),
-                    plot.Panel('', seen, 'training loss (epoch mean)', lines['train_loss'])])
+    columns.append(
+        [
+            plot.Panel(title, seen, 'test accuracy (%)', lines['test_accuracy']),
+            plot.Panel('', seen, 'training loss (epoch mean)', lines['train_loss']),
+        ]
+    )
   grid = [list(row) for row in zip(*columns)]  # 2 rows: accuracy, loss
   plot.save_figure(grid, path, TABLE_TITLES[table], panel_size=(5, 3.5), dpi=100)

@@ -17,8 +17,15 @@ import jax
 import ml_collections
 
 from experiments import timing
-from experiments.reproduce.tables import (JOINT_SPEED, TABLES, Profile, SpeedPlan,
-                                          full_epoch_steps, get_dataset, make_config)
+from experiments.reproduce.tables import (
+    JOINT_SPEED,
+    TABLES,
+    Profile,
+    SpeedPlan,
+    full_epoch_steps,
+    get_dataset,
+    make_config,
+)
 from tp_jax import algorithms
 from tp_jax import data
 from tp_jax import models
@@ -47,8 +54,9 @@ def step_gflop(cfg: ml_collections.ConfigDict, dataset: data.Dataset) -> float |
   return cost['flops'] / 1e9 if cost and cost.get('flops') else None
 
 
-def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Dataset,
-                  plan: SpeedPlan, log: Log) -> dict[str, Any]:
+def measure_speed(
+    cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Dataset, plan: SpeedPlan, log: Log
+) -> dict[str, Any]:
   """Median ms per training step of each entry of ``cfgs`` (name -> config), from
   interleaved timing windows; entries whose ``method`` is LDRL get LDRL's windows.
 
@@ -73,45 +81,62 @@ def measure_speed(cfgs: dict[str, ml_collections.ConfigDict], dataset: data.Data
       for _ in range(k):
         state, _ = run.train_step(state, run.x_train, run.y_train, idx, run.step_key)
       states[name] = jax.block_until_ready(state)
+
     return k_steps
 
   slow = [name for name, cfg in cfgs.items() if cfg.method == 'ldrl']
   load_before = os.getloadavg()
-  windows = timing.interleaved({name: steps(name) for name in runs}, plan.timing_plan(),
-                               slow, log)
+  windows = timing.interleaved({name: steps(name) for name in runs}, plan.timing_plan(), slow, log)
   load_after = os.getloadavg()
   out = {}
   for name, cfg in cfgs.items():
     ms = statistics.median(windows[name])
     epoch_steps = full_epoch_steps(cfg.dataset, cfg.batch_size)
-    out[name] = dict(ms_per_step=ms, windows_ms=windows[name],
-                     compile_s=runs[name].compile_s, gflop_per_step=gflop[name],
-                     batch_size=cfg.batch_size, full_epoch_steps=epoch_steps,
-                     epoch_s=ms * epoch_steps / 1e3,
-                     steps_per_window=plan.ldrl_steps if name in slow else plan.steps)
-  return dict(methods=out, plan=dataclasses.asdict(plan), hardware=train.hardware(),
-              loadavg_before=load_before, loadavg_after=load_after,
-              date=datetime.datetime.now().isoformat(timespec='seconds'))
+    out[name] = dict(
+        ms_per_step=ms,
+        windows_ms=windows[name],
+        compile_s=runs[name].compile_s,
+        gflop_per_step=gflop[name],
+        batch_size=cfg.batch_size,
+        full_epoch_steps=epoch_steps,
+        epoch_s=ms * epoch_steps / 1e3,
+        steps_per_window=plan.ldrl_steps if name in slow else plan.steps,
+    )
+  return dict(
+      methods=out,
+      plan=dataclasses.asdict(plan),
+      hardware=train.hardware(),
+      loadavg_before=load_before,
+      loadavg_after=load_after,
+      date=datetime.datetime.now().isoformat(timespec='seconds'),
+  )
 
 
-def run_speed(table: int, profile: Profile, root: Path, source: str, log: Log,
-              command: str = '') -> None:
+def run_speed(
+    table: int, profile: Profile, root: Path, source: str, log: Log, command: str = ''
+) -> None:
   """Writes ``speed_<column>.json`` per column: {'methods': {method: timing}, ...}."""
   root.mkdir(parents=True, exist_ok=True)
   cols = TABLES[table]
   if table in JOINT_SPEED:  # all columns in one session, then split per column
     if len({c.dataset for c in cols}) != 1:
       raise ValueError(f'table {table}: joint timing needs one dataset')
-    log(f'table {table}: timing ' + ', '.join(f'{c.title} {m}' for c in cols
-                                               for m in c.methods) + ', interleaved')
-    cfgs = {f'{c.id}/{m}': make_config(c, m, profile, profile.seeds[0])
-            for c in cols for m in c.methods}
-    res = measure_speed(cfgs, get_dataset(cols[0].dataset, profile, source),
-                        profile.speed, log)
+    log(
+        f'table {table}: timing '
+        + ', '.join(f'{c.title} {m}' for c in cols for m in c.methods)
+        + ', interleaved'
+    )
+    cfgs = {
+        f'{c.id}/{m}': make_config(c, m, profile, profile.seeds[0]) for c in cols for m in c.methods
+    }
+    res = measure_speed(cfgs, get_dataset(cols[0].dataset, profile, source), profile.speed, log)
     res['command'] = command
     for c in cols:
-      part = dict(res, methods={m: res['methods'][f'{c.id}/{m}'] for m in c.methods},
-                  joint=[c2.id for c2 in cols])
+      part = dict(
+          res,
+          methods={m: res['methods'][f'{c.id}/{m}'] for m in c.methods},
+          joint=[c2.id for c2 in cols],
+      )
       (root / f'speed_{c.id}.json').write_text(json.dumps(part, indent=1))
     return
   measured: dict[str, Path] = {}

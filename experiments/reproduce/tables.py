@@ -29,6 +29,7 @@ DATASET_NAMES = {'mnist': 'MNIST', 'fashion_mnist': 'F-MNIST', 'cifar10': 'CIFAR
 @dataclasses.dataclass(frozen=True)
 class Column:
   """One (model, dataset) column of a table: one row per method."""
+
   table: int
   dataset: str
   get_config: Callable[[], ml_collections.ConfigDict]
@@ -53,27 +54,37 @@ class Column:
 
 
 TABLES: dict[int, tuple[Column, ...]] = {
-    1: (Column(1, 'mnist', lenet_mnist.get_config, 'LeNet'),
-        Column(1, 'fashion_mnist', lenet_fashion_mnist.get_config, 'LeNet',
-               same_step_as='mnist'),
-        Column(1, 'cifar10', lenet_cifar10.get_config, 'LeNet')),
+    1: (
+        Column(1, 'mnist', lenet_mnist.get_config, 'LeNet'),
+        Column(1, 'fashion_mnist', lenet_fashion_mnist.get_config, 'LeNet', same_step_as='mnist'),
+        Column(1, 'cifar10', lenet_cifar10.get_config, 'LeNet'),
+    ),
     2: (Column(2, 'cifar10', vgg_cifar10.get_config, 'Simplified-VGG'),),
     3: (Column(3, 'cifar10', mixer_cifar10.get_config, 'MLP-Mixer'),),
     # tjml_dtp on the reversible Mixer: exact-inverse targets through the 4 reversible
     # blocks, TJMC feedback through the pooling and the head (tp_jax/reversible.py).
-    4: (Column(4, 'cifar10', reversible_mixer_cifar10.get_config, 'Reversible MLP-Mixer',
-               name='cifar10_reversible', methods=('tjml_dtp',),
-               labels=(('tjml_dtp', 'DTP, exact inverse'),)),
-        Column(4, 'cifar10', mixer_cifar10.get_config, 'MLP-Mixer',
-               methods=('tjml_dtp', 'bp'))),
+    4: (
+        Column(
+            4,
+            'cifar10',
+            reversible_mixer_cifar10.get_config,
+            'Reversible MLP-Mixer',
+            name='cifar10_reversible',
+            methods=('tjml_dtp',),
+            labels=(('tjml_dtp', 'DTP, exact inverse'),),
+        ),
+        Column(4, 'cifar10', mixer_cifar10.get_config, 'MLP-Mixer', methods=('tjml_dtp', 'bp')),
+    ),
 }
 # Tables whose columns are timed together, in one interleaved session (their rows are
 # compared with each other: the same data, different models).
 JOINT_SPEED = {4}
-TABLE_TITLES = {1: 'Table 1: LeNet on MNIST, Fashion-MNIST and CIFAR-10',
-                2: 'Table 2: Simplified-VGG on CIFAR-10',
-                3: 'Table 3: MLP-Mixer on CIFAR-10',
-                4: 'Table 4: reversible MLP-Mixer vs TJML-DTP on CIFAR-10'}
+TABLE_TITLES = {
+    1: 'Table 1: LeNet on MNIST, Fashion-MNIST and CIFAR-10',
+    2: 'Table 2: Simplified-VGG on CIFAR-10',
+    3: 'Table 3: MLP-Mixer on CIFAR-10',
+    4: 'Table 4: reversible MLP-Mixer vs TJML-DTP on CIFAR-10',
+}
 
 # Published test accuracies (%), Bao et al. (AAAI 2024). Only the TJML-DTP row is
 # filled in: the other methods' published cells are left blank rather than guessed.
@@ -101,6 +112,7 @@ class SpeedPlan:
   ``inner`` windows of ``steps`` steps of each other method, in rotating order), after
   ``warmup`` steps of every method but LDRL, which gets ``ldrl_warmup`` (its steps are
   long, and compilation happens ahead of time, apart from any step)."""
+
   warmup: int
   rounds: int
   inner: int
@@ -109,16 +121,23 @@ class SpeedPlan:
   ldrl_warmup: int
 
   def describe(self) -> str:
-    return (f'{self.rounds} rounds, each one LDRL window of {self.ldrl_steps} step(s) '
-            f'then {self.inner} window(s) of {self.steps} step(s) per other method in '
-            f'rotating order, after {self.warmup} warm-up step(s) per method '
-            f'(LDRL {self.ldrl_warmup}); compilation ahead of time, not timed; median '
-            f'ms/step over windows')
+    return (
+        f'{self.rounds} rounds, each one LDRL window of {self.ldrl_steps} step(s) '
+        f'then {self.inner} window(s) of {self.steps} step(s) per other method in '
+        f'rotating order, after {self.warmup} warm-up step(s) per method '
+        f'(LDRL {self.ldrl_warmup}); compilation ahead of time, not timed; median '
+        f'ms/step over windows'
+    )
 
   def timing_plan(self) -> timing.Plan:
-    return timing.Plan(rounds=self.rounds, steps=self.steps, warmup=self.warmup,
-                       inner=self.inner, slow_steps=self.ldrl_steps,
-                       slow_warmup=self.ldrl_warmup)
+    return timing.Plan(
+        rounds=self.rounds,
+        steps=self.steps,
+        warmup=self.warmup,
+        inner=self.inner,
+        slow_steps=self.ldrl_steps,
+        slow_warmup=self.ldrl_warmup,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +165,14 @@ def _n_feedback(cfg) -> int:
 
 
 def _smoke_overrides(col, method, cfg):
-  o = {'epochs': 1, 'steps_per_epoch': 2, 'batch_size': 8, 'eval_batch_size': 32,
-       'check_every_steps': 0, 'keep_checkpoints': 1}
+  o = {
+      'epochs': 1,
+      'steps_per_epoch': 2,
+      'batch_size': 8,
+      'eval_batch_size': 32,
+      'check_every_steps': 0,
+      'keep_checkpoints': 1,
+  }
   if algorithms.trains_feedback(method):
     o['feedback.iterations'] = [1] * _n_feedback(cfg)
   return o
@@ -167,26 +192,42 @@ def _cpu_overrides(col, method, cfg):
 
 PROFILES: dict[str, Profile] = {
     'smoke': Profile(
-        'smoke', 'machinery check only (CI): 1 epoch of 2 steps at batch 8 on 32 '
+        'smoke',
+        'machinery check only (CI): 1 epoch of 2 steps at batch 8 on 32 '
         'training / 32 test examples, LDRL K = 1 per block; numbers mean nothing',
-        seeds=(0,), overrides=_smoke_overrides,
+        seeds=(0,),
+        overrides=_smoke_overrides,
         speed=SpeedPlan(warmup=1, rounds=1, inner=1, steps=1, ldrl_steps=1, ldrl_warmup=0),
-        share_speed=True, train_examples=32, test_examples=32,
-        figure_sizes=(8, 16), figure_repeats=3, figure_max_seconds=1.0,
-        fast_compile=True),
+        share_speed=True,
+        train_examples=32,
+        test_examples=32,
+        figure_sizes=(8, 16),
+        figure_repeats=3,
+        figure_max_seconds=1.0,
+        fast_compile=True,
+    ),
     'cpu': Profile(
-        'cpu', 'a few hours on 2 CPU cores: 1 seed; LeNet 3 epochs, VGG 1 epoch, Mixers '
+        'cpu',
+        'a few hours on 2 CPU cores: 1 seed; LeNet 3 epochs, VGG 1 epoch, Mixers '
         '2 epochs; LDRL trained for a fixed number of steps only (LeNet 20, VGG 10, '
         'Mixer 10); all other hyper-parameters as the configs (LDRL K as the reference)',
-        seeds=(0,), overrides=_cpu_overrides,
+        seeds=(0,),
+        overrides=_cpu_overrides,
         speed=SpeedPlan(warmup=2, rounds=2, inner=2, steps=3, ldrl_steps=1, ldrl_warmup=0),
-        share_speed=True, figure_repeats=7, figure_max_seconds=20.0),
+        share_speed=True,
+        figure_repeats=7,
+        figure_max_seconds=20.0,
+    ),
     'paper': Profile(
-        'paper', 'the full protocol (for a GPU): 5 seeds, the configs\' epochs and '
-        'hyper-parameters (the reference code\'s)',
-        seeds=(0, 1, 2, 3, 4), overrides=lambda col, method, cfg: {},
+        'paper',
+        "the full protocol (for a GPU): 5 seeds, the configs' epochs and "
+        "hyper-parameters (the reference code's)",
+        seeds=(0, 1, 2, 3, 4),
+        overrides=lambda col, method, cfg: {},
         speed=SpeedPlan(warmup=5, rounds=5, inner=4, steps=20, ldrl_steps=3, ldrl_warmup=1),
-        share_speed=False, figure_repeats=21),
+        share_speed=False,
+        figure_repeats=21,
+    ),
 }
 
 
@@ -198,8 +239,7 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
   node[leaf] = value
 
 
-def make_config(col: Column, method: str, profile: Profile, seed: int
-                ) -> ml_collections.ConfigDict:
+def make_config(col: Column, method: str, profile: Profile, seed: int) -> ml_collections.ConfigDict:
   cfg = col.get_config()
   cfg.method = method
   cfg.seed = seed
@@ -225,8 +265,12 @@ def get_dataset(name: str, profile: Profile, source: str) -> data.Dataset:
       ds = data.load_dataset(name)
       if profile.train_examples or profile.test_examples:
         ntr, nte = profile.train_examples, profile.test_examples
-        ds = ds._replace(x_train=ds.x_train[:ntr], y_train=ds.y_train[:ntr],
-                         x_test=ds.x_test[:nte], y_test=ds.y_test[:nte])
+        ds = ds._replace(
+            x_train=ds.x_train[:ntr],
+            y_train=ds.y_train[:ntr],
+            x_test=ds.x_test[:nte],
+            y_test=ds.y_test[:nte],
+        )
     else:
       raise ValueError(f"data source must be 'real' or 'synthetic', got {source!r}")
     _DATA_CACHE[key] = ds
@@ -236,4 +280,3 @@ def get_dataset(name: str, profile: Profile, source: str) -> data.Dataset:
 def full_epoch_steps(dataset: str, batch_size: int) -> int:
   """Steps of one full epoch over the real training set (what the paper times)."""
   return data.info(dataset).num_examples['train'] // batch_size
-

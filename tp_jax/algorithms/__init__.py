@@ -63,5 +63,14 @@ def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> Algorithm:
   return _module(cfg.method).make(net, cfg, tx)
 
 
-__all__ = ['Algorithm', 'TrainState', 'make', 'make_optimizer', 'METHODS', 'FEEDBACK_ACTS',
-           'has_feedback_weights', 'trains_feedback', 'validate']
+__all__ = [
+    'Algorithm',
+    'TrainState',
+    'make',
+    'make_optimizer',
+    'METHODS',
+    'FEEDBACK_ACTS',
+    'has_feedback_weights',
+    'trains_feedback',
+    'validate',
+]

@@ -27,8 +27,10 @@ TRAINS_FEEDBACK = False
 
 def feedback_mode(cfg) -> layers.FeedbackMode:
   if cfg.feedback_act not in MODES[cfg.method]:
-    raise config_lib.ConfigError(f'{cfg.method} supports feedback_act in '
-                                 f'{sorted(MODES[cfg.method])}, got {cfg.feedback_act!r}')
+    raise config_lib.ConfigError(
+        f'{cfg.method} supports feedback_act in '
+        f'{sorted(MODES[cfg.method])}, got {cfg.feedback_act!r}'
+    )
   return MODES[cfg.method][cfg.feedback_act]
 
 

@@ -35,8 +35,11 @@ def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> common.Algo
     x, labels = batch
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, labels)
     params, opt_state = common.apply_grads(tx, state.params, state.opt_state, grads)
-    metrics = dict(loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
-                   finite=jnp.isfinite(loss) & common.all_finite(params))
+    metrics = dict(
+        loss=loss,
+        accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
+        finite=jnp.isfinite(loss) & common.all_finite(params),
+    )
     return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return common.Algorithm(lambda key, x: common.init_forward(net, tx, key, x), step)

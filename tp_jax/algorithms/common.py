@@ -19,6 +19,7 @@ Batch = tuple[Array, Array]  # (x_NHWC float32, labels int32)
 
 class TrainState(NamedTuple):
   """Everything a step changes. ``fb_*`` are () for methods without feedback weights."""
+
   step: Array
   params: network.Params
   opt_state: Any
@@ -33,23 +34,27 @@ class Algorithm(NamedTuple):
   the update), ``accuracy`` and ``finite`` (bool: loss, targets and new parameters
   all finite); TP methods add per-block ``block_loss`` and ``targets_finite``.
   """
+
   init: Callable[[Array, Array], TrainState]
   step: Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]
 
 
-def check_feedback_defined(method: str, net: network.Net, mode: layers.FeedbackMode,
-                           input_shape: tuple[int, ...]) -> None:
+def check_feedback_defined(
+    method: str, net: network.Net, mode: layers.FeedbackMode, input_shape: tuple[int, ...]
+) -> None:
   """Traces the feedback of blocks 2..N in ``mode`` on shapes only (nothing is computed),
   so that a feedback one of net's layers refuses (GELU's integral, IJMC of a conv or of a
   non-square dense, feedback weights on an exactly invertible coupling) is a ConfigError
   before anything is compiled."""
+
   def forward(key, x):
     params = network.init(net, key, x)
     return params, network.forward(net, params, x)
 
   def feedbacks(params, hs, ctxs):
-    return [network.block_feedback(net, n, params[n], hs[n], ctxs[n], mode)
-            for n in range(1, len(net))]
+    return [
+        network.block_feedback(net, n, params[n], hs[n], ctxs[n], mode) for n in range(1, len(net))
+    ]
 
   x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   try:
@@ -59,12 +64,15 @@ def check_feedback_defined(method: str, net: network.Net, mode: layers.FeedbackM
   try:
     jax.eval_shape(feedbacks, params, hs, ctxs)
   except layers.FeedbackError as e:
-    raise config_lib.ConfigError(f'method={method!r} propagates targets with {mode}, '
-                                 f'which {net.name} does not define: {e}') from None
+    raise config_lib.ConfigError(
+        f'method={method!r} propagates targets with {mode}, '
+        f'which {net.name} does not define: {e}'
+    ) from None
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    opt: ml_collections.ConfigDict, total_steps: int
+) -> optax.GradientTransformation:
   """SGD with momentum (the reference TP code's choice) or Adam, L2 weight decay,
   constant or cosine learning rate (cosine decays to ``lr * cosine_alpha``)."""
   if opt.schedule == 'cosine':
@@ -85,21 +93,24 @@ def apply_grads(tx: optax.GradientTransformation, params, opt_state, grads):
 
 def all_finite(tree) -> Array:
   leaves = jax.tree.leaves(tree)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves \
-      else jnp.array(True)
+  return (
+      jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else jnp.array(True)
+  )
 
 
-def init_forward(net: network.Net, tx: optax.GradientTransformation, key: Array,
-                 x: Array) -> TrainState:
+def init_forward(
+    net: network.Net, tx: optax.GradientTransformation, key: Array, x: Array
+) -> TrainState:
   params = network.init(net, key, x)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def finish_tp_step(tx: optax.GradientTransformation, state: TrainState, grads,
-                   metrics: dict[str, Array], **changes) -> tuple[TrainState, dict]:
+def finish_tp_step(
+    tx: optax.GradientTransformation, state: TrainState, grads, metrics: dict[str, Array], **changes
+) -> tuple[TrainState, dict]:
   """Applies a TP method's forward gradients and completes its metrics."""
   params, opt_state = apply_grads(tx, state.params, state.opt_state, grads)
-  metrics['finite'] = (jnp.isfinite(metrics['loss']) & jnp.all(metrics['targets_finite'])
-                       & all_finite(params))
-  return state._replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        **changes), metrics
+  metrics['finite'] = (
+      jnp.isfinite(metrics['loss']) & jnp.all(metrics['targets_finite']) & all_finite(params)
+  )
+  return state._replace(step=state.step + 1, params=params, opt_state=opt_state, **changes), metrics

@@ -55,23 +55,28 @@ def validate(cfg, net: network.Net) -> None:
       raise config_lib.ConfigError(
           f'feedback.{field} has {len(given)} entries but {cfg.model} has {n} blocks '
           f'whose feedback is trained (blocks 2..{n + 1}); give {n} values, one per '
-          f'block, or one value for all of them')
+          f'block, or one value for all of them'
+      )
     integer = field == 'iterations'
     for i, v in enumerate(per_block(cfg, field, net)):
-      if isinstance(v, bool) or not (isinstance(v, int) and v >= 1 if integer else
-                                     isinstance(v, (int, float)) and v > 0):
+      if isinstance(v, bool) or not (
+          isinstance(v, int) and v >= 1 if integer else isinstance(v, (int, float)) and v > 0
+      ):
         raise config_lib.ConfigError(
             f'feedback.{field}[{i}] must be a positive '
-            f'{"integer" if integer else "number"} (the value for block {i + 2}), got {v!r}')
+            f'{"integer" if integer else "number"} (the value for block {i + 2}), got {v!r}'
+        )
   if cfg.feedback.order not in ('parallel', 'sequential'):
-    raise config_lib.ConfigError(f"feedback.order must be 'parallel' or 'sequential', "
-                                 f'got {cfg.feedback.order!r}')
+    raise config_lib.ConfigError(
+        f"feedback.order must be 'parallel' or 'sequential', " f'got {cfg.feedback.order!r}'
+    )
 
 
 def optimizers(cfg, net: network.Net) -> tuple[optax.GradientTransformation, ...]:
   """One SGD-momentum optimiser per trained block (blocks 2..N)."""
-  return tuple(optax.sgd(lr, momentum=cfg.feedback.momentum or None)
-               for lr in per_block(cfg, 'lr', net))
+  return tuple(
+      optax.sgd(lr, momentum=cfg.feedback.momentum or None) for lr in per_block(cfg, 'lr', net)
+  )
 
 
 def init_state(fb_params: network.Params, txs) -> tuple:
@@ -83,8 +88,19 @@ def learned_feedback(net, n, b, t, ctx):
   return network.block_feedback(net, n, b, t, ctx, layers.LEARNED)
 
 
-def train(net: network.Net, loss_fn: FeedbackLoss, cfg, txs, params, fb_params,
-          fb_opt_state, x: Array, hs, ctxs, key: Array):
+def train(
+    net: network.Net,
+    loss_fn: FeedbackLoss,
+    cfg,
+    txs,
+    params,
+    fb_params,
+    fb_opt_state,
+    x: Array,
+    hs,
+    ctxs,
+    key: Array,
+):
   """K_n optimiser steps on block n's feedback weights, for n = 2..N.
 
   Returns (fb_params, fb_opt_state, final loss per trained block).
@@ -96,8 +112,9 @@ def train(net: network.Net, loss_fn: FeedbackLoss, cfg, txs, params, fb_params,
 
   def update(n, b, s, i):
     k = jax.random.fold_in(jax.random.fold_in(key, n), i)
-    loss, g = jax.value_and_grad(lambda b: loss_fn(
-        net, n, params[n], b, ins[n], hs[n], ctxs[n], k, sigmas[n - 1]))(b)
+    loss, g = jax.value_and_grad(
+        lambda b: loss_fn(net, n, params[n], b, ins[n], hs[n], ctxs[n], k, sigmas[n - 1])
+    )(b)
     upd, s = txs[n - 1].update(g, s, b)
     return optax.apply_updates(b, upd), s, loss
 
@@ -105,21 +122,30 @@ def train(net: network.Net, loss_fn: FeedbackLoss, cfg, txs, params, fb_params,
   losses = [jnp.zeros(())] * (len(net) - 1)
   if cfg.feedback.order == 'sequential':
     for n in range(1, len(net)):
+
       def body(i, c, n=n):
         return update(n, *c[:2], i)
+
       fbs[n], states[n], losses[n - 1] = jax.lax.fori_loop(
-          0, iters[n - 1], body, (fbs[n], states[n], losses[n - 1]))
+          0, iters[n - 1], body, (fbs[n], states[n], losses[n - 1])
+      )
   else:
+
     def body(carry, i):
       fbs, states, losses = (list(c) for c in carry)
       for n in range(1, len(net)):
         keep = lambda c: c
         fbs[n], states[n], losses[n - 1] = jax.lax.cond(
-            i < iters[n - 1], lambda c, n=n: update(n, c[0], c[1], i), keep,
-            (fbs[n], states[n], losses[n - 1]))
+            i < iters[n - 1],
+            lambda c, n=n: update(n, c[0], c[1], i),
+            keep,
+            (fbs[n], states[n], losses[n - 1]),
+        )
       return (tuple(fbs), tuple(states), tuple(losses)), None
+
     (fbs, states, losses), _ = jax.lax.scan(
-        body, (tuple(fbs), tuple(states), tuple(losses)), jnp.arange(max(iters)))
+        body, (tuple(fbs), tuple(states), tuple(losses)), jnp.arange(max(iters))
+    )
   return tuple(fbs), tuple(states), jnp.stack(losses)
 
 
@@ -138,12 +164,14 @@ def make(net, cfg, tx, loss_fn: FeedbackLoss) -> common.Algorithm:
     x, labels = batch
     hs, ctxs = network.forward(net, state.params, x)
     fb_params, fb_opt_state, fb_loss = train(
-        net, loss_fn, cfg, txs, state.params, state.fb_params, state.fb_opt_state, x, hs,
-        ctxs, key)
-    grads, metrics = dtp.local_grads(net, state.params, fb_params, layers.LEARNED,
-                                     cfg.beta, x, labels)
+        net, loss_fn, cfg, txs, state.params, state.fb_params, state.fb_opt_state, x, hs, ctxs, key
+    )
+    grads, metrics = dtp.local_grads(
+        net, state.params, fb_params, layers.LEARNED, cfg.beta, x, labels
+    )
     metrics['feedback_loss'] = fb_loss
-    return common.finish_tp_step(tx, state, grads, metrics, fb_params=fb_params,
-                                 fb_opt_state=fb_opt_state)
+    return common.finish_tp_step(
+        tx, state, grads, metrics, fb_params=fb_params, fb_opt_state=fb_opt_state
+    )
 
   return common.Algorithm(init, step)

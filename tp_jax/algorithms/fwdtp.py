@@ -35,8 +35,9 @@ def make(net, cfg, tx):
   def step(state, batch, key):
     del key
     x, labels = batch
-    grads, metrics = dtp.local_grads(net, state.params, state.fb_params, layers.LEARNED,
-                                     cfg.beta, x, labels)
+    grads, metrics = dtp.local_grads(
+        net, state.params, state.fb_params, layers.LEARNED, cfg.beta, x, labels
+    )
     return common.finish_tp_step(tx, state, grads, metrics)
 
   return common.Algorithm(init, step)

@@ -1,6 +1,6 @@
 """DTP (Lee et al. 2015): feedback trained on the reconstruction loss (eq. 6),
 
-  L_rec = || G(F(x + eps)) - (x + eps) ||^2,  eps ~ N(0, sigma^2)
+L_rec = || G(F(x + eps)) - (x + eps) ||^2,  eps ~ N(0, sigma^2)
 """
 
 from __future__ import annotations
