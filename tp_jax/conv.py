@@ -8,57 +8,14 @@ computed* differs, and only when the fast implementation is selected
 
 Why
 ---
-On XLA:CPU (jax/jaxlib 0.10.2, 2-core AVX-512 Xeon, batch 128, float32, jit)
-the forward convolution runs on Eigen's spatial-convolution kernel at matmul
-speed, but the gradient w.r.t. the *weights* is lowered to a "backward filter"
-convolution whose 32x32 "kernel" is the output gradient.  Measured, 3x3 128->128
-on 32x32: forward ~190-280 ms, input-grad ~300-380 ms, weight-grad
-~1050-1550 ms (~35 GFLOP/s), while a plain 128x131072x128 matmul runs in ~35 ms.
-PyTorch 2.13 CPU does a whole SimpleVGG BP step in ~333 ms vs ~1180 ms in Flax.
-
-What was tried (medians of interleaved runs in one process; see
-``python -m experiments.bench_cpu --layer``):
-
-* XLA flags present in this jaxlib (``--xla_cpu_use_xnnpack``,
-  ``--xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type``,
-  ``--xla_cpu_use_onednn``, ``--xla_cpu_use_thunk_runtime=false``): none of
-  them changes the compiled HLO of a convolution (still a plain
-  ``convolution``), and no timing difference beyond machine noise.
-* Weight-grad as one im2col matrix (``N*H*W x 9*Cin``) @ ``dY``: 890 ms.
-  The 600 MB patch matrix is freshly allocated (page faults) and streamed
-  from memory; memory traffic, not FLOPs, dominates on this VM.
-* Weight-grad as 9 shifted slices, each materialised (``optimization_barrier``
-  so XLA can't fuse the slice into the dot, which would push the dot off the
-  Eigen/"dot thunk" path) then a ``dot_general`` contracting N*H*W: ~510 ms.
-* The same, **chunked over the batch** with ``lax.scan`` so that every
-  materialised slice (~``_WGRAD_ROWS`` rows x Cin) stays in L2/L3 cache and the
-  temporaries are reused between iterations: ~350 ms, i.e. ~3.5-4x faster than
-  XLA's weight-grad.  This is the formulation used here ("taps"); for small
-  ``kh*kw*Cin`` (e.g. the 3-channel input layer) one im2col matrix per chunk
-  ("im2col") is used instead, because a dot with 3 contraction rows is
-  inefficient.
-* When the kernel is larger than the output (e.g. 3x3 SAME on the 2x2 maps
-  of SimpleVGG's last layer) XLA:CPU's convolution itself is pathologically
-  slow: 256->512 on 2x2, batch 128, forward 1660 ms vs 34 ms as im2col + one
-  dot (input-grad likewise).  In that regime the primitive lowers its forward
-  (and hence the flipped-kernel input-grad) to im2col + dot; elsewhere the
-  XLA convolution is kept (im2col + dot was 1.7-2.4x slower at 4x4 and 8x8).
-* An odd number of input channels (> 1): XLA:CPU's forward convolution took
-  3-5x longer than with one zero channel added for several output widths
-  (batch 128, 32x32, 5x5: Cin 3/5/7 -> Cout 32: 52/92/58 ms vs 9/19/16 ms;
-  Cin 5 -> 96: 149 vs 69 ms), and at most 15% less elsewhere (Cout 16, 64,
-  128). The forward pads such inputs with one zero channel.
-* Input-grad as a forward convolution of ``dY`` with the spatially flipped,
-  I/O-swapped kernel (stride 1): on par with or slightly faster than XLA's
-  own transposed convolution.  For stride > 1 ``dY`` is zero-upsampled
-  (interior padding, materialised behind an ``optimization_barrier``) and
-  convolved with stride 1.
-
-Net effect (the retired ``experiments/bench_conv.py --batch 128 --repeats 7``,
-2-core Xeon, machine shared with other jobs, medians of interleaved runs):
-weight-grad 3x3 128->128 on 32x32 4.1x faster than impl='xla', forward and
-input-grad unchanged (0.94x / 0.99x, noise), whole SimpleVGG BP step 2.6x
-faster (PyTorch 2.13 CPU: 3.1x faster than impl='xla' in the same run).
+On XLA:CPU the forward convolution runs at matmul speed, but the weight gradient is
+lowered to a "backward filter" convolution several times slower; XLA's own convolution
+is also very slow when the kernel is larger than the output, and for an odd number of
+input channels. The fast path computes the weight gradient as chunked, materialised
+per-tap dots (or one im2col matrix per chunk for small ``kh*kw*Cin``), lowers the
+forward and input gradient to im2col + dot where the kernel exceeds the output, and pads
+odd channel counts with one zero channel. BUILD_NOTES.md ("Convolutions on XLA:CPU") has
+the measurements behind each choice and what was tried and did not help.
 
 Mechanics
 ---------
@@ -188,13 +145,7 @@ def _im2col(xp, kh, kw, ho, wo, strides):
 
 
 def _kernel_exceeds_output(out_hw, w_shape):
-  """XLA:CPU's convolution is pathologically slow in this regime.
-
-  Measured (batch 128, 3x3 SAME on 2x2, 256->512): forward 1660 ms as an
-  XLA convolution vs 34 ms as im2col + one dot; 64 channels 5x5 SAME on 4x4:
-  5 GFLOP/s.  When the output is at least as large as the kernel the XLA
-  convolution is as fast as the dot formulation or faster.
-  """
+  """XLA:CPU's convolution is pathologically slow in this regime (BUILD_NOTES.md)."""
   return out_hw[0] < w_shape[0] or out_hw[1] < w_shape[1]
 
 
@@ -206,8 +157,7 @@ def _forward(x, w, *, strides, padding):
     cin = x.shape[3]
     if cin > 1 and cin % 2:
       # An odd number of input channels sends XLA:CPU's convolution down a
-      # slow path for some output widths (LeNet's 3->32 5x5 on 32x32 at
-      # batch 256: 129 ms, 39 ms with a zero channel added). Zero channels
+      # slow path for some output widths (BUILD_NOTES.md). Zero channels
       # change no output.
       x = jnp.pad(x, [(0, 0)] * 3 + [(0, 1)])
       w = jnp.pad(w, [(0, 0)] * 2 + [(0, 1), (0, 0)])

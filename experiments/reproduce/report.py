@@ -222,7 +222,7 @@ def write_table(
   ]
   text = '\n'.join(head + lines_rows)
   if targets:
-    text += '\n\nPerformance targets (issue 4)'
+    text += '\n\nPerformance targets'
     if profile.fast_compile:
       text += (
           ' — smoke profile: compiled without optimisations at batch 8, so these '

@@ -96,7 +96,7 @@ PAPER_TEST_ACC: dict[tuple[int, str, str], float] = {
     (3, 'cifar10', 'tjml_dtp'): 56.9,
 }
 
-# Issue 4's performance targets: TJML-DTP time per step / BP's (at most), and TJML-DTP
+# The performance targets: TJML-DTP time per step / BP's (at most), and TJML-DTP
 # speed-up per epoch over our LDRL (at least).
 TARGET_TJML_OVER_BP = {1: 1.15, 2: 1.15, 3: 1.3}  # Table 4: none
 TARGET_SPEEDUP_OVER_LDRL = {1: 5.0, 2: 5.0}
