@@ -205,6 +205,25 @@ def test_algorithms_declare_their_feedback():
 
 
 @pytest.mark.parametrize(
+    'method, feedback_act, mode',
+    [
+        ('bp', 'integral', None),
+        ('tjml_dtp', 'integral', layers.TJMC),
+        ('tjml_dtp', 'hadamard', layers.TJMC_HADAMARD),
+        ('ijml_dtp', 'integral', layers.IJMC),
+        ('pjml_dtp', 'integral', layers.PJMC),
+        ('ldrl', 'integral', layers.LEARNED),
+        ('fwdtp', 'integral', layers.LEARNED),
+        ('dtp', 'integral', layers.LEARNED),
+    ],
+)
+def test_each_method_declares_its_feedback_mode(method, feedback_act, mode):
+  cfg = config_lib.default()
+  cfg.method, cfg.feedback_act = method, feedback_act
+  assert algorithms.feedback_mode(cfg) == mode
+
+
+@pytest.mark.parametrize(
     'method, act, feedback_act, match',
     [
         ('tjml_dtp', 'gelu', 'integral', r'gelu.*not invertible'),

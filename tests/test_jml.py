@@ -266,7 +266,7 @@ def test_estimate_standard_error_is_calibrated():
   y, ctx = f(x)
   groups, k = 24, 64
   probes = np.random.default_rng(10).standard_normal((groups * k, *y.shape), np.float32)
-  a2, t2 = jax.jit(lambda *a: jml._probe_stats(lambda h: f(h)[0], g, *a))(x, y, ctx, probes)
+  a2, t2 = jax.jit(lambda *a: jml.probe_stats(lambda h: f(h)[0], g, *a))(x, y, ctx, probes)
   a2 = np.asarray(a2, np.float64).reshape(groups, k, 1)
   t2 = np.asarray(t2, np.float64).reshape(groups, k, 1)
   stats = [jml._delta_method(a2[i], t2[i]) for i in range(groups)]

@@ -93,7 +93,7 @@ def relative_tjml(
   f, g = jml.block_fns(net, params, fb_params, n, mode)
   y, ctx = f(h_in)
   probes = jax.random.normal(key, (num_probes, *y.shape), y.dtype)
-  a2, t2 = jml._probe_stats(lambda h: f(h)[0], g, h_in, y, ctx, probes)  # pylint: disable=protected-access
+  a2, t2 = jml.probe_stats(lambda h: f(h)[0], g, h_in, y, ctx, probes)
   return jnp.mean(jnp.sqrt(jnp.mean(a2, 0) / jnp.mean(t2, 0)))
 
 
@@ -139,7 +139,7 @@ def block_diagnostics(
 def method_feedback(cfg, state) -> tuple[network.Params | None, layers.FeedbackMode] | None:
   """(feedback params or None for "the forward params", mode) of ``cfg.method``, or
   None for BP."""
-  mode = algorithms._module(cfg.method).feedback_mode(cfg)  # pylint: disable=protected-access
+  mode = algorithms.feedback_mode(cfg)
   if mode is None:
     return None
   return (state.fb_params if algorithms.has_feedback_weights(cfg.method) else None), mode
@@ -155,7 +155,7 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
   training's). Runs with ``num_seeds`` > 1 get None (not yet supported). The call
   waits for its result: the next training step donates ``state``'s buffers."""
   cfg = run.cfg
-  if cfg.get('num_seeds', 1) > 1 or method_feedback(cfg, state) is None:
+  if cfg.num_seeds > 1 or method_feedback(cfg, state) is None:
     return None
   replicated, batch = NamedSharding(run.mesh, P()), NamedSharding(run.mesh, P('data'))
 

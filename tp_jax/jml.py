@@ -385,7 +385,7 @@ def _exact_losses(
   return out
 
 
-def _probe_stats(f, g, h_in, y, ctx, probes):
+def probe_stats(f, g, h_in, y, ctx, probes):
   """Per-example squared norms ||A v_k||^2 and ||J_F^T v_k||^2, shape (K, B) each, for
   probes v_k of shape (K, *y.shape)."""
   _, f_vjp = jax.vjp(f, h_in)
@@ -504,7 +504,7 @@ def block_jml(
   chunk = max(1, min(num_probes, 2**22 // max(B * (n_in + n_out), 1)))
   while num_probes % chunk:
     chunk -= 1
-  stats = _jit(lambda *a: _probe_stats(f0, g, *a))
+  stats = _jit(lambda *a: probe_stats(f0, g, *a))
   parts = [
       stats(h_in, y, ctx, _probes(rng, (chunk, *y.shape), y.dtype))
       for _ in range(num_probes // chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optax
 
 from tp_jax import config as config_lib
+from tp_jax import layers
 from tp_jax import network
 from tp_jax.algorithms import analytical_dtp
 from tp_jax.algorithms import bp
@@ -46,11 +47,16 @@ def trains_feedback(method: str) -> bool:
   return _module(method).TRAINS_FEEDBACK
 
 
+def feedback_mode(cfg) -> layers.FeedbackMode | None:
+  """The feedback mode ``cfg.method`` propagates targets with; None for BP."""
+  return _module(cfg.method).feedback_mode(cfg)
+
+
 def validate(cfg, net: network.Net, input_shape: tuple[int, ...]) -> None:
   """Raises ConfigError for a field of ``cfg.method``'s own that cannot be right, or a
   feedback that one of net's layers refuses (traced on ``input_shape`` images)."""
   module = _module(cfg.method)
-  mode = module.feedback_mode(cfg)
+  mode = feedback_mode(cfg)
   if mode is not None:  # first: a model that cannot take the method at all says so
     common.check_feedback_defined(cfg.method, net, mode, input_shape)
   module.validate(cfg, net)
@@ -70,6 +76,7 @@ __all__ = [
     'make_optimizer',
     'METHODS',
     'FEEDBACK_ACTS',
+    'feedback_mode',
     'has_feedback_weights',
     'trains_feedback',
     'validate',
