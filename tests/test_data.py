@@ -712,18 +712,6 @@ def test_augment_crops_and_flips_validly():
   assert all(np.array_equal(o, xi) or np.array_equal(o, xi[:, ::-1]) for o, xi in zip(out0, xs))
 
 
-def test_train_val_split_is_disjoint_and_complete():
-  x = jnp.arange(50).reshape(50, 1, 1, 1).astype(jnp.float32)
-  y = jnp.arange(50)
-  xt, yt, xv, yv = data.train_val_split(jax.random.key(0), x, y, 10)
-  assert xt.shape == (40, 1, 1, 1) and xv.shape == (10, 1, 1, 1)
-  tr, va = np.asarray(yt).tolist(), np.asarray(yv).tolist()
-  assert sorted(tr + va) == list(range(50)) and va != list(range(10))
-  np.testing.assert_array_equal(np.asarray(xt).ravel(), tr)  # x and y stay paired
-  with pytest.raises(ValueError):
-    data.train_val_split(jax.random.key(0), x, y, 51)
-
-
 # ----------------------------------------------------------------------------- TFDS backend
 
 

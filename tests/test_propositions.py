@@ -5,7 +5,7 @@ activations) in a ``network.Net``; the feedbacks are ``network.block_feedback`` 
 modes TJMC / IJMC / PJMC / LEARNED; the losses are ``vanilla_dtp.reconstruction_loss``
 (Prop. 1), ``network.block_feedback_difference`` (the DRL of Prop. 2) and
 ``ldrl.ldrl_loss`` (Prop. 3), each with the noise it draws itself from a PRNG key; the
-Jacobians and matching losses are ``jml.block_jacobians``, ``jml.tjml`` / ``ijml`` /
+Jacobians and matching losses are ``jml.block_fns`` with ``jml.jacobians``, ``jml.tjml`` / ``ijml`` /
 ``pjml`` and ``jml.block_jml``. So a wrong feedback, a wrong factor in a loss or a wrong
 Jacobian makes these tests fail.
 
@@ -124,7 +124,9 @@ def _ldrl_loss(net, params, fb_params, x, key, sigma):
 
 def _example_jacobians(net, params, fb_params, x, mode=L.LEARNED):
   """The library's (J_F, J_G) of block 0 at the first example of x."""
-  J_F, J_G = jml.block_jacobians(net, params, fb_params, 0, x[:1], mode)
+  f, g = jml.block_fns(net, params, fb_params, 0, mode)
+  y, ctx = f(x[:1])
+  J_F, J_G = jml.jacobians(lambda h: f(h)[0], g, x[:1], y, ctx)
   return J_F[0], J_G[0]
 
 

@@ -65,48 +65,58 @@ _IDX_FILES = {
 }
 _CIFAR_DIR = "cifar-10-batches-bin"
 
+
+def _idx_dataset(
+    name: str,
+    *,
+    train_images: str,
+    train_labels: str,
+    test_images: str,
+    test_labels: str,
+    mean: float,
+    std: float,
+    mirrors: tuple[str, ...],
+) -> DatasetInfo:
+  """An MNIST-format dataset: the four official gzipped IDX files, given by their sha256s."""
+  digests = (train_images, train_labels, test_images, test_labels)
+  return DatasetInfo(
+      name=name,
+      files=_ro(_IDX_FILES),
+      sha256=_ro(dict(zip(_IDX_FILES["train"] + _IDX_FILES["test"], digests))),
+      image_shape=(28, 28, 1),
+      num_classes=10,
+      num_examples=_ro({"train": 60000, "test": 10000}),
+      mean=(mean,),
+      std=(std,),
+      mirrors=mirrors,
+      archive=None,
+  )
+
+
 DATASETS: Mapping[str, DatasetInfo] = _ro(
     {
-        "mnist": DatasetInfo(
-            name="mnist",
-            files=_ro(_IDX_FILES),
-            sha256=_ro(
-                {
-                    "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-                    "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-                    "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-                    "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-                }
-            ),
-            image_shape=(28, 28, 1),
-            num_classes=10,
-            num_examples=_ro({"train": 60000, "test": 10000}),
-            mean=(0.1307,),
-            std=(0.3081,),
+        "mnist": _idx_dataset(
+            "mnist",
+            train_images="440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            train_labels="3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            test_images="8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            test_labels="f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            mean=0.1307,
+            std=0.3081,
             mirrors=(
                 "https://ossci-datasets.s3.amazonaws.com/mnist/",
                 "https://storage.googleapis.com/cvdf-datasets/mnist/",
             ),
-            archive=None,
         ),
-        "fashion_mnist": DatasetInfo(
-            name="fashion_mnist",
-            files=_ro(_IDX_FILES),
-            sha256=_ro(
-                {
-                    "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-                    "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-                    "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-                    "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-                }
-            ),
-            image_shape=(28, 28, 1),
-            num_classes=10,
-            num_examples=_ro({"train": 60000, "test": 10000}),
-            mean=(0.2860,),
-            std=(0.3530,),
+        "fashion_mnist": _idx_dataset(
+            "fashion_mnist",
+            train_images="3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            train_labels="a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            test_images="346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            test_labels="67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            mean=0.2860,
+            std=0.3530,
             mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-            archive=None,
         ),
         "cifar10": DatasetInfo(
             name="cifar10",
@@ -594,20 +604,6 @@ def augment(key: jax.Array, x_NHWC: jax.Array, pad: int = 4) -> jax.Array:
 
   crops_NHWC = jax.vmap(crop)(padded_NHWC, dy_N, dx_N)
   return jnp.where(flip_N[:, None, None, None], crops_NHWC[:, :, ::-1], crops_NHWC)
-
-
-def train_val_split(
-    key: jax.Array, x: jax.Array, y: jax.Array, num_val: int
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """Random disjoint split: (x_train, y_train, x_val, y_val) with `num_val` validation examples."""
-  n = x.shape[0]
-  if not 0 <= num_val <= n or y.shape[0] != n:
-    raise ValueError(
-        f"need 0 <= num_val <= n and len(y) == len(x); got num_val={num_val}, x {n}, y {y.shape[0]}"
-    )
-  perm = epoch_permutation(key, n)
-  tr, va = perm[num_val:], perm[:num_val]
-  return x[tr], y[tr], x[va], y[va]
 
 
 def load_dataset(

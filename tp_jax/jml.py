@@ -60,7 +60,6 @@ PJMC builds G from the layers' own pseudo-inverses, which is J_F^+ only for some
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -233,20 +232,6 @@ def block_fns(
     return network.block_feedback(net, n, fb_params[n], t, ctx, mode)
 
   return f, g
-
-
-def block_jacobians(
-    net: network.Net,
-    params: network.Params,
-    fb_params: network.Params,
-    n: int,
-    h_in: Array,
-    mode: layers.FeedbackMode = layers.TJMC,
-) -> tuple[Array, Array]:
-  """Per-example (J_F, J_G) of DTP block n (0-based) at its input batch h_in."""
-  f, g = block_fns(net, params, fb_params, n, mode)
-  y, ctx = f(h_in)
-  return jacobians(lambda h: f(h)[0], g, h_in, y, ctx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -765,7 +750,3 @@ def format_rows(rows: Sequence[dict]) -> str:
         f'{exact_flag[r["pjmc_exact"]]:<11} {r["description"]} {r["shape"]}'
     )
   return '\n'.join(lines)
-
-
-def is_finite_row(row: Mapping[str, Any]) -> bool:
-  return all(math.isfinite(row[k]) for k in ('absolute', 'relative'))

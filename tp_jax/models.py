@@ -3,6 +3,7 @@ each definition; the feedback path is derived from it (``tp_jax.network``)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Callable
@@ -11,7 +12,7 @@ import flax.linen as nn
 
 from tp_jax import data
 from tp_jax import layers as L
-from tp_jax import reversible
+from tp_jax import reversible as reversible_lib
 from tp_jax.network import Net
 
 _POOL_3x3 = dict(window=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -93,46 +94,37 @@ def mlp_mixer(
     channel_dim: int = 256,
     num_blocks: int = 4,
     image_hw: tuple[int, int] = (32, 32),
+    reversible: bool = False,
 ) -> Net:
   """MLP-Mixer as in the paper: patch embedding, then per Mixer block a token unit
   Act(FC(Norm(x)^T))^T + x (eq. 46) and a channel unit FC(Act(FC(Norm(x)))) + x
-  (eq. 44); then (Norm, mean over tokens) and a dense head. Each unit is a DTP block."""
+  (eq. 44); then (Norm, mean over tokens) and a dense head. Each unit is a DTP block.
+
+  ``reversible`` (``reversible_mixer``, the paper's Table 4 model): each Mixer block
+  (token + channel unit) is instead one additive coupling (``reversible.Coupling``)
+  whose f is the token-mixing map and g the channel-mixing map, each on half of the
+  ``hidden`` channels; each coupling is one DTP block whose feedback is its exact inverse.
+  """
+  name = 'reversible_mixer' if reversible else 'mlp_mixer'
+  if reversible and hidden % 2:
+    raise ValueError(f'{name}: hidden must be even to split into two halves, got {hidden}')
   tokens = (image_hw[0] // patch) * (image_hw[1] // patch)
   a = lambda: L.Activation(act, negative_slope)
-  units = []
+  blocks = []
   for _ in range(num_blocks):
-    units.append(L.Residual(_mixer_token_mlp(tokens, a())))
-    units.append(L.Residual(_mixer_channel_mlp(channel_dim, hidden, a())))
-  return _mixer('mlp_mixer', units, num_classes, patch, hidden, tokens)
-
-
-def reversible_mixer(
-    num_classes: int = 10,
-    act: str = 'leaky_relu',
-    negative_slope: float = 0.01,
-    patch: int = 4,
-    hidden: int = 128,
-    channel_dim: int = 256,
-    num_blocks: int = 4,
-    image_hw: tuple[int, int] = (32, 32),
-) -> Net:
-  """The paper's Table 4 model: ``mlp_mixer`` with each Mixer block (token + channel
-  unit) replaced by one additive coupling (``reversible.Coupling``) whose f is the
-  token-mixing map and g the channel-mixing map, each on half of the ``hidden``
-  channels. Each coupling is one DTP block whose feedback is its exact inverse."""
-  if hidden % 2:
-    raise ValueError(
-        f'reversible_mixer: hidden must be even to split into two halves, ' f'got {hidden}'
-    )
-  tokens = (image_hw[0] // patch) * (image_hw[1] // patch)
-  a = lambda: L.Activation(act, negative_slope)
-  blocks = [
-      reversible.Coupling(
-          _mixer_token_mlp(tokens, a()), _mixer_channel_mlp(channel_dim, hidden // 2, a())
+    if reversible:
+      blocks.append(
+          reversible_lib.Coupling(
+              _mixer_token_mlp(tokens, a()), _mixer_channel_mlp(channel_dim, hidden // 2, a())
+          )
       )
-      for _ in range(num_blocks)
-  ]
-  return _mixer('reversible_mixer', blocks, num_classes, patch, hidden, tokens)
+    else:
+      blocks.append(L.Residual(_mixer_token_mlp(tokens, a())))
+      blocks.append(L.Residual(_mixer_channel_mlp(channel_dim, hidden, a())))
+  return _mixer(name, blocks, num_classes, patch, hidden, tokens)
+
+
+reversible_mixer = functools.partial(mlp_mixer, reversible=True)
 
 
 def mlp(
