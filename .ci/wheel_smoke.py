@@ -2,15 +2,18 @@
 
   python wheel_smoke.py WHEEL CHECKOUT
 
-1. The wheel holds every ``tp_jax/**/*.py`` of the checkout.
+1. The wheel holds every ``tp_jax/**/*.py`` of the checkout, and nothing outside ``tp_jax``.
 2. Every module of the checkout's ``tp_jax`` imports from site-packages (not the checkout).
 3. One TJML-DTP step of LeNet on generated data gives finite gradients for every block.
-4. With ``$TP_JAX_DATA`` set, the main job's binary trains one short epoch on the real data.
+4. With ``$TP_JAX_DATA`` set, the main job's binary trains one short epoch on the real data:
+   ``experiments/`` (binaries and configs, not installed) is copied beside the run, as a user
+   who installed the library runs a checkout's binaries.
 """
 
 import importlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,10 @@ def check_wheel_files(wheel: pathlib.Path, checkout: pathlib.Path) -> None:
   missing = sorted(wanted - in_wheel)
   if missing:
     sys.exit(f'the wheel {wheel.name} lacks {len(missing)} source files: {missing}')
-  print(f'wheel: all {len(wanted)} tp_jax source files present')
+  stray = sorted(n for n in in_wheel if n.endswith('.py') and not n.startswith('tp_jax/'))
+  if stray:
+    sys.exit(f'the wheel {wheel.name} installs modules outside tp_jax: {stray}')
+  print(f'wheel: all {len(wanted)} tp_jax source files present, nothing outside tp_jax')
 
 
 def check_imports(checkout: pathlib.Path) -> None:
@@ -64,18 +70,17 @@ def check_tjml_step() -> None:
   )
 
 
-def check_main_job() -> None:
+def check_main_job(checkout: pathlib.Path) -> None:
   if not os.environ.get('TP_JAX_DATA'):
     print('main job: skipped ($TP_JAX_DATA is not set)')
     return
-  import experiments.configs.lenet_mnist as lenet_mnist
-
   with tempfile.TemporaryDirectory() as workdir:
+    shutil.copytree(checkout / 'experiments', pathlib.Path(workdir, 'experiments'))
     cmd = [
         sys.executable,
         '-m',
         'experiments.train',
-        f'--config={lenet_mnist.__file__}',
+        '--config=experiments/configs/lenet_mnist.py',
         f'--workdir={workdir}/run',
         '--config.epochs=1',
         '--config.steps_per_epoch=5',
@@ -96,7 +101,7 @@ def main() -> None:
   check_wheel_files(wheel, checkout)
   check_imports(checkout)
   check_tjml_step()
-  check_main_job()
+  check_main_job(checkout)
 
 
 if __name__ == '__main__':
