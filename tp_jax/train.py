@@ -72,6 +72,7 @@ from tp_jax import algorithms
 from tp_jax import config as config_lib
 from tp_jax import data
 from tp_jax import diagnostics
+from tp_jax import layers
 from tp_jax import metrics_writer
 from tp_jax import models
 from tp_jax import network
@@ -105,6 +106,16 @@ class DivergenceError(RuntimeError):
 
 class WorkdirError(OSError):
   """The workdir cannot hold the run's results (unwritable, or too little space)."""
+
+
+# Errors whose message is the whole diagnosis: the binaries print them as one line.
+REPORTED_ERRORS = (
+    config_lib.ConfigError,
+    data.DataError,
+    layers.FeedbackError,
+    WorkdirError,
+    DivergenceError,
+)
 
 
 # --------------------------------------------------------------------------------------
