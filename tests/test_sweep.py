@@ -166,10 +166,12 @@ def test_optimizer_takes_traced_values(name, schedule):
       p, s = algorithms.common.apply_grads(tx, p, s, grads)
     return p
 
-  traced = jax.jit(lambda h: three_steps(jax.tree.map(jnp.float32, h)))(hp)
+  run_traced = jax.jit(lambda h: three_steps(jax.tree.map(jnp.float32, h)))
+  traced = run_traced(hp)
   np.testing.assert_allclose(traced['w'], three_steps(None)['w'], rtol=1e-6)
-  moved = jax.jit(lambda h: three_steps(jax.tree.map(jnp.float32, h)))({**hp, 'optimizer.lr': 0.2})
-  assert not np.allclose(moved['w'], traced['w'])
+  other = {'optimizer.lr': 0.2, 'optimizer.weight_decay': 5.0, 'optimizer.momentum': 0.9}
+  for k in hp:  # each traced value is the one the update reads
+    assert not np.allclose(run_traced({**hp, k: other[k]})['w'], traced['w']), k
 
 
 def _assert_members_equal_separate_runs(cfg, tmp_path):
