@@ -22,6 +22,7 @@ import test_seeds
 from experiments import sweep as sweep_binary
 from tp_jax import algorithms
 from tp_jax import config as config_lib
+from tp_jax import models
 from tp_jax import sweep
 from tp_jax import train
 
@@ -114,7 +115,7 @@ def test_members_are_settings_times_seeds():
       1,
       '',
   )
-  hp = sweep.hyper_parameters(cfg, num_trained_blocks=2)
+  hp = sweep.hyper_parameters(cfg, models.for_config(cfg))
   np.testing.assert_array_equal(hp['beta'], np.float32([0.3] * 4 + [0.6] * 4))
   assert len(hp['feedback.noise']) == 2  # one [M] array per trained block
   np.testing.assert_array_equal(hp['feedback.noise'][1], np.float32([0.1, 0.1, 0.3, 0.3] * 2))
@@ -127,7 +128,8 @@ def test_seeds_alone_are_the_seed_axis():
   seeds = _mlp('tjml_dtp')
   seeds.seed, seeds.num_seeds = 3, 3
   assert [m.seed for m in sweep.members(swept)] == [m.seed for m in sweep.members(seeds)]
-  assert sweep.hyper_parameters(swept, 2) == {} == sweep.hyper_parameters(seeds, 2)
+  net = models.for_config(seeds)
+  assert sweep.hyper_parameters(swept, net) == {} == sweep.hyper_parameters(seeds, net)
   assert sweep.members(_mlp('tjml_dtp')) == [sweep.Member(test_seeds.FIRST_SEED, {})]
   assert train._member_suffix(seeds, 1) == '/seed_4'
 

@@ -28,6 +28,8 @@ import ml_collections
 import numpy as np
 
 from tp_jax import config as config_lib
+from tp_jax import network
+from tp_jax.algorithms import feedback_training
 
 # Scalars a member may hold its own value of (trained in one program). Per-block fields
 # take a number (every trained block) or a tuple (one per block), like the config.
@@ -269,7 +271,7 @@ def reads(cfg, field: str) -> bool:
   return True
 
 
-def hyper_parameters(cfg, num_trained_blocks: int) -> dict[str, Any]:
+def hyper_parameters(cfg, net: network.Net) -> dict[str, Any]:
   """``TrainState.hparams`` of ``cfg``'s members: swept config path -> float32 array
   with the member axis (a scalar with one member); a per-block field is a tuple of them,
   one per trained block. {} when nothing but seeds is swept."""
@@ -278,17 +280,13 @@ def hyper_parameters(cfg, num_trained_blocks: int) -> dict[str, Any]:
   for field in grid_of(cfg):
     if field == 'seed':
       continue  # the member's keys
-    values = [_get(member_config(cfg, m), field) for m in ms]
-    if field in PER_BLOCK:
-      values = [tuple(v) * (num_trained_blocks if len(v) == 1 else 1) for v in map(_tuple, values)]
+    configs = [member_config(cfg, m) for m in ms]
+    if field in PER_BLOCK:  # one value per trained block, broadcast as the run does
+      values = [feedback_training.per_block(c, field.split('.')[1], net) for c in configs]
       out[field] = tuple(_stacked(column, len(ms)) for column in zip(*values))
     else:
-      out[field] = _stacked(values, len(ms))
+      out[field] = _stacked([_get(c, field) for c in configs], len(ms))
   return out
-
-
-def _tuple(v) -> tuple:
-  return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 
 
 def _stacked(values, num_members: int) -> np.ndarray:

@@ -391,7 +391,7 @@ def setup(
   init = make_init(algorithm, mesh, len(members))
   k_init, k_data, k_steps = _run_keys(cfg)
   init_key, step_key = _key_data(k_init, replicated), _key_data(k_steps, replicated)
-  hparams = jax.tree.map(lambda a: _put(a, replicated), sweep.hyper_parameters(cfg, len(net) - 1))
+  hparams = jax.tree.map(lambda a: _put(a, replicated), sweep.hyper_parameters(cfg, net))
   state_spec = jax.eval_shape(init, init_key, hparams, x_train[: cfg.batch_size])
   state_spec = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec
