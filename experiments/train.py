@@ -19,10 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+import numpy as np
 
-from tp_jax import config as config_lib
-from tp_jax import data
-from tp_jax import layers
 from tp_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -52,21 +50,16 @@ def main(argv):
       cfg.data_dir = _DATA_DIR.value
   try:
     result = train.train_and_evaluate(cfg, _WORKDIR.value)
-  except (
-      config_lib.ConfigError,
-      data.DataError,
-      layers.FeedbackError,
-      train.WorkdirError,
-      train.DivergenceError,
-  ) as e:
+  except train.REPORTED_ERRORS as e:
     # The run's own diagnoses already name the problem: one line, no traceback.
     print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
     return 1
-  mean = lambda k: result.get(f'{k}_mean', result[k])  # over seeds (num_seeds > 1)
+  mean = lambda k: float(np.mean(result[k]))  # over the members (seeds, a sweep's settings)
+  members = np.size(result['test_accuracy'])
   print(
       f'test accuracy {100 * mean("test_accuracy"):.2f}%  train accuracy '
       f'{100 * mean("train_accuracy"):.2f}%  {result["ms_per_step"]:.1f} ms/step  '
-      + (f'(means of {cfg.num_seeds} seeds)  ' if cfg.num_seeds > 1 else '')
+      + (f'(means of {members} members)  ' if members > 1 else '')
       + f'-> {_WORKDIR.value}/result.json'
   )
 

@@ -86,13 +86,13 @@ def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
   assert together['complete']
   rows = train.read_history(tmp_path / 'together' / 'metrics.jsonl')
   assert len(rows[-1]['test_accuracy']) == NUM_SEEDS
-  states = train.seed_states(together['state'], NUM_SEEDS)
+  states = train.member_states(together['state'], NUM_SEEDS)
   differ = False
   for s in range(NUM_SEEDS):
     one = cfg.copy_and_resolve_references()
     one.num_seeds, one.seed = 1, cfg.seed + s
     alone = train.train_and_evaluate(one, tmp_path / f'seed{s}', dataset, log=_quiet)
-    mine = [train.split_seeds(r, NUM_SEEDS)[s] for r in rows]
+    mine = [train.split_members(r, NUM_SEEDS)[s] for r in rows]
     for got, want in zip(_without_timing(mine), _without_timing(alone['history']), strict=True):
       assert got.keys() == want.keys()
       for k in got:
@@ -153,11 +153,11 @@ def test_merge_and_split_seeds_are_inverse():
       )
       for s in range(3)
   ]
-  merged = train.merge_seeds(rows)
+  merged = train.merge_members(rows)
   assert merged['train_loss'] == [0.0, 1.0, 2.0] and merged['epoch'] == 1
   assert merged['block_loss'] == [[0, 0], [1, 2], [2, 4]] and merged['steps'] == 3
-  assert train.split_seeds(merged, 3) == rows
-  assert train.merge_seeds(rows[:1]) is rows[0] and train.split_seeds(rows[0], 1) == rows[:1]
+  assert train.split_members(merged, 3) == rows
+  assert train.merge_members(rows[:1]) is rows[0] and train.split_members(rows[0], 1) == rows[:1]
 
 
 @pytest.mark.slow
@@ -169,7 +169,7 @@ def test_seed_runs_share_one_program():
   state = train.init_state(run)
   assert {a.shape[0] for a in jax.tree.leaves(state)} == {NUM_SEEDS}
   idx = np.asarray(train.epoch_indices(run, 1))
-  for s, state_s in enumerate(train.seed_states(state, NUM_SEEDS)):
+  for s, state_s in enumerate(train.member_states(state, NUM_SEEDS)):
     one = cfg.copy_and_resolve_references()
     one.num_seeds, one.seed = 1, cfg.seed + s
     alone = train.setup(one, ds)
@@ -231,7 +231,7 @@ def test_plot_of_a_seeds_workdir(tmp_path):
   rows = []
   for epoch in (1, 2):
     rows.append(
-        train.merge_seeds(
+        train.merge_members(
             [
                 dict(
                     epoch=epoch,

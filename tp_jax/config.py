@@ -43,6 +43,10 @@ def default() -> ml_collections.ConfigDict:
   # S > 1: S independent runs (seeds seed, ..., seed + S - 1) in one program, the step
   # vmapped over a leading seed axis of the state; each seed equals its separate run.
   c.num_seeds = 1
+  # A grid of scalar hyper-parameters trained in one program, each setting x num_seeds
+  # a member of the leading axis: 'optimizer.lr=[0.01,0.03] beta=[0.3,0.5]' (tp_jax.sweep;
+  # python -m experiments.sweep also runs fields that change the program, one by one).
+  c.sweep = ''
   c.epochs = 10
   c.batch_size = 256
   c.steps_per_epoch = 0  # 0 -> a full pass over the training set
@@ -170,3 +174,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
         f"optimizer.schedule must be 'constant' or 'cosine', got " f'{cfg.optimizer.schedule!r}'
     )
   algorithms.validate(cfg, net, models.input_shape(cfg))
+  if not isinstance(cfg.sweep, str):
+    raise ConfigError(f"sweep must be a string such as 'beta=[0.3,0.5]', got {cfg.sweep!r}")
+  if cfg.sweep.strip():
+    from tp_jax import sweep  # pylint: disable=g-import-not-at-top (it imports this module)
+
+    sweep.validate(cfg, num_devices)

@@ -152,10 +152,10 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
   The batch is row ``state.step % steps_per_epoch`` of ``idx_epoch``, gathered and
   sharded over the mesh's data axis as the training step does. The probes' key is
   folded from a fixed key and the step (not from the seed: the seed's keys are the
-  training's). Runs with ``num_seeds`` > 1 get None (not yet supported). The call
+  training's). Runs of several members (seeds, a sweep) get None (not yet supported). The call
   waits for its result: the next training step donates ``state``'s buffers."""
   cfg = run.cfg
-  if cfg.num_seeds > 1 or method_feedback(cfg, state) is None:
+  if run.num_members > 1 or cfg.sweep or method_feedback(cfg, state) is None:
     return None
   replicated, batch = NamedSharding(run.mesh, P()), NamedSharding(run.mesh, P('data'))
 

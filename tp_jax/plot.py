@@ -37,6 +37,7 @@ class Panel:
   lines: Sequence[Line]
   log_y: bool = False
   integer_x: bool = False  # epochs: integer ticks
+  log_x: bool = False
 
 
 def save_figure(
@@ -67,6 +68,8 @@ def save_figure(
       ax.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
       if panel.log_y:
         ax.set_yscale('log')
+      if panel.log_x:
+        ax.set_xscale('log')
       if panel.integer_x:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
       ax.grid(alpha=0.3)
@@ -167,7 +170,7 @@ def plot_runs(
     c = colors[i % len(colors)]
     ep = [r['epoch'] for r in rows]
     seeds = num_seeds(rows)
-    seed_rows = [[train.split_seeds(r, seeds)[s] for r in rows] for s in range(seeds)]
+    seed_rows = [[train.split_members(r, seeds)[s] for r in rows] for s in range(seeds)]
     for split, style in (('train', '--'), ('test', '-')):
       accuracy.append(
           seed_line(

@@ -24,14 +24,18 @@ feedback-training gradients of LDRL/DTP). Random numbers are partitionable
 (``jax_threefry_partitionable``), so 1 and 8 devices draw the same noise and reach the
 same parameters up to float32 summation order.
 
-Seeds. ``num_seeds`` S > 1 trains seeds ``seed .. seed + S - 1`` in one program: the
-state, the epoch indices and the step keys get a leading seed axis, seed s's keys are
-those of the separate run with seed ``seed + s``, and the step is ``jax.vmap``-ed over
-that axis (the seed axis is replicated over the mesh; each seed's batch is sharded
-over ``'data'``). Each seed is evaluated on its own and equals its separate run to
-float32 tolerance. metrics.jsonl rows and result.json hold per-seed lists
-(``merge_seeds``; result.json adds ``<name>_mean`` and the sample ``<name>_std``),
-TensorBoard tags end with ``/seed_<seed>``. S = 1 is the unvmapped program of before.
+Members. A config trains M runs in one program, its *members* (``tp_jax.sweep``): the
+``num_seeds`` seeds ``seed .. seed + S - 1`` of each setting of ``sweep``'s scalar
+hyper-parameters. With M > 1 the state, the epoch indices and the step keys get a
+leading member axis and the step is ``jax.vmap``-ed over it (the axis is replicated over
+the mesh; each member's batch is sharded over ``'data'``). Member m has the keys of the
+separate run with its seed and carries its swept values in ``TrainState.hparams``, from
+which the step builds its algorithm and optimiser; so it equals the separate run of
+``sweep.member_config(cfg, m)`` to float32 tolerance. Each member is evaluated on its
+own. metrics.jsonl rows and result.json hold per-member lists (``merge_members``; for
+seeds alone result.json adds ``<name>_mean`` and the sample ``<name>_std``, with a sweep
+``members`` names each index), TensorBoard tags end with ``/seed_<seed>`` (after the
+setting's name with a sweep). M = 1 is the unvmapped program of before.
 
 Multi-host. With ``num_processes > 1`` the loop first calls
 ``jax.distributed.initialize(num_processes=..., process_id=$TP_JAX_PROCESS_ID)``: on
@@ -68,9 +72,11 @@ from tp_jax import algorithms
 from tp_jax import config as config_lib
 from tp_jax import data
 from tp_jax import diagnostics
+from tp_jax import layers
 from tp_jax import metrics_writer
 from tp_jax import models
 from tp_jax import network
+from tp_jax import sweep
 from tp_jax.algorithms import common
 
 Array = jax.Array
@@ -100,6 +106,16 @@ class DivergenceError(RuntimeError):
 
 class WorkdirError(OSError):
   """The workdir cannot hold the run's results (unwritable, or too little space)."""
+
+
+# Errors whose message is the whole diagnosis: the binaries print them as one line.
+REPORTED_ERRORS = (
+    config_lib.ConfigError,
+    data.DataError,
+    layers.FeedbackError,
+    WorkdirError,
+    DivergenceError,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -151,12 +167,29 @@ def _keys(seed: int):
 
 
 def _run_keys(cfg):
-  """(init, data order, step noise) keys of ``cfg``; with ``num_seeds`` S > 1 each is
-  an [S] key array whose row s is the key of the separate run with seed ``seed + s``."""
-  if cfg.num_seeds == 1:
-    return _keys(cfg.seed)
-  keys = jnp.stack([_keys(cfg.seed + s) for s in range(cfg.num_seeds)])
+  """(init, data order, step noise) keys of ``cfg``; with M > 1 members each is an [M]
+  key array whose row m is the key of member m's separate run (its seed's)."""
+  members = sweep.members(cfg)
+  if len(members) == 1:
+    return _keys(members[0].seed)
+  keys = jnp.stack([_keys(m.seed) for m in members])
   return keys[:, 0], keys[:, 1], keys[:, 2]
+
+
+def num_members(cfg) -> int:
+  """The runs ``cfg`` trains in one program: sweep settings x ``num_seeds``."""
+  return len(sweep.members(cfg))
+
+
+def member_algorithm(net: network.Net, cfg, total_steps: int) -> Callable:
+  """hparams -> the algorithm of a member whose swept hyper-parameters are ``hparams``
+  (``TrainState.hparams``, traced; {} is ``cfg``'s own run), forward optimiser included."""
+
+  def algorithm(hparams) -> algorithms.Algorithm:
+    tx = algorithms.make_optimizer(cfg.optimizer, total_steps, hparams)
+    return algorithms.make(net, cfg, tx, hparams)
+
+  return algorithm
 
 
 def _key_data(key, sharding: NamedSharding) -> Array:
@@ -165,21 +198,26 @@ def _key_data(key, sharding: NamedSharding) -> Array:
   return _put(np.asarray(jax.random.key_data(key)), sharding)
 
 
-def make_init(algo: algorithms.Algorithm, mesh: Mesh, num_seeds: int = 1) -> Callable:
-  """(init key data, x_example) -> state, replicated over ``mesh``.
+def make_init(algorithm: Callable, mesh: Mesh, num_members: int = 1) -> Callable:
+  """(init key data, hparams, x_example) -> state, replicated over ``mesh``.
 
-  ``num_seeds`` > 1: the key data has a leading seed axis, and so has the state.
-  Initialisation runs once: on CPU it compiles without LLVM's optimisations (LeNet:
-  about 4x faster to compile), which gives the same values.
+  ``algorithm``: ``member_algorithm``'s hparams -> Algorithm; the state keeps hparams.
+  ``num_members`` > 1: the key data and hparams have a leading member axis, and so has
+  the state. Initialisation runs once: on CPU it compiles without LLVM's optimisations
+  (LeNet: about 4x faster to compile), which gives the same values.
   """
   fast = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  init = lambda k, x: algo.init(jax.random.wrap_key_data(k), x)
-  if num_seeds > 1:  # one state per seed's key; the example batch (shapes only) shared
-    init = jax.vmap(init, in_axes=(0, None))
+
+  def init(k, hparams, x):
+    state = algorithm(hparams).init(jax.random.wrap_key_data(k), x)
+    return state._replace(hparams=hparams)
+
+  if num_members > 1:  # one state per member; the example batch (shapes only) shared
+    init = jax.vmap(init, in_axes=(0, 0, None))
   return jax.jit(init, out_shardings=NamedSharding(mesh, P()), compiler_options=fast)
 
 
-def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh, steps_per_epoch: int) -> Callable:
+def make_train_step(algorithm: Callable, cfg, mesh: Mesh, steps_per_epoch: int) -> Callable:
   """(state, x_all, y_all, idx_epoch, step_key) -> (state, metrics), jitted.
 
   ``idx_epoch`` [steps_per_epoch, batch_size] holds the epoch's example indices; the
@@ -190,10 +228,11 @@ def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh, steps_per_epoch
   from (``step_key``, step); ``step_key`` is the raw data of the run's step key. Metrics add ``params_finite`` (one bool per block, after the
   update) to the algorithm's.
 
-  ``cfg.num_seeds`` S > 1: the step is vmapped over a leading seed axis of the state,
-  ``idx_epoch`` and ``step_key`` (the dataset is shared), so S runs train in one
-  program; the seed axis is replicated over the mesh and each seed's batch is still
-  sharded over ``'data'``. Metrics get the seed axis too.
+  ``algorithm``: ``member_algorithm``; the step runs the algorithm of the state's
+  hparams. M > 1 members (``num_members``): the step is vmapped over a leading member
+  axis of the state, ``idx_epoch`` and ``step_key`` (the dataset is shared), so M runs
+  train in one program; the member axis is replicated over the mesh and each member's
+  batch is still sharded over ``'data'``. Metrics get the member axis too.
   """
   batch = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
@@ -206,7 +245,7 @@ def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh, steps_per_epoch
     k_aug, k_step = jax.random.split(jax.random.fold_in(k_step_root, state.step))
     if cfg.augment:
       x = data.augment(k_aug, x)
-    new_state, metrics = algo.step(state, (x, y), k_step)
+    new_state, metrics = algorithm(state.hparams).step(state, (x, y), k_step)
     metrics['params_finite'] = jnp.stack([common.all_finite(p) for p in new_state.params])
     if cfg.skip_nonfinite:  # keep the old state, but count the step
       new_state = jax.tree.map(
@@ -216,7 +255,7 @@ def make_train_step(algo: algorithms.Algorithm, cfg, mesh: Mesh, steps_per_epoch
       )
     return new_state, metrics
 
-  if cfg.num_seeds > 1:
+  if num_members(cfg) > 1:
     train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
   return jax.jit(train_step, in_shardings=replicated, out_shardings=replicated, donate_argnums=(0,))
 
@@ -277,14 +316,16 @@ class Run:
   x_test: Array
   y_test: Array
   steps_per_epoch: int
-  init: Callable  # (init_key, x batch) -> TrainState
+  init: Callable  # (init_key, hparams, x batch) -> TrainState
   train_step: Callable  # (state, x_train, y_train, epoch indices, step_key) -> (state, metrics)
   evaluate: Callable  # (params, x, y) -> (mean loss, accuracy)
-  # With num_seeds S > 1 each key below has a leading seed axis [S].
+  # With M > 1 members each key below and hparams have a leading member axis [M].
   init_key: Array  # raw key data, replicated: the seed is an input, not a constant
   data_key: Array  # folded with the epoch: that epoch's permutation
   step_key: Array  # raw key data, replicated; folded with the step inside the step
+  hparams: common.HParams  # the members' swept values (sweep.hyper_parameters), replicated
   compile_s: float  # seconds to compile ``train_step``
+  members: tuple[sweep.Member, ...]  # what each index of the member axis trains
 
   @property
   def n_train(self) -> int:
@@ -293,6 +334,10 @@ class Run:
   @property
   def total_steps(self) -> int:
     return self.steps_per_epoch * self.cfg.epochs
+
+  @property
+  def num_members(self) -> int:
+    return len(self.members)
 
 
 def steps_per_epoch(cfg, n_train: int) -> int:
@@ -341,22 +386,23 @@ def setup(
           dataset.y_test.astype(jnp.int32),
       )
   )
-  tx = algorithms.make_optimizer(cfg.optimizer, spe * cfg.epochs)
-  algo = algorithms.make(net, cfg, tx)
-  init = make_init(algo, mesh, cfg.num_seeds)
+  algorithm = member_algorithm(net, cfg, spe * cfg.epochs)
+  members = tuple(sweep.members(cfg))
+  init = make_init(algorithm, mesh, len(members))
   k_init, k_data, k_steps = _run_keys(cfg)
   init_key, step_key = _key_data(k_init, replicated), _key_data(k_steps, replicated)
-  state_spec = jax.eval_shape(init, init_key, x_train[: cfg.batch_size])
+  hparams = jax.tree.map(lambda a: _put(a, replicated), sweep.hyper_parameters(cfg, net))
+  state_spec = jax.eval_shape(init, init_key, hparams, x_train[: cfg.batch_size])
   state_spec = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), state_spec
   )
   idx_spec = jax.ShapeDtypeStruct(
-      (*_seed_axis(cfg), spe, cfg.batch_size), jnp.int32, sharding=replicated
+      (*_member_axis(cfg), spe, cfg.batch_size), jnp.int32, sharding=replicated
   )
   before_compile(state_spec)
   t0 = time.perf_counter()
   step = (
-      make_train_step(algo, cfg, mesh, spe)
+      make_train_step(algorithm, cfg, mesh, spe)
       .lower(state_spec, x_train, y_train, idx_spec, step_key)
       .compile()
   )
@@ -365,7 +411,7 @@ def setup(
       cfg=cfg,
       mesh=mesh,
       net=net,
-      algo=algo,
+      algo=algorithm({}),
       x_train=x_train,
       y_train=y_train,
       x_test=x_test,
@@ -377,31 +423,34 @@ def setup(
       init_key=init_key,
       data_key=k_data,
       step_key=step_key,
+      hparams=hparams,
       compile_s=compile_s,
+      members=members,
   )
 
 
-def _seed_axis(cfg) -> tuple[int, ...]:
-  """The leading axis the state, epoch indices and step metrics get from ``num_seeds``."""
-  return () if cfg.num_seeds == 1 else (cfg.num_seeds,)
+def _member_axis(cfg) -> tuple[int, ...]:
+  """The leading axis the state, epoch indices and step metrics get from the members."""
+  m = num_members(cfg)
+  return () if m == 1 else (m,)
 
 
 def init_state(run: Run) -> algorithms.TrainState:
-  """The run's initial ``TrainState`` (a function of the seed alone)."""
-  return run.init(run.init_key, run.x_train[: run.cfg.batch_size])
+  """The run's initial ``TrainState`` (a function of the seeds and swept values alone)."""
+  return run.init(run.init_key, run.hparams, run.x_train[: run.cfg.batch_size])
 
 
-def seed_states(state, num_seeds: int) -> list:
-  """Each seed's ``TrainState``: [state] when ``num_seeds`` is 1, else the slices of the
-  seed axis (each as the separate run with that seed holds it)."""
-  if num_seeds == 1:
+def member_states(state, num_members: int) -> list:
+  """Each member's ``TrainState``: [state] when ``num_members`` is 1, else the slices of
+  the member axis (each as the member's separate run holds it, hparams aside)."""
+  if num_members == 1:
     return [state]
-  return [jax.tree.map(lambda a, s=s: a[s], state) for s in range(num_seeds)]
+  return [jax.tree.map(lambda a, m=m: a[m], state) for m in range(num_members)]
 
 
 def epoch_indices(run: Run, epoch: int) -> Array:
   """[steps_per_epoch, batch_size] example indices of (0-based) ``epoch``, replicated;
-  with ``num_seeds`` S > 1, [S, steps_per_epoch, batch_size]: each seed's own order."""
+  with M > 1 members, [M, steps_per_epoch, batch_size]: each member's seed's order."""
 
   def order(data_key):
     idx = data.batches(jax.random.fold_in(data_key, epoch), run.n_train, run.cfg.batch_size)
@@ -409,8 +458,8 @@ def epoch_indices(run: Run, epoch: int) -> Array:
 
   idx = (
       order(run.data_key)
-      if run.cfg.num_seeds == 1
-      else np.stack([order(run.data_key[s]) for s in range(run.cfg.num_seeds)])
+      if run.num_members == 1
+      else np.stack([order(run.data_key[m]) for m in range(run.num_members)])
   )
   return _put(idx, NamedSharding(run.mesh, P()))
 
@@ -520,7 +569,7 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def _check_resumable(saved: dict, cfg, workdir: Path, step: int) -> None:
   now = _flat(json.loads(cfg.to_json_best_effort()))
-  saved = {'num_seeds': 1, **_flat(saved)}  # checkpoints from before num_seeds: one seed
+  saved = {'num_seeds': 1, 'sweep': '', **_flat(saved)}  # checkpoints from before them
   diff = sorted(
       k
       for k in set(now) | set(saved)
@@ -728,9 +777,10 @@ def _start_line(run: Run) -> str:
       + f', {run.steps_per_epoch} steps/epoch x {cfg.epochs} epochs'
       + (
           f', seeds {cfg.seed}..{cfg.seed + cfg.num_seeds - 1} in one program'
-          if cfg.num_seeds > 1
+          if cfg.num_seeds > 1 and not cfg.sweep
           else ''
       )
+      + (f', {run.num_members} members of a sweep in one program' if cfg.sweep else '')
       + (f'; step compiled in {run.compile_s:.1f} s' if run.compile_s else '')
   )
 
@@ -803,7 +853,7 @@ def _train_epochs(
         dt = time.perf_counter() - t0
         train_s, this_s = train_s + dt, this_s + dt
         m = {k: np.stack([s[k] for s in ms]) for k in ms[0]}
-        msg = _seeds_divergence_message(cfg, m, step)
+        msg = _members_divergence_message(cfg, m, step)
         if msg and not cfg.skip_nonfinite:
           bar.clear()
           where = (
@@ -819,8 +869,8 @@ def _train_epochs(
         for s, values in step_diagnostics if writer is not None else ():
           writer.scalars(s, diagnostics.scalars(values, 'step'))
         if cfg.log_every_steps:
-          for s, m_seed in enumerate(_seed_metrics(cfg, m)):
-            _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar, _seed_suffix(cfg, s))
+          for s, m_seed in enumerate(_member_metrics(cfg, m)):
+            _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar, _member_suffix(cfg, s))
         step, done = stop, stop - epoch * spe
         bar.update(
             metrics_writer.progress_line(
@@ -838,10 +888,12 @@ def _train_epochs(
       if done < spe:
         break  # stopped at until_step
       m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-      row = merge_seeds(
+      row = merge_members(
           [
               _epoch_row(run, state_s, m_s, epoch, step, train_s, this_s, done - first)
-              for state_s, m_s in zip(seed_states(state, cfg.num_seeds), _seed_metrics(cfg, m))
+              for state_s, m_s in zip(
+                  member_states(state, run.num_members), _member_metrics(cfg, m)
+              )
           ]
       )
       if diagnose:
@@ -852,15 +904,15 @@ def _train_epochs(
         writer.scalars(
             step,
             {
-                f'{k}{_seed_suffix(cfg, s)}': v
-                for s, r in enumerate(split_seeds(row, cfg.num_seeds))
+                f'{k}{_member_suffix(cfg, s)}': v
+                for s, r in enumerate(split_members(row, run.num_members))
                 for k, v in _tb_scalars(r).items()
             },
         )
         writer.flush()
       save([], 0.0)
       bar.clear()
-      seed_mean = lambda k: float(np.mean(row[k]))  # a seed's value when num_seeds is 1
+      seed_mean = lambda k: float(np.mean(row[k]))  # the run's value with one member
       skipped = int(np.sum(row['skipped_steps']))
       log(
           f'epoch {epoch + 1}/{cfg.epochs}  loss {seed_mean("train_loss"):.4f}  '
@@ -868,7 +920,7 @@ def _train_epochs(
           f'test {100 * seed_mean("test_accuracy"):.2f}%  '
           f'{row["ms_per_step"]:.1f} ms/step  ({this_s:.1f} s train)'
           + (f'  {skipped} steps skipped' if skipped else '')
-          + (f'  (means of {cfg.num_seeds} seeds)' if cfg.num_seeds > 1 else '')
+          + (f'  (means of {run.num_members} members)' if run.num_members > 1 else '')
       )
   finally:
     bar.clear()
@@ -909,57 +961,65 @@ def _epoch_row(
   return row
 
 
-# Fields of a metrics row that every seed shares; with ``num_seeds`` > 1 each other field
-# is a list with one value per seed.
-SEED_SHARED_KEYS = ('epoch', 'step') + TIMING_KEYS
+# Fields of a metrics row that every member shares; with M > 1 members each other field
+# is a list with one value per member.
+MEMBER_SHARED_KEYS = ('epoch', 'step') + TIMING_KEYS
 
 
-def merge_seeds(rows: list[dict]) -> dict:
-  """One metrics row from each seed's row: the shared fields once, the others as lists
-  (a single seed's row unchanged)."""
+def merge_members(rows: list[dict]) -> dict:
+  """One metrics row from each member's row: the shared fields once, the others as lists
+  (a single member's row unchanged)."""
   if len(rows) == 1:
     return rows[0]
-  return {k: rows[0][k] if k in SEED_SHARED_KEYS else [r[k] for r in rows] for k in rows[0]}
+  return {k: rows[0][k] if k in MEMBER_SHARED_KEYS else [r[k] for r in rows] for k in rows[0]}
 
 
-def split_seeds(row: dict, num_seeds: int) -> list[dict]:
-  """Each seed's row of a ``merge_seeds`` row (its inverse)."""
-  if num_seeds == 1:
+def split_members(row: dict, num_members: int) -> list[dict]:
+  """Each member's row of a ``merge_members`` row (its inverse)."""
+  if num_members == 1:
     return [row]
   return [
-      {k: v if k in SEED_SHARED_KEYS else v[s] for k, v in row.items()} for s in range(num_seeds)
+      {k: v if k in MEMBER_SHARED_KEYS else v[m] for k, v in row.items()}
+      for m in range(num_members)
   ]
 
 
-def _seed_metrics(cfg, m: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-  """Each seed's per-step metrics of a chunk ([steps, S, ...] -> S x [steps, ...])."""
-  if cfg.num_seeds == 1:
+def _member_metrics(cfg, m: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+  """Each member's per-step metrics of a chunk ([steps, M, ...] -> M x [steps, ...])."""
+  members = num_members(cfg)
+  if members == 1:
     return [m]
-  return [{k: v[:, s] for k, v in m.items()} for s in range(cfg.num_seeds)]
+  return [{k: v[:, i] for k, v in m.items()} for i in range(members)]
 
 
-def _seed_suffix(cfg, s: int) -> str:
-  """The TensorBoard tag suffix of seed index ``s``: '' for a single seed."""
-  return '' if cfg.num_seeds == 1 else f'/seed_{cfg.seed + s}'
+def _member_suffix(cfg, i: int) -> str:
+  """The TensorBoard tag suffix of member ``i``: '' for a single member, else
+  '/seed_<seed>', after '/<setting>' with a sweep."""
+  if num_members(cfg) == 1:
+    return ''
+  member = sweep.members(cfg)[i]
+  hyper = sweep.name(member.hyper_setting)
+  return (f'/{hyper}' if hyper else '') + f'/seed_{member.seed}'
 
 
-def _seeds_divergence_message(cfg, m: dict[str, np.ndarray], first_step: int) -> str | None:
-  msgs = [divergence_message(m_seed, first_step) for m_seed in _seed_metrics(cfg, m)]
-  if cfg.num_seeds == 1:
+def _members_divergence_message(cfg, m: dict[str, np.ndarray], first_step: int) -> str | None:
+  msgs = [divergence_message(m_i, first_step) for m_i in _member_metrics(cfg, m)]
+  if len(msgs) == 1:
     return msgs[0]
-  return '; '.join(f'seed {cfg.seed + s}: {msg}' for s, msg in enumerate(msgs) if msg) or None
+  members = sweep.members(cfg)
+  return '; '.join(f'{members[i].label}: {msg}' for i, msg in enumerate(msgs) if msg) or None
 
 
 def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> dict[str, Any]:
   """The result dict; written to result.json when the run is complete.
 
-  With ``num_seeds`` > 1 the accuracies, losses and skipped steps are per-seed lists,
-  and ``<name>_mean`` / ``<name>_std`` (sample std) summarise the final accuracies and
-  train loss over the seeds.
+  With M > 1 members the accuracies, losses and skipped steps are per-member lists; for
+  seeds alone ``<name>_mean`` / ``<name>_std`` (sample std) summarise the final
+  accuracies and train loss over the seeds, with a sweep ``members`` labels each index.
   """
-  num_seeds = run.cfg.num_seeds
+  num_members = run.num_members
   timed = [r for r in history if r['steps'] == run.steps_per_epoch]
-  seed_histories = [[split_seeds(r, num_seeds)[s] for r in history] for s in range(num_seeds)]
+  seed_histories = [[split_members(r, num_members)[m] for r in history] for m in range(num_members)]
   result = dict(
       config=run.cfg.to_dict(),
       hardware=hardware(),
@@ -967,7 +1027,7 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
       steps_per_epoch=run.steps_per_epoch,
       step=step,
       complete=step >= run.total_steps,
-      **merge_seeds(
+      **merge_members(
           [
               dict(
                   test_accuracy=h[-1]['test_accuracy'] if h else None,
@@ -982,7 +1042,7 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
       history=history,
   )
   if result['complete']:
-    train = merge_seeds(
+    train = merge_members(
         [
             dict(
                 zip(
@@ -990,11 +1050,13 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
                     map(float, _fetch(run.evaluate(st.params, run.x_train, run.y_train))),
                 )
             )
-            for st in seed_states(state, num_seeds)
+            for st in member_states(state, num_members)
         ]
     )
     result.update(train_accuracy=train['train_accuracy'], train_loss=train['train_loss'])
-  if num_seeds > 1:
+  if run.cfg.sweep:
+    result['members'] = [m.label for m in run.members]
+  elif num_members > 1:
     for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
       if None not in result.get(k, [None]):
         result.update(

@@ -64,9 +64,12 @@ def validate(cfg, net: network.Net, input_shape: tuple[int, ...]) -> None:
     config_lib.check_number(cfg, 'feedback.init_scale', allow_zero=True)
 
 
-def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> Algorithm:
-  """The algorithm ``cfg.method`` for ``net`` with forward optimiser ``tx``."""
-  return _module(cfg.method).make(net, cfg, tx)
+def make(
+    net: network.Net, cfg, tx: optax.GradientTransformation, hparams: common.HParams | None = None
+) -> Algorithm:
+  """The algorithm ``cfg.method`` for ``net`` with forward optimiser ``tx``; ``hparams``
+  (a sweep member's traced values by config path) replace cfg's β and feedback fields."""
+  return _module(cfg.method).make(net, cfg, tx, hparams or {})
 
 
 __all__ = [

@@ -39,13 +39,14 @@ def validate(cfg, net) -> None:
   del cfg, net
 
 
-def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> common.Algorithm:
+def make(net: network.Net, cfg, tx: optax.GradientTransformation, hparams) -> common.Algorithm:
   mode = feedback_mode(cfg)
+  beta = hparams.get('beta', cfg.beta)
 
   def step(state, batch, key):
     del key
     x, labels = batch
-    grads, metrics = dtp.local_grads(net, state.params, None, mode, cfg.beta, x, labels)
+    grads, metrics = dtp.local_grads(net, state.params, None, mode, beta, x, labels)
     return common.finish_tp_step(tx, state, grads, metrics)
 
   def init(key, x):

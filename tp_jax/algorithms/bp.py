@@ -23,8 +23,8 @@ def validate(cfg, net) -> None:
   del cfg, net
 
 
-def make(net: network.Net, cfg, tx: optax.GradientTransformation) -> common.Algorithm:
-  del cfg
+def make(net: network.Net, cfg, tx: optax.GradientTransformation, hparams) -> common.Algorithm:
+  del cfg, hparams  # the optimiser's are in tx
 
   def loss_fn(params, x, labels):
     logits = network.apply(net, params, x)

@@ -15,6 +15,9 @@ from tp_jax import network
 
 Array = jax.Array
 Batch = tuple[Array, Array]  # (x_NHWC float32, labels int32)
+# A sweep member's own values of scalar hyper-parameters, by config path ('beta',
+# 'optimizer.lr', 'feedback.noise': a tuple, one per trained block); see tp_jax.sweep.
+HParams = dict[str, Any]
 
 
 class TrainState(NamedTuple):
@@ -25,6 +28,9 @@ class TrainState(NamedTuple):
   opt_state: Any
   fb_params: Any = ()
   fb_opt_state: Any = ()
+  # The member's swept hyper-parameters (HParams), traced; set by tp_jax.train's init
+  # ({} without a sweep), read there to build the member's algorithm.
+  hparams: Any = ()
 
 
 class Algorithm(NamedTuple):
@@ -71,19 +77,24 @@ def check_feedback_defined(
 
 
 def make_optimizer(
-    opt: ml_collections.ConfigDict, total_steps: int
+    opt: ml_collections.ConfigDict, total_steps: int, hparams: HParams | None = None
 ) -> optax.GradientTransformation:
   """SGD with momentum (the reference TP code's choice) or Adam, L2 weight decay,
-  constant or cosine learning rate (cosine decays to ``lr * cosine_alpha``)."""
+  constant or cosine learning rate (cosine decays to ``lr * cosine_alpha``).
+
+  ``hparams``: a sweep member's traced values (``TrainState.hparams``), which replace
+  ``opt``'s lr, momentum and weight decay where given. A traced momentum always keeps a
+  momentum state (one of 0 then adds nothing); the config's 0 means none."""
+  hparams = hparams or {}
+  lr = hparams.get('optimizer.lr', opt.lr)
   if opt.schedule == 'cosine':
-    lr = optax.cosine_decay_schedule(opt.lr, max(total_steps, 1), alpha=opt.cosine_alpha)
-  else:
-    lr = opt.lr
+    lr = optax.cosine_decay_schedule(lr, max(total_steps, 1), alpha=opt.cosine_alpha)
   if opt.name == 'sgd':
-    base = optax.sgd(lr, momentum=opt.momentum or None)
+    base = optax.sgd(lr, momentum=hparams.get('optimizer.momentum', opt.momentum or None))
   else:
     base = optax.adam(lr)
-  return optax.chain(optax.add_decayed_weights(opt.weight_decay), base)
+  weight_decay = hparams.get('optimizer.weight_decay', opt.weight_decay)
+  return optax.chain(optax.add_decayed_weights(weight_decay), base)
 
 
 def apply_grads(tx: optax.GradientTransformation, params, opt_state, grads):

@@ -38,9 +38,10 @@ def feedback_mode(cfg) -> layers.FeedbackMode:
   return layers.LEARNED
 
 
-def per_block(cfg, field: str, net: network.Net) -> tuple:
-  """``cfg.feedback.<field>`` with one value per trained block: one value is broadcast."""
-  values = cfg.feedback[field]
+def per_block(cfg, field: str, net: network.Net, hparams: common.HParams | None = None) -> tuple:
+  """``cfg.feedback.<field>`` with one value per trained block: one value is broadcast.
+  A sweep member's traced values (``hparams['feedback.<field>']``) replace cfg's."""
+  values = (hparams or {}).get(f'feedback.{field}', cfg.feedback[field])
   values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
   return values * (len(net) - 1) if len(values) == 1 else values
 
@@ -72,11 +73,13 @@ def validate(cfg, net: network.Net) -> None:
     )
 
 
-def optimizers(cfg, net: network.Net) -> tuple[optax.GradientTransformation, ...]:
-  """One SGD-momentum optimiser per trained block (blocks 2..N)."""
-  return tuple(
-      optax.sgd(lr, momentum=cfg.feedback.momentum or None) for lr in per_block(cfg, 'lr', net)
-  )
+def optimizers(
+    cfg, net: network.Net, hparams: common.HParams | None = None
+) -> tuple[optax.GradientTransformation, ...]:
+  """One SGD-momentum optimiser per trained block (blocks 2..N); a sweep member's traced
+  lr and momentum (``hparams``) replace cfg's (a traced momentum keeps its state)."""
+  momentum = (hparams or {}).get('feedback.momentum', cfg.feedback.momentum or None)
+  return tuple(optax.sgd(lr, momentum=momentum) for lr in per_block(cfg, 'lr', net, hparams))
 
 
 def init_state(fb_params: network.Params, txs) -> tuple:
@@ -100,15 +103,17 @@ def train(
     hs,
     ctxs,
     key: Array,
+    hparams: common.HParams | None = None,
 ):
-  """K_n optimiser steps on block n's feedback weights, for n = 2..N.
+  """K_n optimiser steps on block n's feedback weights, for n = 2..N (σ_n from
+  ``hparams`` where a sweep member holds its own).
 
   Returns (fb_params, fb_opt_state, final loss per trained block).
   """
   ins = (x,) + tuple(jax.lax.stop_gradient(hs[:-1]))
   hs, ctxs = jax.lax.stop_gradient((hs, ctxs))
   iters = per_block(cfg, 'iterations', net)
-  sigmas = per_block(cfg, 'noise', net)
+  sigmas = per_block(cfg, 'noise', net, hparams)
 
   def update(n, b, s, i):
     k = jax.random.fold_in(jax.random.fold_in(key, n), i)
@@ -149,10 +154,12 @@ def train(
   return tuple(fbs), tuple(states), jnp.stack(losses)
 
 
-def make(net, cfg, tx, loss_fn: FeedbackLoss) -> common.Algorithm:
-  """A method that trains its feedback on ``loss_fn`` before each forward update."""
+def make(net, cfg, tx, loss_fn: FeedbackLoss, hparams: common.HParams) -> common.Algorithm:
+  """A method that trains its feedback on ``loss_fn`` before each forward update
+  (``hparams``: a sweep member's traced β, σ, feedback lr and momentum)."""
   validate(cfg, net)
-  txs = optimizers(cfg, net)
+  txs = optimizers(cfg, net, hparams)
+  beta = hparams.get('beta', cfg.beta)
 
   def init(key, x):
     k_fwd, k_fb = jax.random.split(key)
@@ -164,11 +171,20 @@ def make(net, cfg, tx, loss_fn: FeedbackLoss) -> common.Algorithm:
     x, labels = batch
     hs, ctxs = network.forward(net, state.params, x)
     fb_params, fb_opt_state, fb_loss = train(
-        net, loss_fn, cfg, txs, state.params, state.fb_params, state.fb_opt_state, x, hs, ctxs, key
+        net,
+        loss_fn,
+        cfg,
+        txs,
+        state.params,
+        state.fb_params,
+        state.fb_opt_state,
+        x,
+        hs,
+        ctxs,
+        key,
+        hparams,
     )
-    grads, metrics = dtp.local_grads(
-        net, state.params, fb_params, layers.LEARNED, cfg.beta, x, labels
-    )
+    grads, metrics = dtp.local_grads(net, state.params, fb_params, layers.LEARNED, beta, x, labels)
     metrics['feedback_loss'] = fb_loss
     return common.finish_tp_step(
         tx, state, grads, metrics, fb_params=fb_params, fb_opt_state=fb_opt_state

@@ -25,7 +25,9 @@ def validate(cfg, net) -> None:
   del cfg, net
 
 
-def make(net, cfg, tx):
+def make(net, cfg, tx, hparams):
+  beta = hparams.get('beta', cfg.beta)
+
   def init(key, x):
     k_fwd, k_fb = jax.random.split(key)
     state = common.init_forward(net, tx, k_fwd, x)
@@ -36,7 +38,7 @@ def make(net, cfg, tx):
     del key
     x, labels = batch
     grads, metrics = dtp.local_grads(
-        net, state.params, state.fb_params, layers.LEARNED, cfg.beta, x, labels
+        net, state.params, state.fb_params, layers.LEARNED, beta, x, labels
     )
     return common.finish_tp_step(tx, state, grads, metrics)
 

@@ -34,5 +34,5 @@ def ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
   return (-2.0 * jnp.sum(dx * dr) + jnp.sum(jnp.square(dr_y))) / x.shape[0]
 
 
-def make(net, cfg, tx):
-  return fbt.make(net, cfg, tx, ldrl_loss)
+def make(net, cfg, tx, hparams):
+  return fbt.make(net, cfg, tx, ldrl_loss, hparams)

@@ -25,5 +25,5 @@ def reconstruction_loss(net, n, p, b, x, y, ctx, key, sigma):
   return jnp.sum(jnp.square(err)) / x.shape[0]
 
 
-def make(net, cfg, tx):
-  return fbt.make(net, cfg, tx, reconstruction_loss)
+def make(net, cfg, tx, hparams):
+  return fbt.make(net, cfg, tx, reconstruction_loss, hparams)
