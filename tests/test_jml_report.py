@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags

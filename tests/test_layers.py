@@ -18,7 +18,6 @@ Shapes and seeds are random, drawn from a fixed generator so failures reproduce.
 from __future__ import annotations
 
 import chex
-import flax.linen as nn
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -674,8 +673,8 @@ def naive_transposed_conv_rotated(t, w, s, pads, in_hw):
   dil = np.zeros(((oh - 1) * s[0] + 1, (ow - 1) * s[1] + 1, t.shape[2]))
   dil[:: s[0], :: s[1]] = t
   tp = []
-  for n, k, st, (lo, hi), o in zip(in_hw, (kh, kw), s, pads, (oh, ow)):
-    r = (n + lo + hi - k) - (o - 1) * st
+  for n, k, stride, (lo, hi), o in zip(in_hw, (kh, kw), s, pads, (oh, ow)):
+    r = (n + lo + hi - k) - (o - 1) * stride
     tp.append((k - 1 - lo, k - 1 - hi + r))
   # negative pads crop
   padded = np.pad(dil, [(max(p, 0), max(q, 0)) for p, q in tp] + [(0, 0)])

@@ -77,7 +77,6 @@ def _dataset():
 
 
 def worker(out: Path, names: list[str], num_processes: int) -> None:
-  import tempfile  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from tp_jax import train  # pylint: disable=g-import-not-at-top
 

@@ -40,12 +40,10 @@ bit-for-bit.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
