@@ -152,10 +152,12 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
   The batch is row ``state.step % steps_per_epoch`` of ``idx_epoch``, gathered and
   sharded over the mesh's data axis as the training step does. The probes' key is
   folded from a fixed key and the step (not from the seed: the seed's keys are the
-  training's). Runs with ``num_seeds`` > 1 get None (not yet supported). The call
-  waits for its result: the next training step donates ``state``'s buffers."""
+  training's). With ``num_seeds`` S > 1 the diagnostics are vmapped over the seed axis
+  of the state and ``idx_epoch`` and each key holds S per-block lists, seed s's those
+  of the separate run with seed ``seed + s`` (a metrics row's per-seed layout). The
+  call waits for its result: the next training step donates ``state``'s buffers."""
   cfg = run.cfg
-  if cfg.num_seeds > 1 or method_feedback(cfg, state) is None:
+  if method_feedback(cfg, state) is None:
     return None
   replicated, batch = NamedSharding(run.mesh, P()), NamedSharding(run.mesh, P('data'))
 
@@ -167,8 +169,11 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
     key = jax.random.fold_in(jax.random.key(_KEY_SEED), state.step)
     return block_diagnostics(run.net, state.params, fb_params, mode, cfg.beta, x, y, key)
 
+  seed_axis = () if cfg.num_seeds == 1 else (cfg.num_seeds,)
+  if seed_axis:  # the dataset is shared, as in the training step
+    diagnose = jax.vmap(diagnose, in_axes=(0, None, None, 0))
   idx_spec = jax.ShapeDtypeStruct(
-      (run.steps_per_epoch, cfg.batch_size), jnp.int32, sharding=replicated
+      (*seed_axis, run.steps_per_epoch, cfg.batch_size), jnp.int32, sharding=replicated
   )
   compiled = (
       jax.jit(diagnose, in_shardings=replicated, out_shardings=replicated)
@@ -178,7 +183,7 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
 
   def call(state, idx_epoch):
     out = compiled(state, run.x_train, run.y_train, idx_epoch)
-    return {k: [float(v) for v in np.asarray(a.addressable_data(0))] for k, a in out.items()}
+    return {k: np.asarray(a.addressable_data(0)).tolist() for k, a in out.items()}
 
   return call
 

@@ -817,7 +817,11 @@ def _train_epochs(
           )
         chunks.append(m)
         for s, values in step_diagnostics if writer is not None else ():
-          writer.scalars(s, diagnostics.scalars(values, 'step'))
+          for seed, seed_values in enumerate(split_seeds(values, cfg.num_seeds)):
+            suffix = _seed_suffix(cfg, seed)
+            writer.scalars(
+                s, {k + suffix: v for k, v in diagnostics.scalars(seed_values, 'step').items()}
+            )
         if cfg.log_every_steps:
           for s, m_seed in enumerate(_seed_metrics(cfg, m)):
             _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar, _seed_suffix(cfg, s))
