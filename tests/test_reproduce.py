@@ -219,6 +219,7 @@ def test_profiles_are_config_overrides():
   ref = col.get_config()
   assert paper.seed == 3 and paper.method == 'ldrl'
   assert paper.epochs == ref.epochs and list(paper.feedback.iterations) == [41, 51, 24]
+  assert paper.eval_every_steps == 0  # the epoch ends' evaluations only
   cpu = tables.make_config(col, 'ldrl', tables.PROFILES['cpu'], 0, 3, train_seconds=12.5)
   assert list(cpu.feedback.iterations) == [41, 51, 24]  # LDRL's K is never cut in cpu
   assert (cpu.epochs, cpu.steps_per_epoch, cpu.train_seconds) == (3, 0, 12.5)
