@@ -361,3 +361,25 @@ def test_seed_and_row_selection_is_checked():
   assert accuracy.run_dir(Path('r'), tables.TABLES[1][0], 'bp', [0, 1, 2]) == Path(
       'r/mnist/bp/seeds0-2'
   )
+
+
+def test_cells_of_a_seeds_run(tmp_path):
+  """A num_seeds run's divergence names each seed that diverged; its angle cell is the
+  per-seed mean over blocks."""
+  col = tables.TABLES[1][0]
+  d = accuracy.run_dir(tmp_path, col, 'ldrl', [3, 4, 5])
+  d.mkdir(parents=True)
+  msg = (
+      'seed 3: training diverged at step 7: loss = nan; seed 5: training diverged at step 9: '
+      'non-finite targets at block(s) [1]; no checkpoint was saved yet.'
+  )
+  (d / accuracy.DIVERGED).write_text(json.dumps({'diverged': msg}))
+  assert report._diverged(tmp_path, col, 'ldrl', [3, 4, 5]) == [
+      'seed 3 at step 7',
+      'seed 5 at step 9',
+  ]
+  result = dict(config=dict(num_seeds=2), history=[dict(bp_angle=[[10.0, 20.0], [30.0, 50.0]])])
+  assert report.final_bp_angle(result) == [15.0, 40.0]
+  one = dict(config=dict(num_seeds=1), history=[dict(bp_angle=[10.0, 20.0])])
+  assert report.final_bp_angle(one) == [15.0]
+  assert report.final_bp_angle(dict(config={}, history=[dict(test_accuracy=0.5)])) is None

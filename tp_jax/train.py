@@ -1030,7 +1030,7 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
   """
   num_seeds = run.cfg.num_seeds
   timed = [r for r in history if r['steps'] == run.steps_per_epoch]
-  train_s = history[-1]['train_s'] if history else 0.0
+  train_s = float(sum(r['epoch_train_s'] for r in history))  # rows of older runs lack train_s
   budget_spent = bool(run.cfg.train_seconds) and train_s >= run.cfg.train_seconds
   evals = read_history(workdir / EVALS_FILE) if (workdir / EVALS_FILE).exists() else []
   evals = [r for r in evals if r['step'] <= step]

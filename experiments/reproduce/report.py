@@ -43,9 +43,10 @@ def _fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
   return f'{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}'
 
 
-def seed_values(result: dict, key: str) -> list:
-  """Each seed's value of ``result[key]`` (a num_seeds run holds per-seed lists)."""
-  v = result[key]
+def seed_values(result: dict, key: str, row: dict | None = None) -> list:
+  """Each seed's value of ``key`` in ``result`` or in ``row``, one of its metrics rows
+  (a num_seeds run holds per-seed lists)."""
+  v = (result if row is None else row)[key]
   return v if result['config'].get('num_seeds', 1) > 1 else [v]
 
 
@@ -61,7 +62,7 @@ def final_bp_angle(result: dict) -> list[float] | None:
   last = result['history'][-1] if result['history'] else {}
   if 'bp_angle' not in last:
     return None
-  return [float(np.nanmean(angles)) for angles in seed_values({**result, **last}, 'bp_angle')]
+  return [float(np.nanmean(angles)) for angles in seed_values(result, 'bp_angle', last)]
 
 
 def _result(root: Path, col: Column, method: str, seeds: Sequence[int]) -> dict | None:
@@ -79,10 +80,8 @@ def _diverged(root: Path, col: Column, method: str, seeds: Sequence[int]) -> lis
   if len(seeds) == 1:
     step = re.search(r'at step (\d+)', msg)
     return [f'seed {seeds[0]} at step {step.group(1) if step else "?"}']
-  return [
-      f'seed {s} at step {n}'
-      for s, n in re.findall(r'seed (\d+): training diverged at step (\d+)', msg)
-  ]
+  found = re.findall(r'seed (\d+): training diverged at step (\d+)', msg)
+  return [f'seed {s} at step {n}' for s, n in found] or ['at step ?']
 
 
 def _trained(result: dict | None, col: Column, diverged: Sequence[str] = ()) -> str:
