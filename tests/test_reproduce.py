@@ -383,3 +383,23 @@ def test_cells_of_a_seeds_run(tmp_path):
   one = dict(config=dict(num_seeds=1), history=[dict(bp_angle=[10.0, 20.0])])
   assert report.final_bp_angle(one) == [15.0]
   assert report.final_bp_angle(dict(config={}, history=[dict(test_accuracy=0.5)])) is None
+
+
+@pytest.mark.slow
+def test_cli_num_seeds_and_columns(tmp_path):
+  """--num_seeds counts from --seeds' first; --columns picks the rows shown; seeds that
+  are not consecutive are refused before anything runs."""
+  run = lambda *flags: subprocess.run(
+      [sys.executable, '-m', 'experiments.reproduce', '--table=1', f'--workdir={tmp_path}', *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  p = run('--what=table', '--seeds=5', '--num_seeds=2', '--columns=cifar10')
+  assert p.returncode == 0, p.stderr[-2000:]
+  text = (tmp_path / 'smoke' / 'table1.md').read_text()
+  assert 'seeds: 5, 6 in one program per row' in text
+  assert {r['Model / data'] for r in parse_table(text)} == {'LeNet / CIFAR-10'}
+  p = run('--what=accuracy', '--seeds=0,2')
+  assert p.returncode != 0 and 'consecutive' in p.stderr
