@@ -482,6 +482,8 @@ MUTATIONS = {
     'steps_per_epoch': _COUNT,
     'check_every_steps': _COUNT,
     'eval_batch_size': _COUNT,
+    'eval_every_steps': _COUNT,
+    'train_seconds': _NUM,
     'checkpoint_every_steps': _COUNT,
     'keep_checkpoints': _COUNT,
     'augment': st.one_of(st.booleans(), _JUNK),

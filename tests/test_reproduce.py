@@ -8,6 +8,7 @@ table has one row per (column, method), the expected columns and finite numbers.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -21,6 +22,7 @@ from experiments import synthetic
 from experiments.reproduce import accuracy
 from experiments.reproduce import commands
 from experiments.reproduce import figure2
+from experiments.reproduce import report
 from experiments.reproduce import speed
 from experiments.reproduce import tables
 from tp_jax import config as config_lib
@@ -33,6 +35,7 @@ HEADER = [
     'Train acc (%)',
     'Test acc (%)',
     'Paper test acc (%)',
+    'BP angle (°)',
     'ms/step',
     'GFLOP/step',
     's/epoch',
@@ -91,6 +94,7 @@ def test_smoke_table(smoke_tables, table):
   ):
     assert what in text
   assert (workdir / 'smoke' / f'table{table}_curves.png').stat().st_size > 1000
+  assert (workdir / 'smoke' / f'table{table}_time.png').stat().st_size > 1000
 
   cols = tables.TABLES[table]
   rows = parse_table(text)
@@ -110,6 +114,10 @@ def test_smoke_table(smoke_tables, table):
         v = number(r[c])
         assert math.isfinite(v) and v >= 0, (r, c)
       assert 0 <= number(r['Train acc (%)']) <= 100
+      if r['Method'] == 'BP':  # BP has no TP update to compare
+        assert r['BP angle (°)'] == ''
+      else:
+        assert 0 <= number(r['BP angle (°)']) <= 180
       if r['Method'] == 'LDRL':  # XLA would count its feedback loop body once
         assert r['GFLOP/step'] == ''
       else:
@@ -134,11 +142,12 @@ def test_smoke_table(smoke_tables, table):
     speed = json.loads((root / f'speed_{col.id}.json').read_text())
     assert set(speed['methods']) == set(col.methods)
     for m in col.methods:
-      res = json.loads((accuracy.run_dir(root, col, m, 0) / 'result.json').read_text())
+      res = json.loads((accuracy.run_dir(root, col, m, [0]) / 'result.json').read_text())
       assert res['config']['method'] == m and res['config']['dataset'] == col.dataset
       assert res['config']['model'] == col.get_config().model
       assert res['steps_per_epoch'] == 2 and res['epochs'] == 1
       assert 0 <= res['test_accuracy'] <= 1
+      assert [r['step'] for r in res['evals']] == [0, 1, 2]  # smoke: every step
   assert ('Performance targets' in text) == (table != 4)
   assert ('GFLOP ratio' in text) == (table != 4)
   if table in (1, 2, 3):
@@ -210,9 +219,13 @@ def test_profiles_are_config_overrides():
   ref = col.get_config()
   assert paper.seed == 3 and paper.method == 'ldrl'
   assert paper.epochs == ref.epochs and list(paper.feedback.iterations) == [41, 51, 24]
-  cpu = tables.make_config(col, 'ldrl', tables.PROFILES['cpu'], 0)
+  assert paper.eval_every_steps == 0  # the epoch ends' evaluations only
+  cpu = tables.make_config(col, 'ldrl', tables.PROFILES['cpu'], 0, 3, train_seconds=12.5)
   assert list(cpu.feedback.iterations) == [41, 51, 24]  # LDRL's K is never cut in cpu
-  assert cpu.steps_per_epoch == tables._CPU_LDRL_STEPS[1]
+  assert (cpu.epochs, cpu.steps_per_epoch, cpu.train_seconds) == (3, 0, 12.5)
+  assert cpu.num_seeds == 3 and cpu.eval_every_steps == tables._CPU_LDRL_EVAL_STEPS
+  assert tables.make_config(col, 'bp', tables.PROFILES['cpu'], 0).eval_every_steps == 234 // 4
+  assert tables.PROFILES['cpu'].seeds == (0, 1, 2) and tables.PROFILES['cpu'].ldrl_budget
   smoke = tables.make_config(tables.TABLES[3][0], 'ldrl', tables.PROFILES['smoke'], 0)
   assert list(smoke.feedback.iterations) == [1] * 10
   assert tables.PROFILES['paper'].seeds == (0, 1, 2, 3, 4)
@@ -277,9 +290,116 @@ def test_a_diverged_run_is_recorded_and_the_suite_goes_on(tmp_path, monkeypatch)
       )
   }
   assert rows['LDRL']['Trained'] == 'diverged: seed 0 at step 1'
+  assert rows['LDRL']['BP angle (°)'] == ''
   assert rows['LDRL']['Test acc (%)'] == rows['LDRL']['Train acc (%)'] == ''
   for m in ('FWDTP', 'TJML-DTP', 'BP'):
     assert 0 <= number(rows[m]['Test acc (%)']) <= 100
   # The record is reused like a finished run: no second attempt.
   commands.run_table(3, 'smoke', tmp_path, what='accuracy', source='synthetic', log=logs.append)
   assert sum('reusing finished run' in l for l in logs) == 4
+
+
+@pytest.mark.slow
+def test_seeds_in_one_program_and_ldrl_on_tjml_dtps_budget(tmp_path):
+  """Two seeds per row in one program (mean ± std cells), LDRL trained for TJML-DTP's
+  measured training seconds, the time figure; one column, selected by name."""
+  profile = dataclasses.replace(tables.PROFILES['smoke'], ldrl_budget=True)
+  logs = []
+  path = commands.run_table(
+      1, profile, tmp_path, [3, 4], source='synthetic', log=logs.append, columns=['mnist']
+  )
+  text = path.read_text()
+  assert 'seeds: 3, 4 in one program per row' in text
+  rows = {r['Method']: r for r in parse_table(text)}
+  assert {r['Model / data'] for r in rows.values()} == {'LeNet / MNIST'}  # the column asked for
+  for m in ('LDRL', 'FWDTP', 'TJML-DTP', 'BP'):
+    assert ' ± ' in rows[m]['Test acc (%)'] and ' ± ' in rows[m]['Train acc (%)'], rows[m]
+  assert ' ± ' in rows['TJML-DTP']['BP angle (°)'] and rows['BP']['BP angle (°)'] == ''
+  root = tmp_path / 'smoke' / 'table1'
+  col = tables.TABLES[1][0]
+  read = lambda m: json.loads((accuracy.run_dir(root, col, m, [3, 4]) / 'result.json').read_text())
+  tjml, ldrl = read('tjml_dtp'), read('ldrl')
+  assert tjml['config']['num_seeds'] == 2 and len(tjml['test_accuracy']) == 2
+  assert tjml['config']['seed'] == 3 and tjml['config']['train_seconds'] == 0
+  assert ldrl['config']['train_seconds'] == tjml['train_s'] > 0
+  assert rows['LDRL']['Trained'].endswith(f'in a {tjml["train_s"]:.1f} s budget')
+  assert 'at most 1 × 2 steps, stopped after a training budget of' in text
+  runs = [l.split(': training ')[1] for l in logs if ': training ' in l]
+  assert runs[0].startswith('LeNet/mnist tjml_dtp seeds 3, 4')  # before LDRL, whose budget it is
+  assert (tmp_path / 'smoke' / 'table1_time.png').stat().st_size > 1000
+
+
+def test_time_points_merge_evaluations_and_epoch_rows():
+  result = dict(
+      history=[
+          dict(step=2, train_s=1.0, test_accuracy=0.5),
+          dict(step=3, train_s=1.5, test_accuracy=0.6),
+      ],
+      evals=[
+          dict(step=0, train_s=0.0, test_accuracy=0.1),
+          dict(step=2, train_s=1.0, test_accuracy=0.5),
+      ],
+  )
+  assert [r['step'] for r in report.time_points(result)] == [0, 2, 3]
+  assert report.time_points(dict(history=[dict(step=1, test_accuracy=0.2)])) == []  # untimed
+
+
+def test_seed_and_row_selection_is_checked():
+  with pytest.raises(ValueError, match='consecutive'):
+    accuracy.check_seeds([0, 2])
+  with pytest.raises(ValueError, match='no column'):
+    tables.select_columns(1, ['svhn'])
+  with pytest.raises(ValueError, match='unknown methods'):
+    tables.select_methods(tables.TABLES[1][0], ['sgd'])
+  assert tables.select_methods(tables.TABLES[4][1], ['bp', 'ldrl']) == ('bp',)
+  assert accuracy.run_order(['ldrl', 'fwdtp', 'tjml_dtp', 'bp']) == [
+      'tjml_dtp',
+      'ldrl',
+      'fwdtp',
+      'bp',
+  ]
+  assert accuracy.run_dir(Path('r'), tables.TABLES[1][0], 'bp', [0, 1, 2]) == Path(
+      'r/mnist/bp/seeds0-2'
+  )
+
+
+def test_cells_of_a_seeds_run(tmp_path):
+  """A num_seeds run's divergence names each seed that diverged; its angle cell is the
+  per-seed mean over blocks."""
+  col = tables.TABLES[1][0]
+  d = accuracy.run_dir(tmp_path, col, 'ldrl', [3, 4, 5])
+  d.mkdir(parents=True)
+  msg = (
+      'seed 3: training diverged at step 7: loss = nan; seed 5: training diverged at step 9: '
+      'non-finite targets at block(s) [1]; no checkpoint was saved yet.'
+  )
+  (d / accuracy.DIVERGED).write_text(json.dumps({'diverged': msg}))
+  assert report._diverged(tmp_path, col, 'ldrl', [3, 4, 5]) == [
+      'seed 3 at step 7',
+      'seed 5 at step 9',
+  ]
+  result = dict(config=dict(num_seeds=2), history=[dict(bp_angle=[[10.0, 20.0], [30.0, 50.0]])])
+  assert report.final_bp_angle(result) == [15.0, 40.0]
+  one = dict(config=dict(num_seeds=1), history=[dict(bp_angle=[10.0, 20.0])])
+  assert report.final_bp_angle(one) == [15.0]
+  assert report.final_bp_angle(dict(config={}, history=[dict(test_accuracy=0.5)])) is None
+
+
+@pytest.mark.slow
+def test_cli_num_seeds_and_columns(tmp_path):
+  """--num_seeds counts from --seeds' first; --columns picks the rows shown; seeds that
+  are not consecutive are refused before anything runs."""
+  run = lambda *flags: subprocess.run(
+      [sys.executable, '-m', 'experiments.reproduce', '--table=1', f'--workdir={tmp_path}', *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  p = run('--what=table', '--seeds=5', '--num_seeds=2', '--columns=cifar10')
+  assert p.returncode == 0, p.stderr[-2000:]
+  text = (tmp_path / 'smoke' / 'table1.md').read_text()
+  assert 'seeds: 5, 6 in one program per row' in text
+  assert {r['Model / data'] for r in parse_table(text)} == {'LeNet / CIFAR-10'}
+  p = run('--what=accuracy', '--seeds=0,2')
+  assert p.returncode != 0 and 'consecutive' in p.stderr

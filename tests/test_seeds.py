@@ -22,6 +22,7 @@ from experiments.configs import lenet_mnist
 from experiments.configs import mlp_mnist
 from tp_jax import config as config_lib
 from tp_jax import data
+from tp_jax import diagnostics
 from tp_jax import plot
 from tp_jax import train
 
@@ -47,7 +48,7 @@ def _mlp(method: str):
   c.model_kwargs.widths = (16, 16)
   c.batch_size, c.epochs, c.steps_per_epoch, c.eval_batch_size = 16, 2, 3, 16
   c.optimizer.lr = 0.05  # large enough that the parameters move visibly in 6 steps
-  return _without_diagnostics(c)
+  return c
 
 
 def _lenet(method: str):
@@ -55,14 +56,7 @@ def _lenet(method: str):
   c.method, c.seed = method, FIRST_SEED
   c.batch_size, c.epochs, c.steps_per_epoch, c.eval_batch_size = 16, 1, 2, 16
   c.feedback.iterations = (2,)  # LDRL's inner loops: the test is about seeds, not K
-  return _without_diagnostics(c)
-
-
-def _without_diagnostics(cfg):
-  """Runs of several seeds have no BP-alignment diagnostics yet (``diagnostics``): the
-  separate runs they are compared with go without them too."""
-  cfg.diagnostics = False
-  return cfg
+  return c
 
 
 def _quiet(_):
@@ -124,6 +118,36 @@ def test_mlp_seeds_equal_separate_runs(method, tmp_path):
 @pytest.mark.parametrize('method', METHODS)
 def test_lenet_seeds_equal_separate_runs(method, tmp_path):
   _assert_seeds_equal_separate_runs(_lenet(method), _dataset(), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['tjml_dtp', 'ldrl'])
+def test_diagnostics_of_each_seed_are_its_separate_runs(method):
+  """bp_angle, bp_norm_ratio and tjml of seed s of a num_seeds run (one vmapped
+  program) are those of the separate run with seed ``seed + s``, at its state."""
+  cfg, ds = _mlp(method), _dataset()
+  cfg.num_seeds = 2
+  run = train.setup(cfg, ds)
+  state = train.init_state(run)
+  for _ in range(2):  # away from the initial state, where the seeds are merely re-drawn
+    state, _ = run.train_step(
+        state, run.x_train, run.y_train, train.epoch_indices(run, 0), run.step_key
+    )
+  together = diagnostics.compile_for_run(run, state)(state, train.epoch_indices(run, 0))
+  assert {k: len(v) for k, v in together.items()} == dict.fromkeys(diagnostics.FIRST_BLOCK, 2)
+  for s in range(2):
+    one = cfg.copy_and_resolve_references()
+    one.num_seeds, one.seed = 1, cfg.seed + s
+    alone = train.setup(one, ds)
+    state_s = train.init_state(alone)
+    for _ in range(2):
+      state_s, _ = alone.train_step(
+          state_s, alone.x_train, alone.y_train, train.epoch_indices(alone, 0), alone.step_key
+      )
+    want = diagnostics.compile_for_run(alone, state_s)(state_s, train.epoch_indices(alone, 0))
+    for k in diagnostics.FIRST_BLOCK:
+      _assert_close(together[k][s], want[k], f'seed {s}, {k}')
+  assert together['bp_angle'][0] != together['bp_angle'][1]
 
 
 def test_num_seeds_is_validated():

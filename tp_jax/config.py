@@ -52,6 +52,12 @@ def default() -> ml_collections.ConfigDict:
   c.steps_per_epoch = 0  # 0 -> a full pass over the training set
   c.check_every_steps = 50  # host sync: fetch metrics, stop on non-finite values; 0 -> per epoch
   c.eval_batch_size = 1000
+  # > 0: the test set is also evaluated every this many steps (evals.jsonl: test accuracy
+  # against cumulative training seconds); evaluation is timed apart from training.
+  c.eval_every_steps = 0
+  # > 0: a wall-clock budget: training stops at the first host sync (check_every_steps)
+  # after this many training seconds (evaluation excluded); the run is then complete.
+  c.train_seconds = 0.0
   c.skip_nonfinite = False  # True: skip (and count) a step whose loss/targets/params are not finite
 
   c.optimizer = ml_collections.ConfigDict()
@@ -156,8 +162,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
       'optimizer.momentum',
       'checkpoint_every_steps',
       'keep_checkpoints',
+      'eval_every_steps',
+      'train_seconds',
   ):
     check_number(cfg, path, allow_zero=True)
+  if not isinstance(cfg.eval_every_steps, int) or isinstance(cfg.eval_every_steps, bool):
+    raise ConfigError(f'eval_every_steps must be an integer, got {cfg.eval_every_steps!r}')
   if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool):
     raise ConfigError(f'batch_size must be an integer, got {cfg.batch_size!r}')
   if cfg.batch_size % num_devices:

@@ -152,10 +152,14 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
   The batch is row ``state.step % steps_per_epoch`` of ``idx_epoch``, gathered and
   sharded over the mesh's data axis as the training step does. The probes' key is
   folded from a fixed key and the step (not from the seed: the seed's keys are the
-  training's). Runs of several members (seeds, a sweep) get None (not yet supported). The call
-  waits for its result: the next training step donates ``state``'s buffers."""
+  training's). With several members (seeds) the diagnostics are vmapped over the member
+  axis of the state and ``idx_epoch`` and each key holds one per-block list per member,
+  member m's those of its separate run (a metrics row's per-member layout). A sweep gets
+  None: its members' feedback and updates differ in their hyper-parameters, which the
+  diagnostics program does not take. The call waits for its result: the next training step
+  donates ``state``'s buffers."""
   cfg = run.cfg
-  if run.num_members > 1 or cfg.sweep or method_feedback(cfg, state) is None:
+  if cfg.sweep or method_feedback(cfg, state) is None:
     return None
   replicated, batch = NamedSharding(run.mesh, P()), NamedSharding(run.mesh, P('data'))
 
@@ -167,8 +171,11 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
     key = jax.random.fold_in(jax.random.key(_KEY_SEED), state.step)
     return block_diagnostics(run.net, state.params, fb_params, mode, cfg.beta, x, y, key)
 
+  member_axis = () if run.num_members == 1 else (run.num_members,)
+  if member_axis:  # the dataset is shared, as in the training step
+    diagnose = jax.vmap(diagnose, in_axes=(0, None, None, 0))
   idx_spec = jax.ShapeDtypeStruct(
-      (run.steps_per_epoch, cfg.batch_size), jnp.int32, sharding=replicated
+      (*member_axis, run.steps_per_epoch, cfg.batch_size), jnp.int32, sharding=replicated
   )
   compiled = (
       jax.jit(diagnose, in_shardings=replicated, out_shardings=replicated)
@@ -178,7 +185,7 @@ def compile_for_run(run, state) -> Callable[[object, Array], dict[str, list[floa
 
   def call(state, idx_epoch):
     out = compiled(state, run.x_train, run.y_train, idx_epoch)
-    return {k: [float(v) for v in np.asarray(a.addressable_data(0))] for k, a in out.items()}
+    return {k: np.asarray(a.addressable_data(0)).tolist() for k, a in out.items()}
 
   return call
 

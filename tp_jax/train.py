@@ -82,7 +82,11 @@ from tp_jax.algorithms import common
 Array = jax.Array
 
 # Fields of a metrics.jsonl row that measure time: they differ between runs.
-TIMING_KEYS = ('epoch_train_s', 'ms_per_step', 'steps')
+TIMING_KEYS = ('epoch_train_s', 'ms_per_step', 'steps', 'train_s', 'eval_s')
+
+# The eval_every_steps evaluations: one row per evaluation (step, cumulative training and
+# evaluation seconds, test loss and accuracy).
+EVALS_FILE = 'evals.jsonl'
 
 # Config fields that may differ between a run and its resumption: none of them changes
 # what is computed (``epochs`` extends or shortens the run).
@@ -97,6 +101,7 @@ RESUMABLE_CHANGES = (
     'skip_nonfinite',
     'eval_batch_size',
     'num_processes',
+    'eval_every_steps',
 )
 
 
@@ -569,7 +574,8 @@ def _flat(d: dict, prefix: str = '') -> dict[str, Any]:
 
 def _check_resumable(saved: dict, cfg, workdir: Path, step: int) -> None:
   now = _flat(json.loads(cfg.to_json_best_effort()))
-  saved = {'num_seeds': 1, 'sweep': '', **_flat(saved)}  # checkpoints from before them
+  # Checkpoints from before num_seeds / sweep / train_seconds: one seed, no sweep, no budget.
+  saved = {'num_seeds': 1, 'sweep': '', 'train_seconds': 0.0, **_flat(saved)}
   diff = sorted(
       k
       for k in set(now) | set(saved)
@@ -788,21 +794,25 @@ def _start_line(run: Run) -> str:
 def _train_epochs(
     run: Run, state, resume: _Resume, workdir: Path, log, until_step, progress
 ) -> tuple[list[dict], Any, int]:
-  """Epochs from ``resume.start`` to the end (or ``until_step``): steps in chunks of
-  ``check_every_steps``, checkpoints, one metrics row and log line per epoch.
+  """Epochs from ``resume.start`` to the end (or ``until_step``, or the spent
+  ``train_seconds`` budget): steps in chunks of ``check_every_steps``, checkpoints, one
+  metrics row and log line per epoch (a budget's last, partial epoch gets its row too),
+  test-set evaluations every ``eval_every_steps`` into evals.jsonl.
   Returns (history, state, step)."""
   cfg, spe = run.cfg, run.steps_per_epoch
   primary = jax.process_index() == 0
   stop_step = run.total_steps if until_step is None else min(until_step, run.total_steps)
   chunk = cfg.check_every_steps or spe
   save_every = cfg.checkpoint_every_steps or spe
+  eval_every = cfg.eval_every_steps or run.total_steps + 1  # past the end: never
   start, ckpt = resume.start, resume.ckpt
   step, last_saved = start, start or None
-  history = (
-      [r for r in read_history(workdir / 'metrics.jsonl') if r['step'] <= start]
-      if start and (workdir / 'metrics.jsonl').exists()
-      else []
-  )
+  history = _rows_until(workdir / 'metrics.jsonl', start)
+  evals = _rows_until(workdir / EVALS_FILE, start) if cfg.eval_every_steps else []
+  # Training and evaluation clocks over the whole run (resumes included): the finished
+  # epochs' (and a budget's partial epoch's) training seconds, the evaluations' seconds.
+  done_train_s = float(sum(r['epoch_train_s'] for r in history))
+  eval_s = evals[-1]['eval_s'] if evals else 0.0
   writer = None
   if primary:
     _write_history(workdir / 'metrics.jsonl', history)  # drops rows a killed run left
@@ -826,7 +836,43 @@ def _train_epochs(
     )
     last_saved = step
 
+  def evaluate_test(train_s):  # the eval_every_steps evaluation, timed apart
+    nonlocal eval_s
+    t0 = time.perf_counter()
+    results = [
+        _fetch(run.evaluate(st.params, run.x_test, run.y_test))
+        for st in member_states(state, run.num_members)
+    ]
+    eval_s += time.perf_counter() - t0
+    evals.append(
+        merge_members(
+            [
+                dict(
+                    step=step,
+                    epoch=step / spe,
+                    train_s=done_train_s + train_s,
+                    eval_s=eval_s,
+                    test_loss=float(loss),
+                    test_accuracy=float(acc),
+                )
+                for loss, acc in results
+            ]
+        )
+    )
+    if writer is not None:
+      _write_history(workdir / EVALS_FILE, evals)
+      writer.scalars(
+          step,
+          {
+              f'eval/test_accuracy{_member_suffix(cfg, m)}': r['test_accuracy']
+              for m, r in enumerate(split_members(evals[-1], run.num_members))
+          },
+      )
+
+  out_of_time = lambda train_s: cfg.train_seconds and done_train_s + train_s >= cfg.train_seconds
   try:
+    if cfg.eval_every_steps and not start:  # the curve starts at the initial state
+      evaluate_test(0.0)
     for epoch in range(start // spe, cfg.epochs):
       if step >= stop_step:
         break
@@ -838,9 +884,10 @@ def _train_epochs(
           (resume.partial_s if done else 0.0),
       )
       this_s = 0.0
-      while done < spe and step < stop_step:
+      while done < spe and step < stop_step and not out_of_time(train_s):
         next_save = (step // save_every + 1) * save_every
-        stop = min((epoch + 1) * spe, step + chunk, next_save, stop_step)
+        next_eval = (step // eval_every + 1) * eval_every
+        stop = min((epoch + 1) * spe, step + chunk, next_save, next_eval, stop_step)
         t0 = time.perf_counter()
         ms = []
         step_diagnostics = []
@@ -867,11 +914,17 @@ def _train_epochs(
           )
         chunks.append(m)
         for s, values in step_diagnostics if writer is not None else ():
-          writer.scalars(s, diagnostics.scalars(values, 'step'))
+          for member, member_values in enumerate(split_members(values, run.num_members)):
+            suffix = _member_suffix(cfg, member)
+            writer.scalars(
+                s, {k + suffix: v for k, v in diagnostics.scalars(member_values, 'step').items()}
+            )
         if cfg.log_every_steps:
           for s, m_seed in enumerate(_member_metrics(cfg, m)):
             _log_steps(m_seed, step, cfg.log_every_steps, log, writer, bar, _member_suffix(cfg, s))
         step, done = stop, stop - epoch * spe
+        if step % eval_every == 0:
+          evaluate_test(train_s)
         bar.update(
             metrics_writer.progress_line(
                 epoch + 1,
@@ -885,8 +938,9 @@ def _train_epochs(
         )
         if done < spe and (step % save_every == 0 or step == stop_step):
           save(chunks, train_s)
-      if done < spe:
-        break  # stopped at until_step
+      budget_spent = done < spe and out_of_time(train_s)
+      if done < spe and not (budget_spent and done > first):
+        break  # stopped at until_step, or the budget was spent before this epoch's steps
       m = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
       row = merge_members(
           [
@@ -896,6 +950,8 @@ def _train_epochs(
               )
           ]
       )
+      done_train_s += train_s
+      row.update(train_s=done_train_s, eval_s=eval_s)
       if diagnose:
         row.update(diagnose(state, idx))
       history.append(row)
@@ -921,12 +977,25 @@ def _train_epochs(
           f'{row["ms_per_step"]:.1f} ms/step  ({this_s:.1f} s train)'
           + (f'  {skipped} steps skipped' if skipped else '')
           + (f'  (means of {run.num_members} members)' if run.num_members > 1 else '')
+          + (
+              f'  training budget of {cfg.train_seconds:g} s spent after {done} steps'
+              if budget_spent
+              else ''
+          )
       )
+      if budget_spent:
+        break
   finally:
     bar.clear()
     if writer is not None:
       writer.close()
   return history, state, step
+
+
+def _rows_until(path: Path, start: int) -> list[dict]:
+  """The rows of a jsonl file of the run (metrics, evals) up to step ``start`` (none
+  when starting from scratch): those a resumed run keeps."""
+  return [r for r in read_history(path) if r['step'] <= start] if start and path.exists() else []
 
 
 def _epoch_row(
@@ -1016,9 +1085,16 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
   With M > 1 members the accuracies, losses and skipped steps are per-member lists; for
   seeds alone ``<name>_mean`` / ``<name>_std`` (sample std) summarise the final
   accuracies and train loss over the seeds, with a sweep ``members`` labels each index.
+  ``train_s`` / ``eval_s``: the run's training and (``eval_every_steps``) evaluation
+  seconds; ``evals``: the evaluations' rows. A run whose ``train_seconds`` budget is spent
+  is complete (``budget_spent``).
   """
   num_members = run.num_members
   timed = [r for r in history if r['steps'] == run.steps_per_epoch]
+  train_s = float(sum(r['epoch_train_s'] for r in history))  # rows of older runs lack train_s
+  budget_spent = bool(run.cfg.train_seconds) and train_s >= run.cfg.train_seconds
+  evals = read_history(workdir / EVALS_FILE) if (workdir / EVALS_FILE).exists() else []
+  evals = [r for r in evals if r['step'] <= step]
   seed_histories = [[split_members(r, num_members)[m] for r in history] for m in range(num_members)]
   result = dict(
       config=run.cfg.to_dict(),
@@ -1026,7 +1102,7 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
       epochs=len(history),
       steps_per_epoch=run.steps_per_epoch,
       step=step,
-      complete=step >= run.total_steps,
+      complete=step >= run.total_steps or budget_spent,
       **merge_members(
           [
               dict(
@@ -1039,8 +1115,14 @@ def _summary(run: Run, state, step: int, history: list[dict], workdir: Path) -> 
       epoch_train_s=float(np.median([r['epoch_train_s'] for r in timed])) if timed else None,
       ms_per_step=float(np.median([r['ms_per_step'] for r in history])) if history else None,
       compile_s=run.compile_s,
+      train_s=train_s,
+      eval_s=evals[-1]['eval_s'] if evals else 0.0,
       history=history,
   )
+  if run.cfg.train_seconds:
+    result['budget_spent'] = budget_spent
+  if run.cfg.eval_every_steps:
+    result['evals'] = evals
   if result['complete']:
     train = merge_members(
         [

@@ -1,7 +1,8 @@
 r"""Regenerates the paper's tables and Figure 2 (Bao et al., AAAI 2024), one command each.
 
-  python -m experiments.reproduce --table=1 --profile=cpu [--seeds=0,1,2] \
-      [--workdir=runs/reproduce] [--what=all|speed|accuracy|table]
+  python -m experiments.reproduce --table=1 --profile=cpu [--seeds=0,1,2 | --num_seeds=3] \
+      [--workdir=runs/reproduce] [--what=all|speed|accuracy|table] \
+      [--columns=mnist,cifar10] [--methods=tjml_dtp,bp] [--ldrl_seconds=T]
   python -m experiments.reproduce --figure=2 --profile=cpu
 
 Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column of Tables 1-3):
@@ -14,10 +15,13 @@ Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column of Tables 1-3):
 
 Each table has two independent parts:
 
-* accuracy: one ``tp_jax.train.train_and_evaluate`` run per (column, method, seed) in
-  its own directory ``<workdir>/<profile>/table<T>/<dataset>/<method>/seed<S>`` (its
-  ``result.json``, ``metrics.jsonl``, checkpoints). A finished run with the same config
-  is reused, an interrupted one resumes, one with a different config is refused.
+* accuracy: one ``tp_jax.train.train_and_evaluate`` run per (column, method), all the
+  (consecutive) seeds in one program (``num_seeds``), in its own directory
+  ``<workdir>/<profile>/table<T>/<dataset>/<method>/seed<S>`` (``seeds<a>-<b>`` for
+  several; its ``result.json``, ``metrics.jsonl``, ``evals.jsonl``, checkpoints). A
+  finished run with the same config is reused, an interrupted one resumes, one with a
+  different config is refused. TJML-DTP runs first in each column: with
+  ``Profile.ldrl_budget`` (cpu) LDRL trains for TJML-DTP's measured training seconds.
 * speed: every method's run is set up by ``tp_jax.train.setup`` (the training loop's
   own compiled step: batch gather, augmentation, the method's step) in this process, warmed up, then timed in interleaved windows so that all methods see
   the same machine load; the median ms/step times the steps of a full epoch is the
@@ -25,16 +29,18 @@ Each table has two independent parts:
   (its steps are ~100x longer). Written to ``speed_<dataset>.json``.
 
 Then ``<workdir>/<profile>/table<T>.md`` (header: profile, hardware, epochs, seeds,
-date, command; the paper's published numbers beside ours) and ``table<T>_curves.png``
-are generated from whatever results exist, so ``--what=speed`` and ``--what=accuracy``
+date, command; the paper's published numbers beside ours; mean ± sample std over seeds;
+each method's final BP angle), ``table<T>_curves.png`` and ``table<T>_time.png`` (test
+accuracy against training wall-clock seconds) are generated from whatever results exist, so ``--what=speed`` and ``--what=accuracy``
 can run at different times and ``--what=table`` only regenerates the files.
 
 Profiles (config overrides; see ``PROFILES``):
   smoke  seconds per method: 2 steps of batch 8 on 32 examples, LDRL K = 1; checks the
          machinery (CI), not accuracy or speed.
-  cpu    the largest honest run for a few hours on 2 CPU cores: 1 seed, a few epochs
-         (LDRL: a fixed number of steps); speed from a few interleaved windows.
-  paper  the full protocol for a GPU: 5 seeds, the configs' epochs (the reference's).
+  cpu    the largest honest run for hours on 2 CPU cores: 3 seeds, a few epochs (LDRL:
+         TJML-DTP's training seconds); speed from a few interleaved windows.
+  paper  the full protocol for a GPU: 5 seeds, the configs' epochs (the reference's);
+         ``benchmarks/gpu.sh`` runs it on one GPU.
 
 Modules: ``tables`` (what each table, column and profile is), ``accuracy`` and
 ``speed`` (running the two parts), ``report`` (the table and curve files written from

@@ -22,10 +22,24 @@ def main(argv):
     raise app.UsageError('give --table=1|2|3|4 or --figure=2')
   command = 'python -m experiments.reproduce ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
   seeds = [int(s) for s in f.seeds] if f.seeds else None
+  if f.num_seeds is not None:  # consecutive seeds from the first given (or the profile's)
+    first = seeds[0] if seeds else PROFILES[f.profile].seeds[0]
+    seeds = list(range(first, first + f.num_seeds))
   if f.table:
     if f.table not in TABLES:
       raise app.UsageError(f'unknown table {f.table}; valid: {sorted(TABLES)}')
-    path = commands.run_table(f.table, f.profile, f.workdir, seeds, f.what, f.data, command)
+    path = commands.run_table(
+        f.table,
+        f.profile,
+        f.workdir,
+        seeds,
+        f.what,
+        f.data,
+        command,
+        columns=f.columns,
+        methods=f.methods,
+        ldrl_seconds=f.ldrl_seconds,
+    )
     print(Path(path).read_text())
   if f.figure:
     sizes = [int(s) for s in f.figure_sizes] if f.figure_sizes else None
@@ -39,7 +53,25 @@ def define_flags() -> None:
   flags.DEFINE_integer('table', None, 'Table to reproduce: 1, 2, 3 or 4.')
   flags.DEFINE_integer('figure', None, 'Figure to reproduce: 2.')
   flags.DEFINE_enum('profile', 'smoke', list(PROFILES), 'Run size.')
-  flags.DEFINE_list('seeds', None, "Seeds (default: the profile's).")
+  flags.DEFINE_list(
+      'seeds', None, "Consecutive seeds, trained in one program per row (default: the profile's)."
+  )
+  flags.DEFINE_integer(
+      'num_seeds',
+      None,
+      "Seeds per row (overrides the profile's): --seeds' first (or the profile's) onwards.",
+      lower_bound=1,
+  )
+  flags.DEFINE_list(
+      'columns', None, 'Columns to run and show, e.g. mnist,fashion_mnist (default: all).'
+  )
+  flags.DEFINE_list('methods', None, 'Methods to run, e.g. tjml_dtp,bp (default: all).')
+  flags.DEFINE_float(
+      'ldrl_seconds',
+      None,
+      "LDRL's training wall-clock budget in seconds (default: the profile's: TJML-DTP's "
+      'measured training seconds in the cpu profile, none otherwise).',
+  )
   flags.DEFINE_string('workdir', 'runs/reproduce', 'Output root; <workdir>/<profile>/...')
   flags.DEFINE_enum(
       'what',

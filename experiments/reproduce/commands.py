@@ -15,7 +15,7 @@ from experiments.reproduce import accuracy
 from experiments.reproduce import figure2
 from experiments.reproduce import report
 from experiments.reproduce import speed
-from experiments.reproduce.tables import PROFILES, TABLES, Profile
+from experiments.reproduce.tables import PROFILES, TABLES, Profile, select_columns, select_methods
 from tp_jax import train
 
 Log = Callable[[str], None]
@@ -60,14 +60,26 @@ def run_table(
     source: str = 'real',
     command: str = '',
     log: Log = print,
+    columns: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    ldrl_seconds: float | None = None,
 ) -> Path:
-  """Runs (parts of) one table and writes ``<workdir>/<profile>/table<T>.md``."""
+  """Runs (parts of) one table and writes ``<workdir>/<profile>/table<T>.md``.
+
+  ``seeds`` (consecutive; default: the profile's) train in one program per row.
+  ``columns`` (column ids, e.g. 'mnist') and ``methods`` select the rows run and shown;
+  ``ldrl_seconds`` is LDRL's training budget (default: the profile's, see
+  ``Profile.ldrl_budget``)."""
   profile = PROFILES[profile] if isinstance(profile, str) else profile
   if table not in TABLES:
     raise ValueError(f'unknown table {table}; valid: {sorted(TABLES)}')
   if what not in ('all', 'speed', 'accuracy', 'table'):
     raise ValueError(f"what must be 'all', 'speed', 'accuracy' or 'table', got {what!r}")
   seeds = tuple(seeds) if seeds else profile.seeds
+  accuracy.check_seeds(seeds)
+  select_columns(table, columns)  # bad names fail before any training
+  for col in TABLES[table]:
+    select_methods(col, methods)
   root = Path(workdir) / profile.name / f'table{table}'
   root.mkdir(parents=True, exist_ok=True)
   command = (
@@ -75,10 +87,12 @@ def run_table(
   )
   with _compile_mode(profile, Path(workdir)):
     if what in ('all', 'speed'):
-      speed.run_speed(table, profile, root, source, log, command)
+      speed.run_speed(table, profile, root, source, log, command, columns, methods)
     if what in ('all', 'accuracy'):
-      accuracy.run_accuracy(table, profile, root, seeds, source, log)
-  return report.write_table(table, profile, root, seeds, command, log)
+      accuracy.run_accuracy(
+          table, profile, root, seeds, source, log, columns, methods, ldrl_seconds
+      )
+  return report.write_table(table, profile, root, seeds, command, log, columns)
 
 
 def run_figure(

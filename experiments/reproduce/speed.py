@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -19,12 +19,13 @@ import ml_collections
 from experiments import timing
 from experiments.reproduce.tables import (
     JOINT_SPEED,
-    TABLES,
     Profile,
     SpeedPlan,
     full_epoch_steps,
     get_dataset,
     make_config,
+    select_columns,
+    select_methods,
 )
 from tp_jax import algorithms
 from tp_jax import data
@@ -113,11 +114,23 @@ def measure_speed(
 
 
 def run_speed(
-    table: int, profile: Profile, root: Path, source: str, log: Log, command: str = ''
+    table: int,
+    profile: Profile,
+    root: Path,
+    source: str,
+    log: Log,
+    command: str = '',
+    columns: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
 ) -> None:
-  """Writes ``speed_<column>.json`` per column: {'methods': {method: timing}, ...}."""
+  """Writes ``speed_<column>.json`` per column: {'methods': {method: timing}, ...};
+  ``columns`` and ``methods`` select what is timed."""
   root.mkdir(parents=True, exist_ok=True)
-  cols = TABLES[table]
+  cols = tuple(
+      dataclasses.replace(c, methods=select_methods(c, methods))
+      for c in select_columns(table, columns)
+      if select_methods(c, methods)
+  )
   if table in JOINT_SPEED:  # all columns in one session, then split per column
     if len({c.dataset for c in cols}) != 1:
       raise ValueError(f'table {table}: joint timing needs one dataset')

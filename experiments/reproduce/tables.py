@@ -4,7 +4,7 @@ trains, the published numbers beside it, and how much each profile runs."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -158,6 +158,13 @@ class Profile:
   # faster compilation, slower steps. Only for the smoke profile, whose numbers mean
   # nothing anyway.
   fast_compile: bool = False
+  # Test-set evaluations per epoch (``eval_every_steps``) besides the epoch ends': the
+  # accuracy-against-time figure's points (0: the epoch ends' only). A profile's
+  # overrides may set ``eval_every_steps`` themselves.
+  evals_per_epoch: int = 4
+  # LDRL trains for the wall-clock budget of TJML-DTP's measured training seconds in the
+  # same column (``train_seconds``) instead of the profile's epochs; TJML-DTP runs first.
+  ldrl_budget: bool = False
 
 
 def _n_feedback(cfg) -> int:
@@ -178,16 +185,19 @@ def _smoke_overrides(col, method, cfg):
   return o
 
 
-# cpu profile: what fits a few hours on 2 shared CPU cores. LDRL's step costs 30-100x
-# BP's here, so LDRL trains for a fixed number of steps (stated in the table).
+# cpu profile: what fits hours on 2 shared CPU cores. LDRL's step costs 30-100x
+# BP's here, so LDRL trains for TJML-DTP's measured training seconds (``ldrl_budget``),
+# syncing (the budget's check) and evaluating every few of its steps.
 _CPU_EPOCHS = {1: 3, 2: 1, 3: 2, 4: 2}
-_CPU_LDRL_STEPS = {1: 20, 2: 10, 3: 10}
+_CPU_LDRL_SYNC_STEPS = 5
+_CPU_LDRL_EVAL_STEPS = 10
 
 
 def _cpu_overrides(col, method, cfg):
+  o = {'epochs': _CPU_EPOCHS[col.table]}
   if method == 'ldrl':
-    return {'epochs': 1, 'steps_per_epoch': _CPU_LDRL_STEPS[col.table]}
-  return {'epochs': _CPU_EPOCHS[col.table]}
+    o.update(check_every_steps=_CPU_LDRL_SYNC_STEPS, eval_every_steps=_CPU_LDRL_EVAL_STEPS)
+  return o
 
 
 PROFILES: dict[str, Profile] = {
@@ -208,25 +218,28 @@ PROFILES: dict[str, Profile] = {
     ),
     'cpu': Profile(
         'cpu',
-        'a few hours on 2 CPU cores: 1 seed; LeNet 3 epochs, VGG 1 epoch, Mixers '
-        '2 epochs; LDRL trained for a fixed number of steps only (LeNet 20, VGG 10, '
-        'Mixer 10); all other hyper-parameters as the configs (LDRL K as the reference)',
-        seeds=(0,),
+        'hours on 2 CPU cores: 3 seeds in one program; LeNet 3 epochs, VGG 1 '
+        "epoch, Mixers 2 epochs; LDRL trained for the wall-clock seconds TJML-DTP's "
+        'run took in the same column (its steps stated in the table); all other '
+        'hyper-parameters as the configs (LDRL K as the reference)',
+        seeds=(0, 1, 2),
         overrides=_cpu_overrides,
         speed=SpeedPlan(warmup=2, rounds=2, inner=2, steps=3, ldrl_steps=1, ldrl_warmup=0),
         share_speed=True,
         figure_repeats=7,
         figure_max_seconds=20.0,
+        ldrl_budget=True,
     ),
     'paper': Profile(
         'paper',
-        "the full protocol (for a GPU): 5 seeds, the configs' epochs and "
-        "hyper-parameters (the reference code's)",
+        'the full protocol (for a GPU): 5 seeds in one program per (model, method), '
+        "the configs' epochs and hyper-parameters (the reference code's)",
         seeds=(0, 1, 2, 3, 4),
         overrides=lambda col, method, cfg: {},
         speed=SpeedPlan(warmup=5, rounds=5, inner=4, steps=20, ldrl_steps=3, ldrl_warmup=1),
         share_speed=False,
         figure_repeats=21,
+        evals_per_epoch=0,  # tens of epochs: their ends are points enough
     ),
 }
 
@@ -239,14 +252,50 @@ def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
   node[leaf] = value
 
 
-def make_config(col: Column, method: str, profile: Profile, seed: int) -> ml_collections.ConfigDict:
+def make_config(
+    col: Column,
+    method: str,
+    profile: Profile,
+    seed: int,
+    num_seeds: int = 1,
+    train_seconds: float = 0.0,
+) -> ml_collections.ConfigDict:
+  """The config of one run of ``col``'s row ``method``: seeds ``seed .. seed +
+  num_seeds - 1`` in one program, the profile's overrides, ``profile.evals_per_epoch``
+  test evaluations per epoch (unless the overrides set ``eval_every_steps``), and a
+  ``train_seconds`` budget when given."""
   cfg = col.get_config()
   cfg.method = method
   cfg.seed = seed
-  for k, v in profile.overrides(col, method, cfg).items():
+  cfg.num_seeds = num_seeds
+  overrides = profile.overrides(col, method, cfg)
+  for k, v in overrides.items():
     _set(cfg, k, v)
+  if 'eval_every_steps' not in overrides and profile.evals_per_epoch:
+    spe = full_epoch_steps(cfg.dataset, cfg.batch_size, profile.train_examples)
+    spe = min(cfg.steps_per_epoch or spe, spe)
+    cfg.eval_every_steps = max(1, spe // profile.evals_per_epoch)
+  cfg.train_seconds = float(train_seconds)
   config_lib.validate(cfg)
   return cfg
+
+
+def select_columns(table: int, columns: Sequence[str] | None = None) -> tuple[Column, ...]:
+  """``table``'s columns whose ids are in ``columns`` (all when None), in table order."""
+  cols = TABLES[table]
+  if columns is None:
+    return cols
+  unknown = sorted(set(columns) - {c.id for c in cols})
+  if unknown:
+    raise ValueError(f'table {table} has no column {unknown}; valid: {[c.id for c in cols]}')
+  return tuple(c for c in cols if c.id in columns)
+
+
+def select_methods(col: Column, methods: Sequence[str] | None = None) -> tuple[str, ...]:
+  """``col``'s methods that are in ``methods`` (all when None), in table order."""
+  if methods is not None and set(methods) - set(METHODS):
+    raise ValueError(f'unknown methods {sorted(set(methods) - set(METHODS))}; valid: {METHODS}')
+  return col.methods if methods is None else tuple(m for m in col.methods if m in methods)
 
 
 # --------------------------------------------------------------------------------------
@@ -277,6 +326,7 @@ def get_dataset(name: str, profile: Profile, source: str) -> data.Dataset:
   return _DATA_CACHE[key]
 
 
-def full_epoch_steps(dataset: str, batch_size: int) -> int:
-  """Steps of one full epoch over the real training set (what the paper times)."""
-  return data.info(dataset).num_examples['train'] // batch_size
+def full_epoch_steps(dataset: str, batch_size: int, train_examples: int | None = None) -> int:
+  """Steps of one full epoch over the real training set (what the paper times), or
+  over its first ``train_examples``."""
+  return (train_examples or data.info(dataset).num_examples['train']) // batch_size
