@@ -10,6 +10,7 @@ the method uses: TJMC (the forward parameters), IJMC/PJMC, or learned/fixed weig
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -61,20 +62,27 @@ def propagate_targets(
   return tuple(reversed(targets))
 
 
+def block_loss(h: Array, t: Array) -> Array:
+  """1/2 ||h - t||^2, summed over features, averaged over the batch."""
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(h - t).reshape(h.shape[0], -1), axis=1))
+
+
 def local_loss(hs: tuple[Array, ...], targets: tuple[Array, ...]) -> tuple[Array, Array]:
   """(sum of block losses, per-block losses). Targets are held fixed."""
-  per_block = jnp.stack(
-      [
-          0.5 * jnp.mean(jnp.sum(jnp.square(h - sg(t)).reshape(h.shape[0], -1), axis=1))
-          for h, t in zip(hs, targets)
-      ]
-  )
+  per_block = jnp.stack([block_loss(h, sg(t)) for h, t in zip(hs, targets)])
   return jnp.sum(per_block), per_block
 
 
 def targets_finite(targets: tuple[Array, ...]) -> Array:
   """One bool per block: are all of its targets finite? (checked on the host)."""
   return jnp.stack([jnp.all(jnp.isfinite(t)) for t in targets])
+
+
+def fused_blocks(net: network.Net, mode: layers.FeedbackMode) -> tuple[bool, ...]:
+  """Per block: does the vjp of its block loss give the next target, with feedback built
+  from the forward parameters in ``mode``? True where the block declares its feedback
+  difference exactly J^T (t - h) (``Layer.feedback_is_vjp``); block 1 passes no target."""
+  return tuple(n > 0 and block.feedback_is_vjp(mode) for n, block in enumerate(net.blocks))
 
 
 def local_grads(
@@ -92,7 +100,17 @@ def local_grads(
   one backward pass of the summed block losses: each block's gradient is exactly the
   gradient of its own loss, at BP's cost plus the feedback pass. ``fb_params`` is the
   forward ``params`` for the analytical methods and the feedback weights otherwise.
+
+  Where a block's feedback difference is exactly its transposed Jacobian applied to
+  t_n - h_n (``fused_blocks``) and G is built from the forward params (``fb_params``
+  None), the block loss's backward with cotangent (h_n - t_n)/B already computes it:
+  one vjp of the block w.r.t. its params and input gives its gradient and
+  t_{n-1} = h_{n-1} - B * (input cotangent), at BP's cost (``fused_sweep``). With no
+  such block the step is the one value_and_grad below.
   """
+  if fb_params is None and any(fused_blocks(net, mode)):
+    grads, logits, per_block, targets = fused_sweep(net, params, mode, beta, x, labels)
+    return grads, _metrics(logits, labels, per_block, targets_finite(targets))
 
   def loss_fn(p):
     hs, ctxs = network.forward(net, p, x, detach=True)
@@ -103,11 +121,55 @@ def local_grads(
     return total, (hs[-1], per_block, targets_finite(targets))
 
   (_, (logits, per_block, finite)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  ce = cross_entropy_sum(logits, labels) / labels.shape[0]
-  metrics = dict(
-      loss=ce,
+  return grads, _metrics(logits, labels, per_block, finite)
+
+
+def _metrics(logits: Array, labels: Array, per_block: Array, finite: Array) -> dict[str, Array]:
+  return dict(
+      loss=cross_entropy_sum(logits, labels) / labels.shape[0],
       accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
       block_loss=per_block,
       targets_finite=finite,
   )
-  return grads, metrics
+
+
+def fused_sweep(
+    net: network.Net,
+    params: network.Params,
+    mode: layers.FeedbackMode,
+    beta: float,
+    x: Array,
+    labels: Array,
+) -> tuple[network.Params, Array, Array, tuple[Array, ...]]:
+  """``local_grads`` with G built from ``params``, as a backward sweep of per-block vjps:
+  a ``fused_blocks`` block's vjp is taken w.r.t. (params, input) and gives its next
+  target, the others' w.r.t. params only, their targets from the feedback pass.
+  Returns (grads, logits, per-block losses, targets t_1..t_N)."""
+  if len(params) != len(net):
+    raise ValueError(f'{net.name} has {len(net)} blocks but params has {len(params)} entries')
+  fused = fused_blocks(net, mode)
+  hs, ctxs, vjps = [], [], []
+  h = x
+  for n, p in enumerate(params):
+    if fused[n]:
+      h, vjp, ctx = jax.vjp(functools.partial(network.block_forward, net, n), p, h, has_aux=True)
+    else:
+      h, vjp, ctx = jax.vjp(functools.partial(network.block_forward, net, n, h=h), p, has_aux=True)
+    hs.append(h)
+    ctxs.append(ctx)
+    vjps.append(vjp)
+  t = first_target(hs[-1], labels, beta)
+  targets, losses, grads = [t], [], [None] * len(net)
+  for n in range(len(net) - 1, -1, -1):
+    loss, cotangent = jax.value_and_grad(block_loss)(hs[n], t)
+    losses.append(loss)
+    cotangents = vjps[n](cotangent)
+    grads[n] = cotangents[0]
+    if n == 0:
+      break
+    if fused[n]:  # J^T (t - h) = -B * J^T ((h - t) / B)
+      t = hs[n - 1] - hs[n].shape[0] * cotangents[1]
+    else:
+      t = hs[n - 1] + network.block_feedback_difference(net, n, params[n], t, hs[n], ctxs[n], mode)
+    targets.append(t)
+  return tuple(grads), hs[-1], jnp.stack(losses[::-1]), tuple(reversed(targets))
