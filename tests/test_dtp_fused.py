@@ -8,7 +8,8 @@ transposed Jacobian (``Layer.feedback_is_vjp``).
 (b) The fused sweep == the unfused computation (targets by the feedback pass, one
     value_and_grad of the block losses): grads, block losses and targets, on LeNet,
     Simplified-VGG, the MLP-Mixer and ResNet-18 (small) in the Hadamard mode, on a
-    model of plain Flax modules, and on ResNet-18 under varsigma (its derived units).
+    model of plain Flax modules, and on ResNet-18 and the Mixer under varsigma (fused
+    derived units, shared heads: ``dtp.shared_heads``).
 (c) LeNet under varsigma (the main job) fuses only its head, and its step is unchanged
     bit for bit; learned feedback weights never fuse.
 """
@@ -168,6 +169,30 @@ def test_declarations_compose_in_the_models():
   assert not any(dtp.fused_blocks(models.mlp(widths=(10, 10)), L.IJMC))
 
 
+def _abstract_params(net, shape):
+  return jax.eval_shape(lambda k: network.init(net, k, jnp.zeros(shape)), jax.random.key(0))
+
+
+def test_shared_heads_are_the_exact_weight_layers_above_the_nonlinear_feedback():
+  """Under varsigma a ResNet identity unit shares its second conv, the head block its
+  dense, a Mixer channel unit its second dense; LeNet's and VGG's pooling heads hold no
+  weights and are not shared (so the main job's step is unchanged). Under Hadamard
+  the Mixer's token unit shares (dense, act, transpose): only LayerNorm is inexact."""
+  resnet = models.resnet18(width=4)
+  assert dtp.shared_heads(resnet, _abstract_params(resnet, (1, 16, 16, 3)), L.TJMC) == (
+      (0, 1, 1, 0, 1, 0, 1, 0, 1, 1)
+  )
+  mixer = models.mlp_mixer(num_blocks=1)
+  mixer_params = _abstract_params(mixer, (1, 32, 32, 3))
+  assert dtp.shared_heads(mixer, mixer_params, L.TJMC) == (0, 0, 1, 0, 0)
+  assert dtp.shared_heads(mixer, mixer_params, L.TJMC_HADAMARD) == (0, 3, 1, 0, 0)
+  for net, shape in (
+      (models.lenet(), (1, 28, 28, 1)),
+      (models.simple_vgg(channels=(4, 4)), (1, 8, 8, 3)),
+  ):
+    assert not any(dtp.shared_heads(net, _abstract_params(net, shape), L.TJMC)), net.name
+
+
 # --------------------------------------------------------------------------------------
 # (b) the fused sweep against the unfused computation
 
@@ -191,8 +216,10 @@ NETS = {
         lambda: models.mlp_mixer(patch=8, hidden=16, channel_dim=32, num_blocks=2),
         (4, 32, 32, 3),
     ),
-    # 16x16: stage 4 is then 2x2, so that its GroupNorms do not see single values.
-    'resnet18': (lambda: models.resnet18(width=4), (4, 16, 16, 3)),
+    # 16x16: stage 4 is then 2x2, so that its GroupNorms do not see single values; width
+    # 8: two channels per group there (at one, the head's GroupNorm maps varsigma's
+    # spatially constant image of the mean to 0, and no target reaches the units).
+    'resnet18': (lambda: models.resnet18(width=8), (4, 16, 16, 3)),
     'plain_flax': (_plain_net, (4, 12, 12, 2)),
 }
 
@@ -224,14 +251,15 @@ def _assert_block_close(a, b, rtol, what):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     'name,mode_name',
-    [(name, 'hadamard') for name in NETS] + [('resnet18', 'tjmc'), ('plain_flax', 'tjmc')],
+    [(name, 'hadamard') for name in NETS]
+    + [('resnet18', 'tjmc'), ('mlp_mixer', 'tjmc'), ('plain_flax', 'tjmc')],
 )
 def test_fused_sweep_equals_unfused_computation(name, mode_name):
   make_net, shape = NETS[name]
   net, mode = make_net(), MODES[mode_name]
   x, y = _normal(shape, 3), jnp.arange(shape[0]) % 10
   params = network.init(net, jax.random.key(1), x)
-  assert any(dtp.fused_blocks(net, mode)), name
+  assert any(dtp.fused_blocks(net, mode) + dtp.shared_heads(net, params, mode)), name
   beta = 0.5
   grads, _, losses, targets = jax.jit(lambda p: dtp.fused_sweep(net, p, mode, beta, x, y))(params)
   want_grads, want_losses, want_targets, hs = jax.jit(lambda p: _unfused(net, p, mode, beta, x, y))(

@@ -677,16 +677,10 @@ class Sequential(Layer):
     super().__post_init__()
 
   def fwd(self, x):
-    ctxs = []
-    for layer in self.layers:
-      x, ctx = layer.fwd(x)
-      ctxs.append(ctx)
-    return x, tuple(ctxs)
+    return sequence_fwd(self.layers, x)
 
   def feedback(self, t, ctx, mode=TJMC):
-    for layer, c in zip(reversed(self.layers), reversed(ctx)):
-      t = layer.feedback(t, c, mode)
-    return t
+    return sequence_feedback(self.layers, ctx, t, mode)
 
   def feedback_is_linear(self, mode):
     return all(layer.feedback_is_linear(mode) for layer in self.layers)
@@ -695,16 +689,41 @@ class Sequential(Layer):
     return all(layer.feedback_is_vjp(mode) for layer in self.layers)
 
   def feedback_difference(self, t, h, ctx, mode=TJMC):
-    """Propagates t and h through the nonlinear layers, then the difference alone
-    through the linear rest (g_1 . ... . g_k applies g_k first)."""
-    layers_, ctx = list(self.layers), list(ctx)
-    while layers_ and not all(l.feedback_is_linear(mode) for l in layers_):
-      layer, c = layers_.pop(), ctx.pop()
-      t, h = layer.feedback(t, c, mode), layer.feedback(h, c, mode)
-    d = t - h
-    for layer, c in zip(reversed(layers_), reversed(ctx)):
-      d = layer.feedback(d, c, mode)
-    return d
+    return sequence_feedback_difference(self.layers, ctx, t, h, mode)
+
+
+def sequence_fwd(layers_: Sequence[Layer], x: Array) -> tuple[Array, tuple[Any, ...]]:
+  """f_k . ... . f_1 (x) for ``layers_`` (bound) and their ctxs."""
+  ctxs = []
+  for layer in layers_:
+    x, ctx = layer.fwd(x)
+    ctxs.append(ctx)
+  return x, tuple(ctxs)
+
+
+def sequence_feedback(
+    layers_: Sequence[Layer], ctxs: Sequence[Any], t: Array, mode: FeedbackMode
+) -> Array:
+  """g_1 . ... . g_k (t), the feedback of ``layers_`` (bound) given their ctxs."""
+  for layer, c in zip(reversed(layers_), reversed(ctxs)):
+    t = layer.feedback(t, c, mode)
+  return t
+
+
+def sequence_feedback_difference(
+    layers_: Sequence[Layer], ctxs: Sequence[Any], t: Array, h: Array, mode: FeedbackMode
+) -> Array:
+  """G(t) - G(h) for G = g_1 . ... . g_k, the feedback of ``layers_`` (f_1..f_k, bound,
+  with their forward ctxs): t and h through the nonlinear layers (g_k first), then the
+  difference alone through the linear rest."""
+  layers_, ctxs = list(layers_), list(ctxs)
+  while layers_ and not all(l.feedback_is_linear(mode) for l in layers_):
+    layer, c = layers_.pop(), ctxs.pop()
+    t, h = layer.feedback(t, c, mode), layer.feedback(h, c, mode)
+  d = t - h
+  for layer, c in zip(reversed(layers_), reversed(ctxs)):
+    d = layer.feedback(d, c, mode)
+  return d
 
 
 class Residual(Layer):
