@@ -5,6 +5,13 @@ forward pass, input gradient and weight gradient under each implementation.
 
   python -m experiments.bench_cpu [--models=lenet,simple_vgg] [--rounds=7] [--steps=3]
   python -m experiments.bench_cpu --models= --layer [--layer_shape=128,32,128,128,3,1]
+  python -m experiments.bench_cpu --cost \
+      --models=lenet_mnist,simple_vgg,mlp_mixer,resnet18_w16,resnet18
+
+With ``--cost`` nothing is timed: for each model it prints XLA's FLOP count
+(``compiled.cost_analysis()``) and peak temporary memory (``memory_analysis()``) of the
+compiled BP step and the TJML-DTP steps under the varsigma and the Hadamard activation
+feedback, deterministic figures that a busy machine does not change.
 
 Every JAX step is the training loop's own compiled step (``tp_jax.train.setup``: batch
 gather, augmentation, the method's step; the config of
@@ -20,6 +27,7 @@ PyTorch's step and to the fast BP step.
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import statistics
 import sys
@@ -34,16 +42,30 @@ from experiments import synthetic
 from experiments import timing
 from experiments import torch_reference
 from experiments.configs import lenet_cifar10
+from experiments.configs import lenet_mnist
+from experiments.configs import mixer_cifar10
+from experiments.configs import resnet18_cifar10
 from experiments.configs import vgg_cifar10
+from tp_jax import models
 from tp_jax import conv
 from tp_jax import train
 
-_MODELS = flags.DEFINE_list('models', ['lenet', 'simple_vgg'], 'lenet and/or simple_vgg.')
+_MODELS = flags.DEFINE_list('models', ['lenet', 'simple_vgg'], 'Models (keys of CONFIGS).')
 _ROUNDS = flags.DEFINE_integer('rounds', 7, 'Timed rounds (the median is reported).')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Consecutive steps per variant per round.')
 _IMPLS = flags.DEFINE_list('conv_impls', ['fast', 'xla'], 'tp_jax.conv implementations.')
-_METHODS = flags.DEFINE_list('methods', ['bp', 'tjml_dtp'], 'JAX methods to time.')
+_METHODS = flags.DEFINE_list(
+    'methods',
+    ['bp', 'tjml_dtp'],
+    'JAX methods to time, each optionally with its feedback_act: tjml_dtp:hadamard.',
+)
 _TORCH = flags.DEFINE_bool('torch', True, "Time PyTorch's BP step when torch imports.")
+_COST = flags.DEFINE_bool(
+    'cost',
+    False,
+    "Print XLA's FLOP count and peak temporary memory of the compiled BP and TJML-DTP "
+    'steps of --models instead of timing anything.',
+)
 _LAYER = flags.DEFINE_bool(
     'layer',
     False,
@@ -57,20 +79,51 @@ _LAYER_SHAPE = flags.DEFINE_list(
     'size, stride of --layer (SAME padding).',
 )
 
-CONFIGS = {'lenet': lenet_cifar10.get_config, 'simple_vgg': vgg_cifar10.get_config}
+
+def _resnet18_w16():
+  cfg = resnet18_cifar10.get_config()
+  cfg.model_kwargs.width = 16
+  return cfg
+
+
+CONFIGS = {
+    'lenet': lenet_cifar10.get_config,
+    'lenet_mnist': lenet_mnist.get_config,
+    'simple_vgg': vgg_cifar10.get_config,
+    'mlp_mixer': mixer_cifar10.get_config,
+    'resnet18_w16': _resnet18_w16,
+    'resnet18': resnet18_cifar10.get_config,
+}
+# The steps --cost compares: (label, config overrides).
+COST_STEPS = (
+    ('BP', dict(method='bp')),
+    ('TJML-DTP, varsigma', dict(method='tjml_dtp', feedback_act='integral')),
+    ('TJML-DTP, Hadamard', dict(method='tjml_dtp', feedback_act='hadamard')),
+)
 WARMUP = 2
 Steps = Callable[[int], object]  # k -> the loss (or output) after k steps, blocking
 
 
-def jax_step(model: str, method: str, conv_impl: str, **overrides) -> Steps:
-  """``method``'s training step on ``model`` (CIFAR shapes, one random batch), with
-  the config's fields updated by ``overrides``."""
+def _feedback_act(act: str) -> dict[str, str]:
+  """The config override of a --methods entry's ':feedback_act' suffix ('' for none)."""
+  return dict(feedback_act=act) if act else {}
+
+
+def _setup(model: str, conv_impl: str, **overrides) -> train.Run:
+  """``model``'s config with ``overrides``, built by the training loop on one random
+  batch of its dataset's shapes; ``conv_impl`` for the models that take one."""
   cfg = CONFIGS[model]()
   with cfg.unlocked():
-    cfg.method = method
-    cfg.model_kwargs.conv_impl = conv_impl
+    if 'conv_impl' in inspect.signature(models.MODELS[cfg.model]).parameters:
+      cfg.model_kwargs.conv_impl = conv_impl
     cfg.update(overrides)
-  run = train.setup(cfg, synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size))
+  return train.setup(cfg, synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size))
+
+
+def jax_step(model: str, method: str, conv_impl: str, **overrides) -> Steps:
+  """``method``'s training step on ``model`` (one random batch), with the config's
+  fields updated by ``overrides``."""
+  run = _setup(model, conv_impl, method=method, **overrides)
   idx = train.epoch_indices(run, 0)
   box = [train.init_state(run)]
 
@@ -82,8 +135,31 @@ def jax_step(model: str, method: str, conv_impl: str, **overrides) -> Steps:
   return steps
 
 
+def step_cost(model: str, **overrides) -> tuple[float, float]:
+  """(GFLOP, peak temporary MiB) of ``model``'s compiled training step with
+  ``overrides``, by XLA's cost and memory analysis. Built with XLA's own convolution,
+  as ``experiments.reproduce.speed.step_gflop`` counts (XLA counts a loop body once,
+  and the fast convolution's weight gradient is a loop over batch chunks)."""
+  compiled = _setup(model, 'xla', **overrides).train_step
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost['flops'] / 1e9, compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+
+def cost_report(model: str, batch: int, costs: dict[str, tuple[float, float]]) -> list[str]:
+  """Rows 'model | step | GFLOP | x BP | peak temp MiB' (the first entry is BP)."""
+  bp_gflop = next(iter(costs.values()))[0]
+  return [
+      f'| {model} (batch {batch}) | {step} | {gflop:.2f} | {gflop / bp_gflop:.2f} | {mib:.0f} |'
+      for step, (gflop, mib) in costs.items()
+  ]
+
+
 def torch_step(model: str) -> tuple[Steps, str] | None:
-  """PyTorch's BP step of the same architecture, loss and optimiser, or None."""
+  """PyTorch's BP step of the same architecture, loss and optimiser, or None (no
+  torch, or a model without a PyTorch twin)."""
+  if model not in torch_reference.MODELS:
+    return None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -145,6 +221,29 @@ def layer_report(what: str, times: dict[str, list[float]]) -> list[str]:
   ]
 
 
+def cost_lines(model_names: list[str], hw: dict) -> list[str]:
+  """The --cost report: command, date, hardware and one table of every model's steps."""
+  rows = []
+  for model in model_names:
+    costs = {}
+    for step, overrides in COST_STEPS:
+      t0 = time.perf_counter()
+      costs[step] = step_cost(model, **overrides)
+      print(f'{model}: {step} built in {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+    rows += cost_report(model, CONFIGS[model]().batch_size, costs)
+  return [
+      f'- command: `python -m experiments.bench_cpu {" ".join(sys.argv[1:])}`',
+      f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
+      f'- hardware: {hw["cpu_count"]} CPU cores visible, {hw["platform"]}; jax {hw["jax"]}',
+      "- XLA's cost and memory analysis of each compiled training step (XLA's own "
+      'convolution); not timed',
+      '',
+      '| model | step | GFLOP/step | × BP | peak temp MiB |',
+      '|---|---|---|---|---|',
+      *rows,
+  ]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -152,18 +251,22 @@ def main(argv):
     if m not in CONFIGS:
       raise app.UsageError(f'unknown model {m!r}; valid: {sorted(CONFIGS)}')
   hw = train.hardware()
+  if _COST.value:
+    print('\n'.join(cost_lines(_MODELS.value, hw)))
+    return
   load_before = os.getloadavg()[0]
   plan = timing.Plan(rounds=_ROUNDS.value, steps=_STEPS.value, warmup=WARMUP)
   rows, layer_rows = [], []
   torch_version = None
   for model in _MODELS.value:
     steps: dict[str, Steps] = {}
-    for method in _METHODS.value:
+    for spec in _METHODS.value:
+      method, _, act = spec.partition(':')
       for impl in _IMPLS.value:
         t0 = time.perf_counter()
-        steps[f'{method} / {impl}'] = jax_step(model, method, impl)
+        steps[f'{spec} / {impl}'] = jax_step(model, method, impl, **_feedback_act(act))
         print(
-            f'{model}: compiled {method} / {impl} in {time.perf_counter() - t0:.1f} s',
+            f'{model}: compiled {spec} / {impl} in {time.perf_counter() - t0:.1f} s',
             file=sys.stderr,
         )
     if _TORCH.value and (ts := torch_step(model)):

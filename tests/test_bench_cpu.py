@@ -48,3 +48,37 @@ def test_torch_step_trains_on_its_batch():
   losses = [run(1) for _ in range(3)]
   assert losses[2] < losses[0], losses
   assert version
+
+
+def test_step_cost_counts_a_tjml_dtp_step_near_bp():
+  """A tiny LeNet and Mixer: FLOPs and temporary memory are positive, and a Hadamard
+  TJML-DTP step of LeNet (every block after the first fused) counts as many FLOPs as
+  BP's to within 5%; the Mixer (no conv_impl argument) builds too."""
+  bp = bench_cpu.step_cost('lenet_mnist', method='bp', batch_size=8)
+  tjml = bench_cpu.step_cost(
+      'lenet_mnist', method='tjml_dtp', feedback_act='hadamard', batch_size=8
+  )
+  assert bp[0] > 0 and bp[1] > 0 and tjml[1] > 0, (bp, tjml)
+  assert 0.95 < tjml[0] / bp[0] < 1.05, (bp, tjml)
+  mixer = bench_cpu.step_cost(
+      'mlp_mixer', method='bp', batch_size=4, model_kwargs=dict(num_blocks=1, hidden=8)
+  )
+  assert mixer[0] > 0, mixer
+
+
+def test_cost_lines_tabulate_every_step_against_bp(monkeypatch):
+  fake = {
+      ('bp', None): (2.0, 100.0),
+      ('tjml_dtp', 'integral'): (2.5, 110.0),
+      ('tjml_dtp', 'hadamard'): (3.0, 120.4),
+  }
+  monkeypatch.setattr(
+      bench_cpu, 'step_cost', lambda model, method, feedback_act=None: fake[method, feedback_act]
+  )
+  lines = bench_cpu.cost_lines(['lenet_mnist'], dict(cpu_count=2, platform='linux', jax='0'))
+  assert lines[-4:] == [
+      '|---|---|---|---|---|',
+      '| lenet_mnist (batch 256) | BP | 2.00 | 1.00 | 100 |',
+      '| lenet_mnist (batch 256) | TJML-DTP, varsigma | 2.50 | 1.25 | 110 |',
+      '| lenet_mnist (batch 256) | TJML-DTP, Hadamard | 3.00 | 1.50 | 120 |',
+  ]

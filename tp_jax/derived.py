@@ -201,3 +201,6 @@ class Derived(layers.Layer):
 
   def feedback_is_linear(self, mode):
     return True
+
+  def feedback_is_vjp(self, mode):
+    return mode in (layers.TJMC, layers.TJMC_HADAMARD)  # its feedback is the forward's vjp

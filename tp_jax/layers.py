@@ -121,6 +121,13 @@ class Layer(nn.Module):
     """Is t -> feedback(t, ctx, mode) linear (for a fixed ctx)?"""
     return False
 
+  def feedback_is_vjp(self, mode: FeedbackMode) -> bool:
+    """Is feedback_difference(t, h, ctx, mode), given the forward's own parameters,
+    exactly J_F(x)^T (t - h) for J_F the Jacobian of fwd at its input x (not an
+    approximation: equal up to round-off for every t)? Then one vjp of the block gives
+    both its gradient and the next target (``dtp.local_grads``). False is always safe."""
+    return False
+
   def feedback_difference(self, t: Array, h: Array, ctx: Any, mode: FeedbackMode = TJMC) -> Array:
     """G(t) - G(h), the difference correction, for h the output of the forward pass that
     returned ctx. A linear G is applied once, to t - h: it halves the feedback cost of
@@ -209,6 +216,9 @@ class Dense(Layer):
   def feedback_is_linear(self, mode):
     return mode.weights == 'transpose' or not self.use_bias  # else affine: t - b
 
+  def feedback_is_vjp(self, mode):
+    return mode.weights == 'transpose'
+
 
 # --------------------------------------------------------------------------------------
 # Convolution
@@ -283,6 +293,9 @@ class Conv(Layer):
 
   def feedback_is_linear(self, mode):
     return True
+
+  def feedback_is_vjp(self, mode):
+    return mode.weights == 'transpose'
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +398,9 @@ class MaxPool(Layer):
   def feedback_is_linear(self, mode):
     return True
 
+  def feedback_is_vjp(self, mode):
+    return mode.weights == 'transpose'
+
 
 # --------------------------------------------------------------------------------------
 # Element-wise activations
@@ -462,6 +478,9 @@ class Activation(Layer):
   def feedback_is_linear(self, mode):
     return mode.act == 'hadamard'
 
+  def feedback_is_vjp(self, mode):
+    return mode.act == 'hadamard'  # sigma'(x) * t; varsigma and sigma^-1 are nonlinear
+
   def feedback(self, t, x, mode=TJMC):
     fns = self.fns
     if mode.act == 'hadamard':
@@ -513,6 +532,9 @@ class LayerNorm(Layer):
 
   def feedback_is_linear(self, mode):
     return True
+
+  def feedback_is_vjp(self, mode):
+    return False  # approximate: the rank-one term of J^T is dropped
 
 
 def _standardise(x: Array, epsilon: float) -> tuple[Array, Array]:
@@ -568,6 +590,9 @@ class NormDense(Layer):
   def feedback_is_linear(self, mode):
     return True
 
+  def feedback_is_vjp(self, mode):
+    return False  # LayerNorm's approximate G*
+
 
 class Mean(Layer):
   """Mean over one non-batch axis (global average pooling / mean over tokens)."""
@@ -590,6 +615,9 @@ class Mean(Layer):
   def feedback_is_linear(self, mode):
     return True
 
+  def feedback_is_vjp(self, mode):
+    return mode.weights == 'transpose'
+
 
 class Reshape(Layer):
   """Reshape of the non-batch axes (e.g. flatten: ``shape=(-1,)``); G = the inverse."""
@@ -604,6 +632,9 @@ class Reshape(Layer):
 
   def feedback_is_linear(self, mode):
     return True
+
+  def feedback_is_vjp(self, mode):
+    return True  # a reshape only reorders values: its inverse is its transpose
 
 
 def Flatten(name: str | None = None) -> Reshape:  # pylint: disable=invalid-name
@@ -627,6 +658,9 @@ class Transpose(Layer):
   def feedback_is_linear(self, mode):
     return True
 
+  def feedback_is_vjp(self, mode):
+    return True  # a permutation: its inverse is its transpose
+
 
 # --------------------------------------------------------------------------------------
 # Composition
@@ -643,31 +677,53 @@ class Sequential(Layer):
     super().__post_init__()
 
   def fwd(self, x):
-    ctxs = []
-    for layer in self.layers:
-      x, ctx = layer.fwd(x)
-      ctxs.append(ctx)
-    return x, tuple(ctxs)
+    return sequence_fwd(self.layers, x)
 
   def feedback(self, t, ctx, mode=TJMC):
-    for layer, c in zip(reversed(self.layers), reversed(ctx)):
-      t = layer.feedback(t, c, mode)
-    return t
+    return sequence_feedback(self.layers, ctx, t, mode)
 
   def feedback_is_linear(self, mode):
     return all(layer.feedback_is_linear(mode) for layer in self.layers)
 
+  def feedback_is_vjp(self, mode):
+    return all(layer.feedback_is_vjp(mode) for layer in self.layers)
+
   def feedback_difference(self, t, h, ctx, mode=TJMC):
-    """Propagates t and h through the nonlinear layers, then the difference alone
-    through the linear rest (g_1 . ... . g_k applies g_k first)."""
-    layers_, ctx = list(self.layers), list(ctx)
-    while layers_ and not all(l.feedback_is_linear(mode) for l in layers_):
-      layer, c = layers_.pop(), ctx.pop()
-      t, h = layer.feedback(t, c, mode), layer.feedback(h, c, mode)
-    d = t - h
-    for layer, c in zip(reversed(layers_), reversed(ctx)):
-      d = layer.feedback(d, c, mode)
-    return d
+    return sequence_feedback_difference(self.layers, ctx, t, h, mode)
+
+
+def sequence_fwd(layers_: Sequence[Layer], x: Array) -> tuple[Array, tuple[Any, ...]]:
+  """f_k . ... . f_1 (x) for ``layers_`` (bound) and their ctxs."""
+  ctxs = []
+  for layer in layers_:
+    x, ctx = layer.fwd(x)
+    ctxs.append(ctx)
+  return x, tuple(ctxs)
+
+
+def sequence_feedback(
+    layers_: Sequence[Layer], ctxs: Sequence[Any], t: Array, mode: FeedbackMode
+) -> Array:
+  """g_1 . ... . g_k (t), the feedback of ``layers_`` (bound) given their ctxs."""
+  for layer, c in zip(reversed(layers_), reversed(ctxs)):
+    t = layer.feedback(t, c, mode)
+  return t
+
+
+def sequence_feedback_difference(
+    layers_: Sequence[Layer], ctxs: Sequence[Any], t: Array, h: Array, mode: FeedbackMode
+) -> Array:
+  """G(t) - G(h) for G = g_1 . ... . g_k, the feedback of ``layers_`` (f_1..f_k, bound,
+  with their forward ctxs): t and h through the nonlinear layers (g_k first), then the
+  difference alone through the linear rest."""
+  layers_, ctxs = list(layers_), list(ctxs)
+  while layers_ and not all(l.feedback_is_linear(mode) for l in layers_):
+    layer, c = layers_.pop(), ctxs.pop()
+    t, h = layer.feedback(t, c, mode), layer.feedback(h, c, mode)
+  d = t - h
+  for layer, c in zip(reversed(layers_), reversed(ctxs)):
+    d = layer.feedback(d, c, mode)
+  return d
 
 
 class Residual(Layer):
@@ -694,6 +750,9 @@ class Residual(Layer):
 
   def feedback_is_linear(self, mode):
     return self.inner.feedback_is_linear(mode)
+
+  def feedback_is_vjp(self, mode):
+    return mode.weights == 'transpose' and self.inner.feedback_is_vjp(mode)
 
   def feedback_difference(self, t, h, ctx, mode=TJMC):
     if mode.weights != 'transpose':
