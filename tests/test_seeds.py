@@ -67,9 +67,19 @@ def _without_timing(rows):
   return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
 
 
-def _assert_close(a, b, what):
+# bp_angle's float32 floor: where a TP update equals BP's gradient (the head, LDRL's
+# last block) the angle is rounding noise of about 1e-5 degrees, which summation order
+# (vmapped or not) changes.
+ANGLE_ATOL_DEGREES = 1e-4
+
+
+def _assert_close(a, b, what, key=''):
   np.testing.assert_allclose(
-      np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=2e-5, atol=1e-6, err_msg=what
+      np.asarray(a, np.float64),
+      np.asarray(b, np.float64),
+      rtol=2e-5,
+      atol=ANGLE_ATOL_DEGREES if key == 'bp_angle' else 1e-6,
+      err_msg=what,
   )
 
 
@@ -90,7 +100,7 @@ def _assert_seeds_equal_separate_runs(cfg, dataset, tmp_path):
     for got, want in zip(_without_timing(mine), _without_timing(alone['history']), strict=True):
       assert got.keys() == want.keys()
       for k in got:
-        _assert_close(got[k], want[k], f'seed {s}, epoch {got["epoch"]}, {k}')
+        _assert_close(got[k], want[k], f'seed {s}, epoch {got["epoch"]}, {k}', k)
     for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
       _assert_close(together[k][s], alone[k], f'seed {s}, {k}')
     for a, b in zip(jax.tree.leaves(states[s]), jax.tree.leaves(alone['state']), strict=True):
@@ -146,7 +156,7 @@ def test_diagnostics_of_each_seed_are_its_separate_runs(method):
       )
     want = diagnostics.compile_for_run(alone, state_s)(state_s, train.epoch_indices(alone, 0))
     for k in diagnostics.FIRST_BLOCK:
-      _assert_close(together[k][s], want[k], f'seed {s}, {k}')
+      _assert_close(together[k][s], want[k], f'seed {s}, {k}', k)
   assert together['bp_angle'][0] != together['bp_angle'][1]
 
 

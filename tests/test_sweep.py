@@ -187,6 +187,7 @@ def _assert_members_equal_separate_runs(cfg, tmp_path):
   states = train.member_states(together['state'], len(members))
   for i, member in enumerate(members):
     one = sweep.member_config(cfg, member)
+    one.diagnostics = False  # a sweep's program has none
     alone = train.train_and_evaluate(one, tmp_path / str(i), dataset, log=test_seeds._quiet)
     mine = [train.split_members(r, len(members))[i] for r in rows]
     for got, want in zip(
@@ -194,7 +195,7 @@ def _assert_members_equal_separate_runs(cfg, tmp_path):
     ):
       assert got.keys() == want.keys()
       for k in got:
-        test_seeds._assert_close(got[k], want[k], f'{member.label}, epoch {got["epoch"]}, {k}')
+        test_seeds._assert_close(got[k], want[k], f'{member.label}, epoch {got["epoch"]}, {k}', k)
     for k in ('test_accuracy', 'train_accuracy', 'train_loss'):
       test_seeds._assert_close(together[k][i], alone[k], f'{member.label}, {k}')
     for part in ('params', 'fb_params'):
