@@ -103,6 +103,7 @@ def test_loss_drops_on_a_fixed_real_batch(model, method):
 
 
 @needs_data
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,norm_tol', [(layers.TJMC_HADAMARD, 0.02), (layers.TJMC, 0.1)])
 def test_tjml_dtp_update_tends_to_bp_gradient(mode, norm_tol):
   """With exact TJMC, t_n - h_n = -beta dL/dh_n + O(beta^2), so each block's update
@@ -235,6 +236,7 @@ def test_ldrl_feedback_training_moves_towards_the_transpose():
   assert dist(new_fb[1]) < 0.5 * dist(fb[1]), (dist(fb[1]), dist(new_fb[1]))
 
 
+@pytest.mark.slow
 def test_fwdtp_feedback_stays_fixed_and_tjml_has_none():
   x, y = jax.random.normal(jax.random.key(0), (8, 28, 28, 1)), jnp.arange(8) % 10
   _, algo, state = build(make_cfg('lenet', 'fwdtp'), x)

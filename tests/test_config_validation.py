@@ -81,6 +81,7 @@ def _experiment_config(f: Path):
   return importlib.import_module(f'experiments.configs.{f.stem}').get_config()
 
 
+@pytest.mark.slow
 def test_default_and_experiment_configs_are_valid():
   """Every method on every experiment config validates, except where a layer refuses
   the method's feedback: then validate refuses with the layer's own reason."""
@@ -174,6 +175,7 @@ def test_per_block_lists_of_the_wrong_length(method, field, length):
     config_lib.validate(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['ldrl', 'dtp'])
 def test_one_per_block_value_is_used_for_every_block(method):
   """(K,) trains exactly as (K, K) does: the same step, bit for bit."""

@@ -323,6 +323,7 @@ def test_tjml_dtp_update_tends_to_bp_gradient_through_derived_feedback():
     assert abs(ratio - 1) < 0.01, (jax.tree_util.keystr(path), ratio)
 
 
+@pytest.mark.slow
 def test_jml_of_derived_blocks_is_zero():
   """The matrix-free TJML of every derived block is 0 to round-off (J_G v = J_F^T v)."""
   net = _plain_net()

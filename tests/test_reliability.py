@@ -146,6 +146,7 @@ def test_divergence_names_step_and_block_and_keeps_last_checkpoint(tmp_path, met
   assert not (tmp_path / 'result.json').exists()
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_and_counts(tmp_path):
   cfg = _mlp()
   cfg.skip_nonfinite = True
