@@ -131,6 +131,16 @@ def test_lenet_seeds_equal_separate_runs(method, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('members_per_vmap', [1, 2])
+@pytest.mark.parametrize('method', ['tjml_dtp', 'ldrl'])
+def test_seeds_looped_in_chunks_equal_separate_runs(method, members_per_vmap, tmp_path):
+  """The members run as a loop over chunks (one by one, or 2 + 1 of 3) in one program."""
+  cfg = _mlp(method)
+  cfg.members_per_vmap = members_per_vmap
+  _assert_seeds_equal_separate_runs(cfg, _dataset(), tmp_path)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['tjml_dtp', 'ldrl'])
 def test_diagnostics_of_each_seed_are_its_separate_runs(method):
   """bp_angle, bp_norm_ratio and tjml of seed s of a num_seeds run (one vmapped
@@ -171,6 +181,12 @@ def test_num_seeds_is_validated():
   cfg.num_seeds, cfg.seed = 2, 2**32 - 1
   with pytest.raises(config_lib.ConfigError, match='exceeds 2\\*\\*32 - 1'):
     config_lib.validate(cfg)
+  for bad in (-1, 1.5, True):
+    cfg = _mlp('bp')
+    with cfg.ignore_type():
+      cfg.members_per_vmap = bad
+    with pytest.raises(config_lib.ConfigError, match='members_per_vmap must be a non-negative'):
+      config_lib.validate(cfg)
 
 
 def test_merge_and_split_seeds_are_inverse():

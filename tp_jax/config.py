@@ -47,6 +47,9 @@ def default() -> ml_collections.ConfigDict:
   # a member of the leading axis: 'optimizer.lr=[0.01,0.03] beta=[0.3,0.5]' (tp_jax.sweep;
   # python -m experiments.sweep also runs fields that change the program, one by one).
   c.sweep = ''
+  # How the step runs the members: 0 vmaps all at once; k > 0 loops over chunks of k
+  # members, vmapped within a chunk (the same results). On CPU, conv nets want 1.
+  c.members_per_vmap = 0
   c.epochs = 10
   c.batch_size = 256
   c.steps_per_epoch = 0  # 0 -> a full pass over the training set
@@ -141,6 +144,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
   if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or cfg.num_seeds < 1:
     raise ConfigError(f'num_seeds must be a positive integer, got {cfg.num_seeds!r}')
+  if (
+      not isinstance(cfg.members_per_vmap, int)
+      or isinstance(cfg.members_per_vmap, bool)
+      or cfg.members_per_vmap < 0
+  ):
+    raise ConfigError(
+        f'members_per_vmap must be a non-negative integer (0: all members), got '
+        f'{cfg.members_per_vmap!r}'
+    )
   if cfg.seed + cfg.num_seeds > 2**32:
     raise ConfigError(
         f'seed + num_seeds - 1 = {cfg.seed + cfg.num_seeds - 1} exceeds '

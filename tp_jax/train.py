@@ -92,6 +92,7 @@ EVALS_FILE = 'evals.jsonl'
 # what is computed (``epochs`` extends or shortens the run).
 RESUMABLE_CHANGES = (
     'epochs',
+    'members_per_vmap',
     'check_every_steps',
     'log_every_steps',
     'keep_checkpoints',
@@ -261,8 +262,29 @@ def make_train_step(algorithm: Callable, cfg, mesh: Mesh, steps_per_epoch: int) 
     return new_state, metrics
 
   if num_members(cfg) > 1:
-    train_step = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
+    train_step = _over_members(train_step, cfg.members_per_vmap)
   return jax.jit(train_step, in_shardings=replicated, out_shardings=replicated, donate_argnums=(0,))
+
+
+def _over_members(train_step: Callable, members_per_vmap: int) -> Callable:
+  """``train_step`` over the leading member axis of the state, ``idx_epoch`` and
+  ``step_key`` (the dataset shared): vmapped over all members at once (0), or a loop over
+  chunks of ``members_per_vmap`` members vmapped within a chunk (``jax.lax.map``). On
+  XLA:CPU a vmapped convolution with per-member kernels runs far slower than the members'
+  convolutions one by one (BUILD_NOTES, "Seeds in one program"), so conv nets on CPU
+  want 1."""
+  vmapped = jax.vmap(train_step, in_axes=(0, None, None, 0, 0))
+  if not members_per_vmap:
+    return vmapped
+
+  def looped(state, x_all, y_all, idx_epoch, step_key):
+    return jax.lax.map(
+        lambda m: train_step(m[0], x_all, y_all, m[1], m[2]),
+        (state, idx_epoch, step_key),
+        batch_size=members_per_vmap,
+    )
+
+  return looped
 
 
 def make_evaluate(net: network.Net, batch_size: int, mesh: Mesh | None = None) -> Callable:
