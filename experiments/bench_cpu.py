@@ -46,6 +46,7 @@ from experiments.configs import lenet_mnist
 from experiments.configs import mixer_cifar10
 from experiments.configs import resnet18_cifar10
 from experiments.configs import vgg_cifar10
+from experiments.reproduce import speed
 from tp_jax import models
 from tp_jax import conv
 from tp_jax import train
@@ -141,9 +142,7 @@ def step_cost(model: str, **overrides) -> tuple[float, float]:
   as ``experiments.reproduce.speed.step_gflop`` counts (XLA counts a loop body once,
   and the fast convolution's weight gradient is a loop over batch chunks)."""
   compiled = _setup(model, 'xla', **overrides).train_step
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return cost['flops'] / 1e9, compiled.memory_analysis().temp_size_in_bytes / 2**20
+  return speed.compiled_gflop(compiled), compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def cost_report(model: str, batch: int, costs: dict[str, tuple[float, float]]) -> list[str]:

@@ -44,6 +44,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from experiments import synthetic
+from tp_jax import config as config_lib
 from tp_jax import data
 from tp_jax import plot
 from tp_jax import sweep
@@ -177,7 +178,7 @@ def figure(grid: sweep.Grid, rows: list[dict], out: Path) -> Path | None:
   if importlib.util.find_spec('matplotlib') is None:  # the optional plots extra
     return None
   fields = [k for k in grid if k != 'seed']
-  numeric = [k for k in fields if all(sweep.is_number(v) for v in grid[k])]
+  numeric = [k for k in fields if all(config_lib.is_number(v) for v in grid[k])]
   x_field = max(numeric, key=lambda k: len(grid[k])) if numeric else None  # most values
   lines: dict[str, list[dict]] = {}
   for r in rows:
@@ -265,9 +266,8 @@ def compare_sequential(cfg, workdir, dataset=None, log: Callable = print) -> dic
 
 
 def _train_seconds(workdir: Path) -> float:
-  """The epochs' training seconds of a finished run (compile and evaluation left out)."""
-  history = json.loads((workdir / 'result.json').read_text())['history']
-  return float(sum(r['epoch_train_s'] for r in history))
+  """The training seconds of a finished run (compile and evaluation left out)."""
+  return float(json.loads((workdir / 'result.json').read_text())['train_s'])
 
 
 def define_flags() -> None:

@@ -14,6 +14,8 @@ own fields, and the layers themselves refuse a feedback they do not define
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from tp_jax import conv
@@ -93,17 +95,31 @@ def default() -> ml_collections.ConfigDict:
   return c
 
 
+def get_field(cfg, path: str) -> Any:
+  """The value at a dotted ``path`` ('optimizer.lr') of ``cfg``."""
+  value = cfg
+  for part in path.split('.'):
+    value = value[part]
+  return value
+
+
+def set_field(cfg, path: str, value) -> None:
+  """Sets the value at a dotted ``path`` of ``cfg`` (ConfigDict's own type checks apply)."""
+  *parents, leaf = path.split('.')
+  node = get_field(cfg, '.'.join(parents)) if parents else cfg
+  node[leaf] = value
+
+
+def is_number(v, integer: bool = False) -> bool:
+  """Is ``v`` a number (an int with ``integer``), not a bool or NaN?"""
+  kinds = (int,) if integer else (int, float)
+  return isinstance(v, kinds) and not isinstance(v, bool) and v == v
+
+
 def check_number(cfg, path: str, allow_zero: bool = False) -> None:
   """Raises ConfigError unless the field at ``path`` is a positive (non-negative) number."""
-  v = cfg
-  for p in path.split('.'):
-    v = v[p]
-  if (
-      not isinstance(v, (int, float))
-      or isinstance(v, bool)
-      or v != v
-      or (v < 0 if allow_zero else v <= 0)
-  ):
+  v = get_field(cfg, path)
+  if not is_number(v) or (v < 0 if allow_zero else v <= 0):
     need = 'non-negative' if allow_zero else 'positive'
     raise ConfigError(f'{path} must be a {need} number, got {v!r}')
 
@@ -142,13 +158,9 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
     # jax.random.key keeps the low 32 bits: seeds 0 and 2**32 would be the same run.
     raise ConfigError(f'seed must be an integer in [0, 2**32), got {cfg.seed!r}')
-  if not isinstance(cfg.num_seeds, int) or isinstance(cfg.num_seeds, bool) or cfg.num_seeds < 1:
+  if not is_number(cfg.num_seeds, integer=True) or cfg.num_seeds < 1:
     raise ConfigError(f'num_seeds must be a positive integer, got {cfg.num_seeds!r}')
-  if (
-      not isinstance(cfg.members_per_vmap, int)
-      or isinstance(cfg.members_per_vmap, bool)
-      or cfg.members_per_vmap < 0
-  ):
+  if not is_number(cfg.members_per_vmap, integer=True) or cfg.members_per_vmap < 0:
     raise ConfigError(
         f'members_per_vmap must be a non-negative integer (0: all members), got '
         f'{cfg.members_per_vmap!r}'

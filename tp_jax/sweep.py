@@ -137,13 +137,6 @@ def name(setting: dict[str, Any]) -> str:
   return ','.join(f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in setting.items())
 
 
-def _get(cfg, path: str):
-  value = cfg
-  for part in path.split('.'):
-    value = value[part]
-  return value
-
-
 def _paths(d: dict, prefix: str = '') -> list[str]:
   out = []
   for k, v in d.items():
@@ -168,7 +161,7 @@ def check_fields(cfg, grid: Grid) -> None:
       continue
     for v in values:
       numbers = v if field in PER_BLOCK and isinstance(v, tuple) else (v,)
-      if not numbers or not all(is_number(x, integer=field == 'seed') for x in numbers):
+      if not numbers or not all(config_lib.is_number(x, integer=field == 'seed') for x in numbers):
         kind = (
             'an integer'
             if field == 'seed'
@@ -179,12 +172,6 @@ def check_fields(cfg, grid: Grid) -> None:
             f'sweep field {field!r} is trained in one program, so each value must be '
             f'{kind}; got {v!r}'
         )
-
-
-def is_number(v, integer: bool = False) -> bool:
-  """Is ``v`` a number (an int with ``integer``), not a bool or NaN?"""
-  kinds = (int,) if integer else (int, float)
-  return isinstance(v, kinds) and not isinstance(v, bool) and v == v
 
 
 def split(grid: Grid) -> tuple[Grid, Grid]:
@@ -198,14 +185,10 @@ def apply(cfg: ml_collections.ConfigDict, setting: dict[str, Any]) -> ml_collect
   out = cfg.copy_and_resolve_references()
   with out.unlocked():
     for path, value in setting.items():
-      *parents, leaf = path.split('.')
-      node = out
-      for p in parents:
-        node = node[p]
-      if isinstance(node[leaf], tuple) and not isinstance(value, tuple):
+      if isinstance(config_lib.get_field(out, path), tuple) and not isinstance(value, tuple):
         value = (value,)  # one value for every block, as --config.<field>=<value> gives
       try:
-        node[leaf] = value
+        config_lib.set_field(out, path, value)
       except (TypeError, ValueError) as e:
         raise config_lib.ConfigError(f'sweep field {path!r} cannot take {value!r}: {e}') from None
   return out
@@ -285,7 +268,7 @@ def hyper_parameters(cfg, net: network.Net) -> dict[str, Any]:
       values = [feedback_training.per_block(c, field.split('.')[1], net) for c in configs]
       out[field] = tuple(_stacked(column, len(ms)) for column in zip(*values))
     else:
-      out[field] = _stacked([_get(c, field) for c in configs], len(ms))
+      out[field] = _stacked([config_lib.get_field(c, field) for c in configs], len(ms))
   return out
 
 

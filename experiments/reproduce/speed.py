@@ -50,7 +50,12 @@ def step_gflop(cfg: ml_collections.ConfigDict, dataset: data.Dataset) -> float |
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
       cfg.model_kwargs.conv_impl = 'xla'
-  cost = train.setup(cfg, dataset).train_step.cost_analysis()
+  return compiled_gflop(train.setup(cfg, dataset).train_step)
+
+
+def compiled_gflop(compiled) -> float | None:
+  """XLA's FLOP count of a compiled program, in GFLOP (None where XLA gives none)."""
+  cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost['flops'] / 1e9 if cost and cost.get('flops') else None
 

@@ -270,14 +270,6 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def _set(cfg: ml_collections.ConfigDict, dotted: str, value) -> None:
-  *parents, leaf = dotted.split('.')
-  node = cfg
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
 def make_config(
     col: Column,
     method: str,
@@ -296,7 +288,7 @@ def make_config(
   cfg.num_seeds = num_seeds
   overrides = profile.overrides(col, method, cfg)
   for k, v in overrides.items():
-    _set(cfg, k, v)
+    config_lib.set_field(cfg, k, v)
   if 'eval_every_steps' not in overrides and profile.evals_per_epoch:
     spe = full_epoch_steps(cfg.dataset, cfg.batch_size, profile.train_examples)
     spe = min(cfg.steps_per_epoch or spe, spe)
