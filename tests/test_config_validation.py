@@ -584,3 +584,21 @@ def test_malformed_configs_are_refused_or_train_one_step(tmp_path_factory, case)
     return
   _TRIED['accepted'] += 1
   assert res['step'] == 1, changes
+
+
+def test_field_paths_and_numbers():
+  cfg = config_lib.default()
+  config_lib.set_field(cfg, 'optimizer.lr', 0.5)
+  config_lib.set_field(cfg, 'beta', 0.25)
+  assert config_lib.get_field(cfg, 'optimizer.lr') == cfg.optimizer.lr == 0.5
+  assert config_lib.get_field(cfg, 'beta') == cfg.beta == 0.25
+  with pytest.raises(KeyError):
+    config_lib.get_field(cfg, 'optimizer.no_such_field')
+  assert [config_lib.is_number(v) for v in (1, 0.5, True, float('nan'), '1')] == [
+      True,
+      True,
+      False,
+      False,
+      False,
+  ]
+  assert not config_lib.is_number(1.0, integer=True) and config_lib.is_number(3, integer=True)
