@@ -281,7 +281,8 @@ def _over_members(train_step: Callable, members_per_vmap: int) -> Callable:
     return jax.lax.map(
         lambda m: train_step(m[0], x_all, y_all, m[1], m[2]),
         (state, idx_epoch, step_key),
-        batch_size=members_per_vmap,
+        # lax.map vmaps every chunk, even of one member; a plain scan for k = 1.
+        batch_size=None if members_per_vmap == 1 else members_per_vmap,
     )
 
   return looped
