@@ -32,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -58,7 +58,9 @@ _IMPLS = flags.DEFINE_list('conv_impls', ['fast', 'xla'], 'tp_jax.conv implement
 _METHODS = flags.DEFINE_list(
     'methods',
     ['bp', 'tjml_dtp'],
-    'JAX methods to time, each optionally with its feedback_act: tjml_dtp:hadamard.',
+    'JAX methods to time, each optionally with its feedback_act and ":derived" (every '
+    "block's feedback derived by autodiff, config derived_feedback): tjml_dtp:hadamard, "
+    'tjml_dtp:hadamard:derived.',
 )
 _TORCH = flags.DEFINE_bool('torch', True, "Time PyTorch's BP step when torch imports.")
 _COST = flags.DEFINE_bool(
@@ -105,9 +107,18 @@ WARMUP = 2
 Steps = Callable[[int], object]  # k -> the loss (or output) after k steps, blocking
 
 
-def _feedback_act(act: str) -> dict[str, str]:
-  """The config override of a --methods entry's ':feedback_act' suffix ('' for none)."""
-  return dict(feedback_act=act) if act else {}
+def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+  """A --methods entry 'method[:feedback_act][:derived]' as (method, config overrides)."""
+  method, *options = spec.split(':')
+  overrides: dict[str, Any] = {}
+  if options and options[-1] == 'derived':
+    overrides['derived_feedback'] = True
+    options.pop()
+  if len(options) > 1:
+    raise app.UsageError(f'--methods entry {spec!r}: want method[:feedback_act][:derived]')
+  if options:
+    overrides['feedback_act'] = options[0]
+  return method, overrides
 
 
 def _setup(model: str, conv_impl: str, **overrides) -> train.Run:
@@ -260,10 +271,10 @@ def main(argv):
   for model in _MODELS.value:
     steps: dict[str, Steps] = {}
     for spec in _METHODS.value:
-      method, _, act = spec.partition(':')
+      method, overrides = method_spec(spec)
       for impl in _IMPLS.value:
         t0 = time.perf_counter()
-        steps[f'{spec} / {impl}'] = jax_step(model, method, impl, **_feedback_act(act))
+        steps[f'{spec} / {impl}'] = jax_step(model, method, impl, **overrides)
         print(
             f'{model}: compiled {spec} / {impl} in {time.perf_counter() - t0:.1f} s',
             file=sys.stderr,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from absl import app
 
 from experiments import bench_cpu
 
@@ -24,6 +25,28 @@ def test_layer_report_speedup_over_xla():
       '| conv | forward / xla | 5.00 | 1.00 | 4.00–6.00 |',
       '| conv | forward / fast | 2.50 | 2.00 | 2.00–3.00 |',
   ]
+
+
+@pytest.mark.parametrize(
+    'spec, method, overrides',
+    [
+        ('bp', 'bp', {}),
+        ('tjml_dtp:hadamard', 'tjml_dtp', {'feedback_act': 'hadamard'}),
+        ('tjml_dtp:derived', 'tjml_dtp', {'derived_feedback': True}),
+        (
+            'tjml_dtp:hadamard:derived',
+            'tjml_dtp',
+            {'feedback_act': 'hadamard', 'derived_feedback': True},
+        ),
+    ],
+)
+def test_method_spec(spec, method, overrides):
+  assert bench_cpu.method_spec(spec) == (method, overrides)
+
+
+def test_method_spec_refuses_extra_parts():
+  with pytest.raises(app.UsageError, match='method\\[:feedback_act\\]\\[:derived\\]'):
+    bench_cpu.method_spec('tjml_dtp:hadamard:integral')
 
 
 @pytest.mark.parametrize('method', ['bp', 'tjml_dtp'])

@@ -602,3 +602,14 @@ def test_field_paths_and_numbers():
       False,
   ]
   assert not config_lib.is_number(1.0, integer=True) and config_lib.is_number(3, integer=True)
+
+
+def test_derived_feedback_with_an_inverse_mode_is_refused_before_training(tmp_path):
+  """Autodiff gives J^T, not J^-1 or J^+: IJML-DTP on derived blocks is refused up front."""
+  cfg = config_lib.default()
+  cfg.update(method='ijml_dtp', derived_feedback=True)
+  with pytest.raises(
+      ConfigError, match=r"method='ijml_dtp'.*Derived\(Sequential\) has no derived feedback"
+  ):
+    train.train_and_evaluate(cfg, tmp_path, _dataset(), log=lambda s: None)
+  assert not (tmp_path / 'checkpoints').exists()

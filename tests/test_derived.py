@@ -22,6 +22,8 @@ import numpy as np
 import optax
 import pytest
 from absl.testing import parameterized
+from experiments import synthetic
+from experiments.configs import lenet_mnist
 from flax import nnx
 
 from tp_jax import derived
@@ -30,6 +32,7 @@ from tp_jax import jml
 from tp_jax import layers as L
 from tp_jax import models
 from tp_jax import network
+from tp_jax import train
 
 _RNG = np.random.default_rng(20261201)
 
@@ -265,7 +268,8 @@ def test_closed_form_lenet_targets_equal_derived_lenet_targets():
   """Whole blocks: LeNet's targets through its closed forms (Hadamard) == through
   each block wrapped as Derived."""
   net = models.lenet()
-  wrapped = network.Net(tuple(derived.Derived(b, parent=None) for b in net.blocks))
+  wrapped = models.with_derived_feedback(net)
+  assert all(isinstance(b, derived.Derived) for b in wrapped.blocks)
   x, y = _normal((2, 28, 28, 1), 6), jnp.array([3, 7])
   params = network.init(net, jax.random.key(0), x)
   wrapped_params = tuple({'module': p} for p in params)
@@ -278,6 +282,37 @@ def test_closed_form_lenet_targets_equal_derived_lenet_targets():
   closed = jax.jit(lambda p: targets(net, p, L.TJMC_HADAMARD))(params)
   by_autodiff = jax.jit(lambda p: targets(wrapped, p, L.TJMC))(wrapped_params)
   chex.assert_trees_all_close(closed, by_autodiff, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_config_derived_feedback_trains_like_the_closed_forms():
+  """``derived_feedback=True`` builds every block as Derived; under the Hadamard mode,
+  from the same parameters, its training steps equal the closed-form build's (the same
+  J^T, computed another way). Its blocks' params sit under 'module', so Flax draws them
+  from other keys: the derived run starts from the closed-form run's."""
+
+  def setup(derived_feedback):
+    cfg = lenet_mnist.get_config()
+    cfg.update(feedback_act='hadamard', batch_size=8, derived_feedback=derived_feedback)
+    run = train.setup(cfg, synthetic.dataset('mnist', 24, 8))
+    return run, train.init_state(run)
+
+  def three_steps(run, state):
+    idx = train.epoch_indices(run, 0)
+    for _ in range(3):
+      state, metrics = run.train_step(state, run.x_train, run.y_train, idx, run.step_key)
+    return state.params, metrics
+
+  closed_run, closed_state = setup(False)
+  derived_run, derived_state = setup(True)
+  assert not any(isinstance(b, derived.Derived) for b in closed_run.net.blocks)
+  assert all(isinstance(b, derived.Derived) for b in derived_run.net.blocks)
+  start = jax.tree.map(jnp.copy, closed_state.params)
+  derived_state = derived_state._replace(params=tuple({'module': p} for p in start))
+  closed, m_closed = three_steps(closed_run, closed_state)
+  by_autodiff, m_derived = three_steps(derived_run, derived_state)
+  chex.assert_trees_all_close(closed, tuple(p['module'] for p in by_autodiff), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(m_closed['loss'], m_derived['loss'], rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ def default() -> ml_collections.ConfigDict:
   c.augment = False  # random crop (4-pixel padding) + horizontal flip, in the jitted step
   c.method = 'tjml_dtp'
   c.feedback_act = 'integral'  # TJMC activation feedback: 'integral' (varsigma) | 'hadamard'
+  # True: every block wrapped as derived.Derived, its feedback autodiff's exact J^T
+  # instead of the closed forms (under feedback_act='hadamard' both give the same targets;
+  # for comparing the two builds).
+  c.derived_feedback = False
   c.beta = 0.4655  # first-target step; scalingDTP LeNet config
   c.seed = 0
   # S > 1: S independent runs (seeds seed, ..., seed + S - 1) in one program, the step

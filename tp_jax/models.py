@@ -11,6 +11,7 @@ from typing import Callable
 import flax.linen as nn
 
 from tp_jax import data
+from tp_jax import derived
 from tp_jax import layers as L
 from tp_jax import reversible as reversible_lib
 from tp_jax.network import Net
@@ -167,7 +168,15 @@ def for_config(cfg) -> Net:
         f'model_kwargs.num_classes: the number of classes comes from the '
         f'dataset ({cfg.dataset}: {num_classes}); remove it'
     )
-  return get(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+  net = get(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+  return with_derived_feedback(net) if cfg.derived_feedback else net
+
+
+def with_derived_feedback(net: Net) -> Net:
+  """``net`` with every block wrapped as ``derived.Derived``: the same forward, each
+  block's feedback its exact J^T by autodiff instead of its layers' closed forms (a
+  block's params move under ``'module'``)."""
+  return Net(tuple(derived.Derived(b, parent=None) for b in net.blocks))
 
 
 def input_shape(cfg) -> tuple[int, int, int]:
