@@ -176,7 +176,7 @@ def with_derived_feedback(net: Net) -> Net:
   """``net`` with every block wrapped as ``derived.Derived``: the same forward, each
   block's feedback its exact J^T by autodiff instead of its layers' closed forms (a
   block's params move under ``'module'``)."""
-  return Net(tuple(derived.Derived(b, parent=None) for b in net.blocks))
+  return Net(tuple(derived.Derived(b, parent=None) for b in net.blocks), name=net.name)
 
 
 def input_shape(cfg) -> tuple[int, int, int]:

@@ -269,7 +269,8 @@ def make_train_step(algorithm: Callable, cfg, mesh: Mesh, steps_per_epoch: int) 
 def _over_members(train_step: Callable, members_per_vmap: int) -> Callable:
   """``train_step`` over the leading member axis of the state, ``idx_epoch`` and
   ``step_key`` (the dataset shared): vmapped over all members at once (0), or a loop over
-  chunks of ``members_per_vmap`` members vmapped within a chunk (``jax.lax.map``). On
+  chunks of ``members_per_vmap`` members vmapped within a chunk (``jax.lax.map``; for 1,
+  a scan of the step itself, since a one-member vmap is still a batched program). On
   XLA:CPU a vmapped convolution with per-member kernels runs far slower than the members'
   convolutions one by one (BUILD_NOTES, "Seeds in one program"), so conv nets on CPU
   want 1."""
@@ -281,7 +282,6 @@ def _over_members(train_step: Callable, members_per_vmap: int) -> Callable:
     return jax.lax.map(
         lambda m: train_step(m[0], x_all, y_all, m[1], m[2]),
         (state, idx_epoch, step_key),
-        # lax.map vmaps every chunk, even of one member; a plain scan for k = 1.
         batch_size=None if members_per_vmap == 1 else members_per_vmap,
     )
 

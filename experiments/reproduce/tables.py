@@ -219,7 +219,7 @@ _CPU_LDRL_EVAL_STEPS = 10
 
 def _cpu_overrides(col, method, cfg):
   # Seeds one after the other inside the one program: on XLA:CPU a LeNet step vmapped
-  # over 5 seeds cost 3.3x its separate runs' per seed, a scan over them 0.92x (BUILD_NOTES).
+  # over 5 seeds cost 3.3x its separate runs' per seed, a scan over them 0.91x (BUILD_NOTES).
   o = {'epochs': _CPU_EPOCHS[col.table], 'members_per_vmap': 1, **col.model_overrides()}
   if method == 'ldrl':
     o.update(check_every_steps=_CPU_LDRL_SYNC_STEPS, eval_every_steps=_CPU_LDRL_EVAL_STEPS)
