@@ -691,6 +691,27 @@ class Sequential(Layer):
   def feedback_difference(self, t, h, ctx, mode=TJMC):
     return sequence_feedback_difference(self.layers, ctx, t, h, mode)
 
+  def shared_linear_tail(self, ctx, mode=TJMC) -> int:
+    """j, the number of first layers f_1..f_j whose feedback is linear in t with a ctx
+    that holds no arrays (a conv, a dense, a reshape): then, for any two forward ctxs,
+    G(t1; c1) - G(t0; c0) = g_1 . ... . g_j (u1 - u0), u = the feedback of the rest."""
+    j = 0
+    while (
+        j < len(self.layers)
+        and self.layers[j].feedback_is_linear(mode)
+        and not jax.tree.leaves(ctx[j])
+    ):
+      j += 1
+    return j
+
+  def feedback_head(self, t, ctx, mode=TJMC, split=0):
+    """g_{split+1} . ... . g_k (t), the feedback of layers split+1..k."""
+    return sequence_feedback(self.layers[split:], ctx[split:], t, mode)
+
+  def feedback_tail(self, t, ctx, mode=TJMC, split=0):
+    """g_1 . ... . g_split (t), the feedback of the first ``split`` layers."""
+    return sequence_feedback(self.layers[:split], ctx[:split], t, mode)
+
 
 def sequence_fwd(layers_: Sequence[Layer], x: Array) -> tuple[Array, tuple[Any, ...]]:
   """f_k . ... . f_1 (x) for ``layers_`` (bound) and their ctxs."""

@@ -89,6 +89,42 @@ def block_feedback_difference(
     return net.blocks[n].apply({'params': p}, t, h, ctx, mode, method='feedback_difference')
 
 
+def block_feedback_differences(
+    net: Net,
+    n: int,
+    p: dict,
+    ts: Sequence[Array],
+    ctxs: Sequence[Any],
+    t0: Array,
+    ctx0: Any,
+    mode: layers.FeedbackMode = layers.TJMC,
+) -> Array:
+  """G_n(t_i; ctx_i) - G_n(t0; ctx0) for each i, stacked on a new leading axis, each
+  point with its own forward ctx (a noisy input's own argmax).
+
+  Where G_n ends in linear maps whose ctx holds no arrays (a Sequential's first layers:
+  conv, dense, reshape; ``Sequential.shared_linear_tail``), only the differences go
+  through them, all in one call on the batch axis, so G_n(t0) never does."""
+  block = net.blocks[n]
+  split = block.shared_linear_tail(ctx0, mode) if isinstance(block, layers.Sequential) else 0
+
+  def head(t, ctx):
+    if not split:
+      return block.apply({'params': p}, t, ctx, mode, method='feedback')
+    return block.apply({'params': p}, t, ctx, mode, split, method='feedback_head')
+
+  with _naming_block(net, n):
+    u0 = head(t0, ctx0)
+    d = jnp.stack([head(t, ctx) - u0 for t, ctx in zip(ts, ctxs, strict=True)])
+    if not split:
+      return d
+    # The tail's layers act on each example alone, so the points share its batch axis.
+    g = block.apply(
+        {'params': p}, d.reshape(-1, *d.shape[2:]), ctx0, mode, split, method='feedback_tail'
+    )
+    return g.reshape(*d.shape[:2], *g.shape[1:])
+
+
 @contextlib.contextmanager
 def _naming_block(net: Net, n: int):
   """A FeedbackError (a mode the block cannot give) says which block refused."""

@@ -6,7 +6,11 @@ forward update through the learned feedback.
   LDRL = -2 <dx, dr> + ||dr_y||^2        (summed over features, batch mean)
 
 G(F(x + dx)) unpools at the noisy input's argmax, the other two at the clean one's,
-as in the reference code: the ctx travels with each forward call.
+as in the reference code: the ctx travels with each forward call. The reference calls
+G three times; here dr and dr_y come from one ``network.block_feedback_differences``:
+G(y) goes only through the parameter-free first maps of G (unpool, activation), and the
+two differences share one call, and one weight gradient, of the feedback conv or dense
+(``tests/test_ldrl.py`` keeps it equal to the three calls).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tp_jax import layers
 from tp_jax import network
 from tp_jax.algorithms import feedback_training as fbt
 
@@ -27,10 +32,10 @@ def ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
   k_x, k_y = jax.random.split(key)
   dx = sigma * jax.random.normal(k_x, x.shape, x.dtype)
   dy = sigma * jax.random.normal(k_y, y.shape, y.dtype)
-  r = fbt.learned_feedback(net, n, b, y, ctx)
   y_noisy, ctx_noisy = network.block_forward(net, n, p, x + dx)
-  dr = fbt.learned_feedback(net, n, b, y_noisy, ctx_noisy) - r
-  dr_y = fbt.learned_feedback(net, n, b, y + dy, ctx) - r
+  dr, dr_y = network.block_feedback_differences(
+      net, n, b, (y_noisy, y + dy), (ctx_noisy, ctx), y, ctx, layers.LEARNED
+  )
   return (-2.0 * jnp.sum(dx * dr) + jnp.sum(jnp.square(dr_y))) / x.shape[0]
 
 
