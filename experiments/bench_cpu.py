@@ -22,6 +22,27 @@ Compilation and two warm-up steps per variant are not timed; then ``rounds`` rou
 each timing ``steps`` consecutive steps of every variant in rotating order
 (``experiments.timing``); the median over rounds is reported with the ratios to
 PyTorch's step and to the fast BP step.
+
+With ``--reference_dir=PATH`` (a local checkout of scalingDTP, ernoult/scalingDTP, with
+torch and its requirements installed by the user; nothing of it is a dependency or
+vendored) it prints one table instead: the reference's own LDRL (its ``DTP``) and BP
+(``BaselineModel``) training steps, imported unchanged from PATH by
+``experiments.scaling_dtp_reference``, interleaved in one ``timing.interleaved`` call
+with our LDRL, BP and TJML-DTP steps, with the ratios ours / reference:
+
+  python -m experiments.bench_cpu --reference_dir=PATH [--rounds=3] [--steps=3] \
+      [--reference_iterations=41,51,24]
+
+The setup is LeNet on one random batch of 256 images of 32×32×1 (MNIST zero-padded to
+32×32: the reference's LeNet is hard-coded for 32×32 input), the same batch on both sides,
+K = [41, 51, 24] and the reference's ``conf/model_network/dtp_lenet.yaml`` (ours: the same
+values in ``experiments/configs/lenet_mnist.py``), both BPs with that config's forward SGD.
+An LDRL step takes tens of seconds on CPU, so this mode has its own small plan: 3 rounds
+(``--rounds`` when given), each one step of the two LDRLs and ``--steps`` steps of the
+others, after one LDRL and two other warm-up steps (several minutes in all).
+``--reference_iterations`` (smaller K, for both LDRLs) is for a quick check of the
+machinery, not for figures. A PATH that is not a scalingDTP checkout, or a missing
+requirement, is an ``app.UsageError`` naming what is missing.
 """
 
 from __future__ import annotations
@@ -37,7 +58,9 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 
+from experiments import scaling_dtp_reference
 from experiments import synthetic
 from experiments import timing
 from experiments import torch_reference
@@ -75,6 +98,19 @@ _LAYER = flags.DEFINE_bool(
     'Also time one convolution layer: forward, '
     'input gradient, weight gradient, per implementation.',
 )
+_REFERENCE_DIR = flags.DEFINE_string(
+    'reference_dir',
+    None,
+    'A local checkout of scalingDTP (ernoult/scalingDTP): time its own LDRL and BP steps '
+    "beside ours on LeNet, 32x32x1 (needs torch and the reference's requirements; see "
+    'experiments/scaling_dtp_reference.py). Replaces the other tables.',
+)
+_REFERENCE_K = flags.DEFINE_list(
+    'reference_iterations',
+    None,
+    'With --reference_dir: K per trained block of both LDRL steps (default the LeNet '
+    "config's 41,51,24); smaller K for a quick check only.",
+)
 _LAYER_SHAPE = flags.DEFINE_list(
     'layer_shape',
     ['128', '32', '128', '128', '3', '1'],
@@ -104,6 +140,20 @@ COST_STEPS = (
     ('TJML-DTP, Hadamard', dict(method='tjml_dtp', feedback_act='hadamard')),
 )
 WARMUP = 2
+# --reference_dir: our config whose hyper-parameters are the reference's LeNet config
+# (conf/model_network/dtp_lenet.yaml), and the input its LeNet is hard-coded for (dense
+# 8*8*64 -> 512): MNIST's one channel at 32x32.
+REFERENCE_MODEL = 'lenet_mnist'
+REFERENCE_IMAGE = (32, 32, 1)
+REFERENCE_ROUNDS = 3  # --reference_dir's rounds unless --rounds is given
+REFERENCE_SLOW = ('reference ldrl', 'ldrl')  # one step per window, one warm-up step
+# Rows of the --reference_dir table: (label, our variant, the reference's variant).
+REFERENCE_ROWS = (
+    ('LDRL', 'ldrl', 'reference ldrl'),
+    ('BP', 'bp', 'reference bp'),
+    ('TJML-DTP vs the reference LDRL', 'tjml_dtp', 'reference ldrl'),
+    ('TJML-DTP vs the reference BP', 'tjml_dtp', 'reference bp'),
+)
 Steps = Callable[[int], object]  # k -> the loss (or output) after k steps, blocking
 
 
@@ -121,21 +171,28 @@ def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
   return method, overrides
 
 
-def _setup(model: str, conv_impl: str, **overrides) -> train.Run:
+def _setup(
+    model: str, conv_impl: str, image_shape: tuple[int, ...] | None = None, **overrides
+) -> train.Run:
   """``model``'s config with ``overrides``, built by the training loop on one random
-  batch of its dataset's shapes; ``conv_impl`` for the models that take one."""
+  batch of its dataset's shapes (or ``image_shape``); ``conv_impl`` for the models that
+  take one."""
   cfg = CONFIGS[model]()
   with cfg.unlocked():
     if 'conv_impl' in inspect.signature(models.MODELS[cfg.model]).parameters:
       cfg.model_kwargs.conv_impl = conv_impl
     cfg.update(overrides)
-  return train.setup(cfg, synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size))
+  return train.setup(
+      cfg, synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size, image_shape=image_shape)
+  )
 
 
-def jax_step(model: str, method: str, conv_impl: str, **overrides) -> Steps:
-  """``method``'s training step on ``model`` (one random batch), with the config's
-  fields updated by ``overrides``."""
-  run = _setup(model, conv_impl, method=method, **overrides)
+def jax_step(
+    model: str, method: str, conv_impl: str, image_shape: tuple[int, ...] | None = None, **overrides
+) -> Steps:
+  """``method``'s training step on ``model`` (one random batch of its dataset's shapes, or
+  ``image_shape``), with the config's fields updated by ``overrides``."""
+  run = _setup(model, conv_impl, image_shape, method=method, **overrides)
   idx = train.epoch_indices(run, 0)
   box = [train.init_state(run)]
 
@@ -175,6 +232,90 @@ def torch_step(model: str) -> tuple[Steps, str] | None:
   except ImportError:
     return None
   return torch_reference.bp_step(model, CONFIGS[model]()), torch.__version__
+
+
+def reference_steps(
+    path: str, iterations: tuple[int, ...] | None = None, conv_impl: str = 'fast'
+) -> tuple[dict[str, Steps], scaling_dtp_reference.Reference, tuple[int, ...]]:
+  """The reference's LDRL and BP steps (from its checkout at ``path``) and our LDRL, BP
+  and TJML-DTP steps, all on LeNet and the same random batch of REFERENCE_IMAGE images
+  (``REFERENCE_MODEL``'s config; K = ``iterations`` or the config's, for both LDRLs);
+  also the loaded checkout and K.
+
+  Raises:
+    app.UsageError: ``path`` is not a scalingDTP checkout or its requirements are missing.
+  """
+  cfg = CONFIGS[REFERENCE_MODEL]()
+  k = tuple(iterations or cfg.feedback.iterations)
+  if len(k) != len(cfg.feedback.iterations) or not all(isinstance(v, int) and v > 0 for v in k):
+    raise app.UsageError(
+        f'--reference_iterations={",".join(map(str, k))}: want '
+        f'{len(cfg.feedback.iterations)} positive integers (K per trained LeNet block)'
+    )
+  ref = scaling_dtp_reference.load(path)
+  # The batch jax_step builds too (same seed and sizes), as NHWC arrays.
+  ds = synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size, image_shape=REFERENCE_IMAGE)
+  x, y = np.asarray(ds.x_train), np.asarray(ds.y_train)
+  steps: dict[str, Steps] = {
+      'reference ldrl': scaling_dtp_reference.ldrl_step(ref, x, y, k),
+      'reference bp': scaling_dtp_reference.bp_step(ref, x, y),
+  }
+  ours = (('ldrl', dict(feedback=dict(iterations=k))), ('bp', {}), ('tjml_dtp', {}))
+  for method, overrides in ours:
+    t0 = time.perf_counter()
+    steps[method] = jax_step(REFERENCE_MODEL, method, conv_impl, REFERENCE_IMAGE, **overrides)
+    print(f'compiled {method} / {conv_impl} in {time.perf_counter() - t0:.1f} s', file=sys.stderr)
+  return steps, ref, k
+
+
+def reference_report(times: dict[str, list[float]]) -> list[str]:
+  """Rows 'step | reference ms | tp-jax ms | tp-jax / reference | ranges' of
+  REFERENCE_ROWS (medians over windows)."""
+  med = {n: statistics.median(v) for n, v in times.items()}
+  span = lambda n: f'{min(times[n]):.1f}–{max(times[n]):.1f}'
+  return [
+      f'| {label} | {med[theirs]:.1f} | {med[ours]:.1f} | {med[ours] / med[theirs]:.3f} | '
+      f'{span(theirs)} | {span(ours)} |'
+      for label, ours, theirs in REFERENCE_ROWS
+  ]
+
+
+def reference_lines(path: str, iterations: tuple[int, ...] | None, hw: dict) -> list[str]:
+  """The --reference_dir report: command, setup, and the table of ratios to the reference."""
+  conv_impl = _IMPLS.value[0] if _IMPLS.value else 'fast'
+  steps, ref, k = reference_steps(path, iterations, conv_impl)
+  rounds = _ROUNDS.value if flags.FLAGS['rounds'].present else REFERENCE_ROUNDS
+  plan = timing.Plan(rounds=rounds, steps=_STEPS.value, warmup=WARMUP, slow_steps=1, slow_warmup=1)
+  load_before = os.getloadavg()[0]
+  log = lambda s: print(s, file=sys.stderr)
+  times = timing.interleaved(steps, plan, slow=REFERENCE_SLOW, log=log)
+  cfg = CONFIGS[REFERENCE_MODEL]()
+  opt = cfg.optimizer
+  h, w, c = REFERENCE_IMAGE
+  return [
+      f'- command: `python -m experiments.bench_cpu {" ".join(sys.argv[1:])}`',
+      f'- date: {datetime.datetime.now().isoformat(timespec="seconds")}',
+      f'- hardware: {hw["cpu_count"]} CPU cores visible, {hw["platform"]}; jax {hw["jax"]}, '
+      f'{ref.versions}; load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after',
+      f'- reference: scalingDTP checkout at {ref.path}, its own DTP (LDRL) and BaselineModel '
+      '(BP) training steps, unchanged, in this process'
+      + (f' (stand-in modules for the unused {", ".join(ref.stand_ins)})' if ref.stand_ins else ''),
+      f'- setup: LeNet on one batch of {cfg.batch_size} random {h}×{w}×{c} images (the shape of '
+      'MNIST zero-padded to 32×32, the input the reference LeNet is hard-coded for) and labels, '
+      f"the same batch on both sides; K = {list(k)}; the reference's "
+      f'{scaling_dtp_reference.LENET_CONFIG}, ours {REFERENCE_MODEL} (the same σ, β and SGD '
+      f'settings, ours rounded to 4 digits); both BPs SGD lr {opt.lr} momentum {opt.momentum} weight decay '
+      f'{opt.weight_decay}; ours with the {conv_impl} convolution, TJML-DTP with '
+      f'feedback_act={cfg.feedback_act}',
+      f'- timing: {rounds} rounds, each one step of each LDRL (reference first) then '
+      f'{_STEPS.value} steps of each other variant in rotating order, after compilation and '
+      f'warm-up (1 LDRL step, {WARMUP} other steps); median ms/step (range over rounds)',
+      '',
+      '| step | reference ms/step | tp-jax ms/step | tp-jax / reference | reference range '
+      '| tp-jax range |',
+      '|---|---|---|---|---|---|',
+      *reference_report(times),
+  ]
 
 
 def conv_layer_ops(
@@ -260,6 +401,15 @@ def main(argv):
   for m in _MODELS.value:
     if m not in CONFIGS:
       raise app.UsageError(f'unknown model {m!r}; valid: {sorted(CONFIGS)}')
+  if _REFERENCE_DIR.value is not None:
+    if _COST.value or _LAYER.value:
+      raise app.UsageError('--reference_dir prints its own table: not with --cost or --layer')
+    try:
+      k = tuple(int(v) for v in _REFERENCE_K.value) if _REFERENCE_K.value else None
+    except ValueError as e:
+      raise app.UsageError(f'--reference_iterations: {e}') from e
+    print('\n'.join(reference_lines(_REFERENCE_DIR.value, k, train.hardware())))
+    return
   hw = train.hardware()
   if _COST.value:
     print('\n'.join(cost_lines(_MODELS.value, hw)))

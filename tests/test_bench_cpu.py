@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from absl import app
+from absl import flags
 
 from experiments import bench_cpu
+from experiments import scaling_dtp_reference
+
+# A local checkout of scalingDTP (ernoult/scalingDTP), for the test that runs its steps.
+SCALINGDTP_DIR = os.environ.get('TP_JAX_SCALINGDTP_DIR')
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +112,82 @@ def test_cost_lines_tabulate_every_step_against_bp(monkeypatch):
       '| lenet_mnist (batch 256) | TJML-DTP, varsigma | 2.50 | 1.25 | 110 |',
       '| lenet_mnist (batch 256) | TJML-DTP, Hadamard | 3.00 | 1.50 | 120 |',
   ]
+
+
+def test_reference_report_ratios_ours_over_theirs():
+  times = {
+      'reference ldrl': [30000.0, 32000.0, 31000.0],
+      'reference bp': [300.0, 320.0],
+      'ldrl': [15500.0],
+      'bp': [240.0, 270.0, 255.0],
+      'tjml_dtp': [310.0],
+  }
+  assert bench_cpu.reference_report(times) == [
+      '| LDRL | 31000.0 | 15500.0 | 0.500 | 30000.0–32000.0 | 15500.0–15500.0 |',
+      '| BP | 310.0 | 255.0 | 0.823 | 300.0–320.0 | 240.0–270.0 |',
+      '| TJML-DTP vs the reference LDRL | 31000.0 | 310.0 | 0.010 | 30000.0–32000.0 | '
+      '310.0–310.0 |',
+      '| TJML-DTP vs the reference BP | 310.0 | 310.0 | 1.000 | 300.0–320.0 | 310.0–310.0 |',
+  ]
+
+
+def _main_with(*argv: str) -> None:
+  flags.FLAGS(['bench_cpu', *argv])
+  try:
+    bench_cpu.main(['bench_cpu'])
+  finally:
+    flags.FLAGS.unparse_flags()
+
+
+def test_reference_dir_refuses_what_is_not_a_checkout(tmp_path):
+  """Through the flag: a missing directory, and one that lacks the files of a checkout
+  (named), fail before anything is built."""
+  with pytest.raises(app.UsageError, match='not a directory'):
+    _main_with(f'--reference_dir={tmp_path / "absent"}')
+  (tmp_path / 'target_prop' / 'models').mkdir(parents=True)
+  (tmp_path / 'target_prop' / 'models' / 'dtp.py').touch()
+  with pytest.raises(
+      app.UsageError,
+      match='does not look like a scalingDTP checkout.*: missing target_prop/models/baseline.py, '
+      'target_prop/networks/lenet.py, conf/model_network/dtp_lenet.yaml$',
+  ):
+    _main_with(f'--reference_dir={tmp_path}')
+
+
+def test_reference_dir_names_missing_requirements(tmp_path, monkeypatch):
+  for f in scaling_dtp_reference.CHECKOUT_FILES:
+    (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / f).touch()
+  monkeypatch.setitem(scaling_dtp_reference.REQUIREMENTS, 'tp_jax_absent_module', 'absent-dist==1')
+  with pytest.raises(
+      app.UsageError, match='requirements; not installed: .*tp_jax_absent_module .*absent-dist==1'
+  ):
+    scaling_dtp_reference.load(tmp_path)
+
+
+def test_reference_iterations_want_one_k_per_trained_block():
+  with pytest.raises(app.UsageError, match='want 3 positive integers'):
+    bench_cpu.reference_steps('/nonexistent', (41, 51))
+  with pytest.raises(app.UsageError, match='--reference_iterations: invalid literal'):
+    _main_with('--reference_dir=/nonexistent', '--reference_iterations=1,a,1')
+
+
+@pytest.mark.skipif(
+    not SCALINGDTP_DIR, reason='TP_JAX_SCALINGDTP_DIR (a scalingDTP checkout) is not set'
+)
+def test_reference_steps_run_their_bp_and_ldrl():
+  """The checkout's own BP step (3 steps on one batch: the loss falls) and one LDRL step
+  with K = 1 per block (finite loss), on LeNet's 32x32x1 input."""
+  pytest.importorskip('torch')
+  ref = scaling_dtp_reference.load(SCALINGDTP_DIR)
+  assert ref.path.joinpath('target_prop').is_dir() and 'torch' in ref.versions
+  assert set(ref.stand_ins) <= set(scaling_dtp_reference.STAND_INS)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((32, 32, 32, 1), np.float32)
+  y = rng.integers(0, 10, 32)
+  bp = scaling_dtp_reference.bp_step(ref, x, y)
+  losses = [bp(1) for _ in range(3)]
+  assert losses[2] < losses[0], losses
+  assert scaling_dtp_reference.dtp_hparams(ref).feedback_training_iterations == [41, 51, 24]
+  ldrl = scaling_dtp_reference.ldrl_step(ref, x, y, iterations=(1, 1, 1))
+  assert np.isfinite(ldrl(1))
