@@ -13,7 +13,8 @@ With ``--cost`` nothing is timed: for each model it prints XLA's FLOP count
 compiled BP step and the TJML-DTP steps under the varsigma and the Hadamard activation
 feedback, deterministic figures that a busy machine does not change.
 
-Every JAX step is the training loop's own compiled step (``tp_jax.train.setup``: batch
+Every JAX step is the training loop's own compiled step (``experiments.bench_step``, which
+builds it with ``tp_jax.train.setup``: batch
 gather, augmentation, the method's step; the config of
 ``experiments/configs/{lenet,vgg}_cifar10.py``: batch, optimiser, beta) on one batch
 of random CIFAR-shaped data held on the device; the PyTorch step is the same layers,
@@ -48,12 +49,11 @@ requirement, is an ``app.UsageError`` naming what is missing.
 from __future__ import annotations
 
 import datetime
-import inspect
 import os
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -64,13 +64,7 @@ from experiments import scaling_dtp_reference
 from experiments import synthetic
 from experiments import timing
 from experiments import torch_reference
-from experiments.configs import lenet_cifar10
-from experiments.configs import lenet_mnist
-from experiments.configs import mixer_cifar10
-from experiments.configs import resnet18_cifar10
-from experiments.configs import vgg_cifar10
-from experiments.reproduce import speed
-from tp_jax import models
+from experiments.bench_step import CONFIGS, Steps, jax_step, step_cost
 from tp_jax import conv
 from tp_jax import train
 
@@ -119,20 +113,6 @@ _LAYER_SHAPE = flags.DEFINE_list(
 )
 
 
-def _resnet18_w16():
-  cfg = resnet18_cifar10.get_config()
-  cfg.model_kwargs.width = 16
-  return cfg
-
-
-CONFIGS = {
-    'lenet': lenet_cifar10.get_config,
-    'lenet_mnist': lenet_mnist.get_config,
-    'simple_vgg': vgg_cifar10.get_config,
-    'mlp_mixer': mixer_cifar10.get_config,
-    'resnet18_w16': _resnet18_w16,
-    'resnet18': resnet18_cifar10.get_config,
-}
 # The steps --cost compares: (label, config overrides).
 COST_STEPS = (
     ('BP', dict(method='bp')),
@@ -154,7 +134,6 @@ REFERENCE_ROWS = (
     ('TJML-DTP vs the reference LDRL', 'tjml_dtp', 'reference ldrl'),
     ('TJML-DTP vs the reference BP', 'tjml_dtp', 'reference bp'),
 )
-Steps = Callable[[int], object]  # k -> the loss (or output) after k steps, blocking
 
 
 def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -169,48 +148,6 @@ def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
   if options:
     overrides['feedback_act'] = options[0]
   return method, overrides
-
-
-def _setup(
-    model: str, conv_impl: str, image_shape: tuple[int, ...] | None = None, **overrides
-) -> train.Run:
-  """``model``'s config with ``overrides``, built by the training loop on one random
-  batch of its dataset's shapes (or ``image_shape``); ``conv_impl`` for the models that
-  take one."""
-  cfg = CONFIGS[model]()
-  with cfg.unlocked():
-    if 'conv_impl' in inspect.signature(models.MODELS[cfg.model]).parameters:
-      cfg.model_kwargs.conv_impl = conv_impl
-    cfg.update(overrides)
-  return train.setup(
-      cfg, synthetic.dataset(cfg.dataset, cfg.batch_size, cfg.batch_size, image_shape=image_shape)
-  )
-
-
-def jax_step(
-    model: str, method: str, conv_impl: str, image_shape: tuple[int, ...] | None = None, **overrides
-) -> Steps:
-  """``method``'s training step on ``model`` (one random batch of its dataset's shapes, or
-  ``image_shape``), with the config's fields updated by ``overrides``."""
-  run = _setup(model, conv_impl, image_shape, method=method, **overrides)
-  idx = train.epoch_indices(run, 0)
-  box = [train.init_state(run)]
-
-  def steps(k: int) -> float:
-    for _ in range(k):
-      box[0], metrics = run.train_step(box[0], run.x_train, run.y_train, idx, run.step_key)
-    return float(metrics['loss'])
-
-  return steps
-
-
-def step_cost(model: str, **overrides) -> tuple[float, float]:
-  """(GFLOP, peak temporary MiB) of ``model``'s compiled training step with
-  ``overrides``, by XLA's cost and memory analysis. Built with XLA's own convolution,
-  as ``experiments.reproduce.speed.step_gflop`` counts (XLA counts a loop body once,
-  and the fast convolution's weight gradient is a loop over batch chunks)."""
-  compiled = _setup(model, 'xla', **overrides).train_step
-  return speed.compiled_gflop(compiled), compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def cost_report(model: str, batch: int, costs: dict[str, tuple[float, float]]) -> list[str]:

@@ -229,6 +229,7 @@ def resnet18(
     negative_slope: float = 0.01,
     width: int = 64,
     conv_impl: str = 'auto',
+    stages: int = 4,
 ) -> Net:
   """ResNet-18, CIFAR variant (3x3 stem, no max-pool; four stages of two basic units,
   ``width`` x (1, 2, 4, 8) channels, strides 1, 2, 2, 2), pre-activation (He et al.
@@ -237,11 +238,17 @@ def resnet18(
   convs closed-form, its GroupNorms derived. The three units that downsample are one
   DTP block each too (``PreActDownsample``, derived). Blocks: the stem conv, the eight
   units, and the head (GN, act, global average pooling, dense): 10 in all.
+
+  ``stages`` < 4 keeps only the first ``stages`` stages (the head then pools
+  ``width`` x 2^(stages - 1) channels): 2 x ``stages`` + 2 blocks, a depth knob for the
+  scaling figure (``experiments.reproduce.scaling``); the default is the full network.
   """
+  if isinstance(stages, bool) or stages not in (1, 2, 3, 4):
+    raise ValueError(f'resnet18: stages must be 1, 2, 3 or 4, got {stages!r}')
   a = lambda: L.Activation(act, negative_slope)
   conv = lambda c, s=(1, 1): L.Conv(c, (3, 3), s, padding='SAME', impl=conv_impl)
   blocks = [L.Sequential([conv(width)])]
-  for stage, c in enumerate(width * m for m in (1, 2, 4, 8)):
+  for stage, c in enumerate(width * m for m in (1, 2, 4, 8)[:stages]):
     for unit in range(2):
       if stage > 0 and unit == 0:
         blocks.append(PreActDownsample(c, (2, 2), act, negative_slope))
@@ -249,9 +256,8 @@ def resnet18(
         blocks.append(
             L.Residual(L.Sequential([_group_norm(c), a(), conv(c), _group_norm(c), a(), conv(c)]))
         )
-  blocks.append(
-      L.Sequential([_group_norm(8 * width), a(), L.Mean(axis=(1, 2)), L.Dense(num_classes)])
-  )
+  top = width * 2 ** (stages - 1)  # the last stage's channels
+  blocks.append(L.Sequential([_group_norm(top), a(), L.Mean(axis=(1, 2)), L.Dense(num_classes)]))
   return Net(tuple(blocks), name='resnet18')
 
 

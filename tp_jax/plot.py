@@ -38,6 +38,8 @@ class Panel:
   log_y: bool = False
   integer_x: bool = False  # epochs: integer ticks
   log_x: bool = False
+  xticks: Sequence[float] | None = None  # ticks at exactly these x values
+  plain_numbers: bool = False  # log axes labelled 20, 0.5 rather than 2x10^1, 5x10^-1
 
 
 def save_figure(
@@ -72,6 +74,14 @@ def save_figure(
         ax.set_xscale('log')
       if panel.integer_x:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+      if panel.plain_numbers:
+        for axis, log in ((ax.xaxis, panel.log_x), (ax.yaxis, panel.log_y)):
+          if log:
+            axis.set_major_formatter(matplotlib.ticker.LogFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+      if panel.xticks is not None:
+        ax.set_xticks(list(panel.xticks), [f'{v:g}' for v in panel.xticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
       ax.grid(alpha=0.3)
       if panel.lines:
         ax.legend(fontsize=7)

@@ -4,6 +4,7 @@ r"""Regenerates the paper's tables and Figure 2 (Bao et al., AAAI 2024), one com
       [--workdir=runs/reproduce] [--what=all|speed|accuracy|table] \
       [--columns=mnist,cifar10] [--methods=tjml_dtp,bp] [--ldrl_seconds=T]
   python -m experiments.reproduce --figure=2 --profile=cpu
+  python -m experiments.reproduce --figure=scaling --profile=cpu [--figure_out=benchmarks]
 
 Tables (methods LDRL, FWDTP, TJML-DTP, BP in every column of Tables 1-3):
   1  LeNet on MNIST, Fashion-MNIST, CIFAR-10
@@ -44,6 +45,7 @@ Profiles (config overrides; see ``PROFILES``):
 
 Modules: ``tables`` (what each table, column and profile is), ``accuracy`` and
 ``speed`` (running the two parts), ``report`` (the table and curve files written from
-the results), ``figure2``, ``commands`` (``run_table``, ``run_figure``) and
+the results), ``figure2``, ``scaling`` (step time and memory against depth and batch
+size, not in the paper), ``commands`` (``run_table``, ``run_figure``, ``run_scaling``) and
 ``__main__`` (the command line).
 """

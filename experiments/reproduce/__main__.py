@@ -19,7 +19,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not f.table and not f.figure:
-    raise app.UsageError('give --table=1|2|3|4 or --figure=2')
+    raise app.UsageError('give --table=1|2|3|4|5 or --figure=2|scaling')
   command = 'python -m experiments.reproduce ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
   seeds = [int(s) for s in f.seeds] if f.seeds else None
   if f.num_seeds is not None:  # consecutive seeds from the first given (or the profile's)
@@ -41,9 +41,24 @@ def main(argv):
         ldrl_seconds=f.ldrl_seconds,
     )
     print(Path(path).read_text())
-  if f.figure:
+  if f.figure == 'scaling':
+    commands.run_scaling(
+        f.profile,
+        f.figure_out,
+        f.methods,
+        f.scaling_parts,
+        command,
+        workdir=f.workdir,
+        rounds=f.scaling_rounds,
+        inner=f.scaling_windows,
+        steps=f.scaling_steps,
+        ldrl_steps=f.scaling_ldrl_steps,
+    )
+  elif f.figure:
+    if f.figure != '2':
+      raise app.UsageError(f"unknown figure {f.figure}; valid: ['2', 'scaling']")
     sizes = [int(s) for s in f.figure_sizes] if f.figure_sizes else None
-    commands.run_figure(f.figure, f.profile, f.workdir, sizes, command)
+    commands.run_figure(2, f.profile, f.workdir, sizes, command)
   return 0
 
 
@@ -51,7 +66,12 @@ def define_flags() -> None:
   """Defined only when run as a program, so that importing the package (tests) never
   collides with another binary's flags of the same name."""
   flags.DEFINE_integer('table', None, 'Table to reproduce: 1, 2, 3 or 4.')
-  flags.DEFINE_integer('figure', None, 'Figure to reproduce: 2.')
+  flags.DEFINE_string(
+      'figure',
+      None,
+      "Figure to reproduce: 2, or 'scaling' (step time and memory against depth "
+      'and batch size; experiments/reproduce/scaling.py).',
+  )
   flags.DEFINE_enum('profile', 'smoke', list(PROFILES), 'Run size.')
   flags.DEFINE_list(
       'seeds', None, "Consecutive seeds, trained in one program per row (default: the profile's)."
@@ -65,7 +85,9 @@ def define_flags() -> None:
   flags.DEFINE_list(
       'columns', None, 'Columns to run and show, e.g. mnist,fashion_mnist (default: all).'
   )
-  flags.DEFINE_list('methods', None, 'Methods to run, e.g. tjml_dtp,bp (default: all).')
+  flags.DEFINE_list(
+      'methods', None, 'Methods to run (tables, --figure=scaling), e.g. tjml_dtp,bp (default: all).'
+  )
   flags.DEFINE_float(
       'ldrl_seconds',
       None,
@@ -84,6 +106,39 @@ def define_flags() -> None:
       'real',
       ['real', 'synthetic'],
       'Real datasets, or random images of the same shapes (machinery only).',
+  )
+  flags.DEFINE_string(
+      'figure_out',
+      None,
+      'Output folder of --figure=scaling (default: benchmarks/; <workdir>/smoke for the '
+      'smoke profile).',
+  )
+  flags.DEFINE_list(
+      'scaling_parts',
+      None,
+      'Parts of --figure=scaling: vgg_depth, resnet_depth, vgg_batch (default: all).',
+  )
+  lb = dict(lower_bound=1)
+  flags.DEFINE_integer(
+      'scaling_rounds', None, "--figure=scaling: timed rounds (default: the profile's).", **lb
+  )
+  flags.DEFINE_integer(
+      'scaling_windows',
+      None,
+      "--figure=scaling: windows per round of each method but LDRL (default: the profile's).",
+      **lb,
+  )
+  flags.DEFINE_integer(
+      'scaling_steps',
+      None,
+      "--figure=scaling: steps per window of each method but LDRL (default: the profile's).",
+      **lb,
+  )
+  flags.DEFINE_integer(
+      'scaling_ldrl_steps',
+      None,
+      "--figure=scaling: LDRL steps per window, one window a round (default: the profile's).",
+      **lb,
   )
   flags.DEFINE_list(
       'figure_sizes',

@@ -1,9 +1,10 @@
-"""The two commands of ``python -m experiments.reproduce``: a table (speed, accuracy,
-then its files) and Figure 2."""
+"""The commands of ``python -m experiments.reproduce``: a table (speed, accuracy, then
+its files), Figure 2 and the scaling figure."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ import jax
 from experiments.reproduce import accuracy
 from experiments.reproduce import figure2
 from experiments.reproduce import report
+from experiments.reproduce import scaling
 from experiments.reproduce import speed
 from experiments.reproduce.tables import PROFILES, TABLES, Profile, select_columns, select_methods
 from tp_jax import train
@@ -96,7 +98,7 @@ def run_table(
 
 
 def run_figure(
-    figure: int,
+    figure: int | str,
     profile: str | Profile,
     workdir: str | os.PathLike,
     sizes: Sequence[int] | None = None,
@@ -104,8 +106,10 @@ def run_figure(
     log: Log = print,
 ) -> Path:
   profile = PROFILES[profile] if isinstance(profile, str) else profile
-  if figure != 2:
-    raise ValueError(f'unknown figure {figure}; valid: [2]')
+  if str(figure) == 'scaling':
+    return run_scaling(profile, command=command, log=log)
+  if str(figure) != '2':
+    raise ValueError(f"unknown figure {figure}; valid: ['2', 'scaling']")
   out = Path(workdir) / profile.name
   header = '\n'.join(
       [
@@ -133,3 +137,58 @@ def run_figure(
     )
   log(f'wrote {out / "figure2.csv"}, {out / "figure2.png"}, {out / "figure2.md"}')
   return out / 'figure2.csv'
+
+
+def run_scaling(
+    profile: str | Profile,
+    out: str | os.PathLike | None = None,
+    methods: Sequence[str] | None = None,
+    parts: Sequence[str] | None = None,
+    command: str = '',
+    log: Log = print,
+    workdir: str | os.PathLike = 'runs/reproduce',
+    plan: scaling.Plan | None = None,
+    **speed_overrides: int | None,
+) -> Path:
+  """The scaling figure (``scaling``) of ``plan`` (default: ``profile``'s,
+  ``scaling.PLANS``) into ``out``: by default ``benchmarks/``, and ``<workdir>/smoke``
+  for the smoke profile (a machinery check never overwrites the measured figure).
+  ``speed_overrides`` (None: unchanged) replace fields of the plan's ``SpeedPlan``
+  (rounds, inner, steps, ldrl_steps); the profile's ``fast_compile`` applies."""
+  profile = PROFILES[profile] if isinstance(profile, str) else profile
+  plan = plan or scaling.PLANS[profile.name]
+  speed_overrides = {k: v for k, v in speed_overrides.items() if v is not None}
+  if speed_overrides:
+    plan = dataclasses.replace(plan, speed=dataclasses.replace(plan.speed, **speed_overrides))
+  if out is None:
+    out = Path(workdir) / 'smoke' if profile.name == 'smoke' else Path('benchmarks')
+  out = Path(out)
+  methods = tuple(methods) if methods else scaling.METHODS
+  parts = tuple(parts) if parts else scaling.PARTS
+  k = (
+      "the configs' (a truncated net keeps its body blocks' first entries and the head's)"
+      if plan.ldrl_k is None
+      else f"K = {plan.ldrl_k} for every block, sigma and lr the configs'"
+  )
+  default_command = f'python -m experiments.reproduce --figure=scaling --profile={profile.name}'
+  header = '\n'.join(
+      [
+          f'# Scaling: step time and peak temporary memory against depth and batch size '
+          f'({profile.name} profile)',
+          '',
+          f'- command: `{command or default_command}`',
+          f'- started: {datetime.datetime.now().isoformat(timespec="seconds")}',
+          f'- hardware: {report.hardware_line(train.hardware())}',
+          f'- methods: {", ".join(methods)}; parts: {", ".join(parts)}',
+          f'- timing: {plan.describe()}',
+          '- memory: XLA memory analysis (temp_size_in_bytes) of the timed compiled step; '
+          "GFLOP: XLA cost analysis of the step compiled with XLA's own convolution "
+          '(blank for LDRL, whose K-iteration loop XLA counts once)',
+          f'- LDRL K, sigma, feedback lr per trained block: {k}; TJML-DTP with the '
+          "configs' activation feedback (varsigma, feedback_act='integral')",
+      ]
+  )
+  with _compile_mode(profile, Path(workdir)):
+    scaling.run(out, plan, methods, parts, log=log, header=header)
+  log(f'wrote {out / "scaling.csv"}, {out / "scaling.png"}, {out / "scaling.md"}')
+  return out / 'scaling.csv'
