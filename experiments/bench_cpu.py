@@ -22,7 +22,9 @@ loss and SGD (momentum, weight decay) in NCHW (``experiments.torch_reference``).
 Compilation and two warm-up steps per variant are not timed; then ``rounds`` rounds,
 each timing ``steps`` consecutive steps of every variant in rotating order
 (``experiments.timing``); the median over rounds is reported with the ratios to
-PyTorch's step and to the fast BP step.
+PyTorch's step and to the fast BP step, and the GFLOP/s each step reaches: XLA's FLOP
+count of the compiled step (XLA's own convolution, ``step_cost``) over the median time,
+PyTorch's step counted as BP's (none for LDRL/DTP, whose loop body XLA counts once).
 
 With ``--reference_dir=PATH`` (a local checkout of scalingDTP, ernoult/scalingDTP, with
 torch and its requirements installed by the user; nothing of it is a dependency or
@@ -65,6 +67,7 @@ from experiments import synthetic
 from experiments import timing
 from experiments import torch_reference
 from experiments.bench_step import CONFIGS, Steps, jax_step, step_cost
+from tp_jax import algorithms
 from tp_jax import conv
 from tp_jax import train
 
@@ -162,13 +165,14 @@ def cost_report(model: str, batch: int, costs: dict[str, tuple[float, float]]) -
 def torch_step(model: str) -> tuple[Steps, str] | None:
   """PyTorch's BP step of the same architecture, loss and optimiser, or None (no
   torch, or a model without a PyTorch twin)."""
-  if model not in torch_reference.MODELS:
+  cfg = CONFIGS[model]()
+  if cfg.model not in torch_reference.MODELS:
     return None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  return torch_reference.bp_step(model, CONFIGS[model]()), torch.__version__
+  return torch_reference.bp_step(cfg), torch.__version__
 
 
 def reference_steps(
@@ -281,14 +285,20 @@ def conv_layer_ops(
   return {name: repeat(op) for name, op in ops.items()}
 
 
-def report(model: str, times: dict[str, list[float]], batch: int) -> list[str]:
+def report(
+    model: str, times: dict[str, list[float]], batch: int, gflop: dict[str, float | None]
+) -> list[str]:
+  """Rows 'model | variant | ms | x PyTorch | x BP | GFLOP/s | range': GFLOP/s is XLA's
+  FLOP count of the variant's step (``gflop``; PyTorch's step is BP's math) over its
+  median time."""
   med = {n: statistics.median(v) for n, v in times.items()}
   torch_ms = med.get('pytorch bp')
   bp_ms = med.get('bp / fast')
+  rate = lambda n, ms: f'{gflop[n] / ms * 1e3:.1f}' if gflop.get(n) else ''
   rows = [
       f'| {model} (batch {batch}) | {n} | {ms:.1f} | '
       f'{"" if not torch_ms else f"{ms / torch_ms:.2f}"} | '
-      f'{"" if not bp_ms else f"{ms / bp_ms:.2f}"} | '
+      f'{"" if not bp_ms else f"{ms / bp_ms:.2f}"} | {rate(n, ms)} | '
       f'{min(times[n]):.1f}–{max(times[n]):.1f} |'
       for n, ms in med.items()
   ]
@@ -357,9 +367,17 @@ def main(argv):
   torch_version = None
   for model in _MODELS.value:
     steps: dict[str, Steps] = {}
+    gflop: dict[str, float | None] = {}
     for spec in _METHODS.value:
       method, overrides = method_spec(spec)
+      # XLA counts a feedback-training loop's body once: no FLOP figure for LDRL/DTP.
+      spec_gflop = (
+          None
+          if algorithms.trains_feedback(method)
+          else step_cost(model, method=method, **overrides)[0]
+      )
       for impl in _IMPLS.value:
+        gflop[f'{spec} / {impl}'] = spec_gflop
         t0 = time.perf_counter()
         steps[f'{spec} / {impl}'] = jax_step(model, method, impl, **overrides)
         print(
@@ -368,7 +386,8 @@ def main(argv):
         )
     if _TORCH.value and (ts := torch_step(model)):
       steps['pytorch bp'], torch_version = ts
-    rows += report(model, timing.interleaved(steps, plan), CONFIGS[model]().batch_size)
+      gflop['pytorch bp'] = step_cost(model, method='bp')[0]
+    rows += report(model, timing.interleaved(steps, plan), CONFIGS[model]().batch_size, gflop)
   if _LAYER.value:
     b, s, ci, co, k, st = (int(v) for v in _LAYER_SHAPE.value)
     ops = {
@@ -393,8 +412,8 @@ def main(argv):
   if rows:
     lines += [
         '',
-        '| model | method / conv | ms/step | × PyTorch BP | × BP (fast conv) | range |',
-        '|---|---|---|---|---|---|',
+        '| model | method / conv | ms/step | × PyTorch BP | × BP (fast conv) | GFLOP/s | range |',
+        '|---|---|---|---|---|---|---|',
         *rows,
     ]
   if layer_rows:

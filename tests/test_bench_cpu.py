@@ -11,6 +11,8 @@ from absl import flags
 
 from experiments import bench_cpu
 from experiments import scaling_dtp_reference
+from experiments import torch_reference
+from tp_jax import models
 
 # A local checkout of scalingDTP (ernoult/scalingDTP), for the test that runs its steps.
 SCALINGDTP_DIR = os.environ.get('TP_JAX_SCALINGDTP_DIR')
@@ -19,9 +21,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_report_ratios():
-  rows = bench_cpu.report('lenet', {'bp / fast': [10.0, 12.0, 11.0], 'pytorch bp': [5.5]}, 256)
-  assert rows[0] == '| lenet (batch 256) | bp / fast | 11.0 | 2.00 | 1.00 | 10.0–12.0 |'
-  assert rows[1].startswith('| lenet (batch 256) | pytorch bp | 5.5 | 1.00 | 0.50 |')
+  times = {'bp / fast': [10.0, 12.0, 11.0], 'pytorch bp': [5.5], 'fwdtp / fast': [4.0]}
+  gflop = {'bp / fast': 2.2, 'pytorch bp': 2.2, 'fwdtp / fast': None}
+  rows = bench_cpu.report('lenet', times, 256, gflop)
+  assert rows[0] == '| lenet (batch 256) | bp / fast | 11.0 | 2.00 | 1.00 | 200.0 | 10.0–12.0 |'
+  assert rows[1].startswith('| lenet (batch 256) | pytorch bp | 5.5 | 1.00 | 0.50 | 400.0 |')
+  assert rows[2].startswith('| lenet (batch 256) | fwdtp / fast | 4.0 | 0.73 | 0.36 |  |')
 
 
 def test_layer_report_speedup_over_xla():
@@ -191,3 +196,13 @@ def test_reference_steps_run_their_bp_and_ldrl():
   assert scaling_dtp_reference.dtp_hparams(ref).feedback_training_iterations == [41, 51, 24]
   ldrl = scaling_dtp_reference.ldrl_step(ref, x, y, iterations=(1, 1, 1))
   assert np.isfinite(ldrl(1))
+
+
+@pytest.mark.parametrize('model', ['lenet', 'lenet_mnist', 'simple_vgg'])
+def test_torch_twin_takes_the_configs_input_shape(model):
+  torch = pytest.importorskip('torch')
+  cfg = bench_cpu.CONFIGS[model]()
+  h, w, c = models.input_shape(cfg)
+  out = torch_reference.model(cfg.model, (h, w, c))(torch.zeros(2, c, h, w))
+  assert tuple(out.shape) == (2, 10)
+  assert bench_cpu.torch_step(model) is not None
