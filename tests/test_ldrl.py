@@ -69,7 +69,10 @@ def _assert_close(a, b, what):
     )
 
 
-@pytest.mark.parametrize('model', sorted(SMALL_MODELS))
+@pytest.mark.parametrize(
+    'model',
+    [m if m in ('lenet', 'mlp') else pytest.param(m, marks=pytest.mark.slow) for m in SMALL_MODELS],
+)
 @pytest.mark.parametrize('mode', [L.LEARNED, L.TJMC_HADAMARD])
 def test_feedback_differences_equal_separate_calls(model, mode):
   batch = int(_RNG.integers(2, 5))
@@ -104,7 +107,7 @@ def test_lenet_conv_and_dense_take_the_difference_path():
   assert pool_first.shared_linear_tail(ctx, L.LEARNED) == 0
 
 
-@pytest.mark.parametrize('model', ['lenet', 'mlp_mixer'])
+@pytest.mark.parametrize('model', ['lenet', pytest.param('mlp_mixer', marks=pytest.mark.slow)])
 def test_loss_and_gradient_equal_the_three_call_form(model):
   net, x, params, fb = _setup(model, 3)
   hs, ctxs = network.forward(net, params, x)

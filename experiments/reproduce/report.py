@@ -254,7 +254,8 @@ def write_table(
       f"- speed: every method's full jitted training step in one process, "
       f'{plan.describe()}; s/epoch = ms/step × steps of one full epoch (training set / '
       f"batch), excluding evaluation and compilation; speed vs X = X's time per epoch / "
-      f"the method's (LDRL ×1.00, BP ×1.00 in their own rows); GFLOP/step = XLA's "
+      f"the method's (LDRL ×1.00, BP ×1.00 in their own rows; LDRL is tp-jax's, for "
+      f"the reference scalingDTP's see `bench_cpu --reference_dir`); GFLOP/step = XLA's "
       f"cost analysis of the same step compiled with XLA's own convolution (XLA counts a "
       f"loop body once: the fast convolution's weight gradient loops over batch chunks; "
       f'blank for LDRL, whose feedback training is a loop).'
