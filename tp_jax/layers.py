@@ -128,6 +128,15 @@ class Layer(nn.Module):
     both its gradient and the next target (``dtp.local_grads``). False is always safe."""
     return False
 
+  def shared_linear_tail(self, ctx: Any, mode: FeedbackMode = TJMC) -> int:
+    """How many first layers of this one form a linear tail of G whose ctx holds no
+    arrays (``Sequential`` finds them; a single layer keeps all of G in its head)."""
+    return 0
+
+  def feedback_head(self, t: Array, ctx: Any, mode: FeedbackMode = TJMC, split: int = 0) -> Array:
+    """G without its first ``split`` layers' feedback (all of G here)."""
+    return self.feedback(t, ctx, mode)
+
   def feedback_difference(self, t: Array, h: Array, ctx: Any, mode: FeedbackMode = TJMC) -> Array:
     """G(t) - G(h), the difference correction, for h the output of the forward pass that
     returned ctx. A linear G is applied once, to t - h: it halves the feedback cost of

@@ -103,15 +103,11 @@ def block_feedback_differences(
   point with its own forward ctx (a noisy input's own argmax).
 
   Where G_n ends in linear maps whose ctx holds no arrays (a Sequential's first layers:
-  conv, dense, reshape; ``Sequential.shared_linear_tail``), only the differences go
+  conv, dense, reshape; ``Layer.shared_linear_tail``), only the differences go
   through them, all in one call on the batch axis, so G_n(t0) never does."""
   block = net.blocks[n]
-  split = block.shared_linear_tail(ctx0, mode) if isinstance(block, layers.Sequential) else 0
-
-  def head(t, ctx):
-    if not split:
-      return block.apply({'params': p}, t, ctx, mode, method='feedback')
-    return block.apply({'params': p}, t, ctx, mode, split, method='feedback_head')
+  split = block.shared_linear_tail(ctx0, mode)
+  head = lambda t, ctx: block.apply({'params': p}, t, ctx, mode, split, method='feedback_head')
 
   with _naming_block(net, n):
     u0 = head(t0, ctx0)

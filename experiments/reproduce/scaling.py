@@ -121,6 +121,13 @@ class Plan:
     )
 
 
+# The cpu and paper plans' axes: every VGG depth, every ResNet stage, batch 32..512.
+_FULL_AXES = dict(
+    vgg_blocks=(2, 3, 4, 5),
+    resnet_stages=(1, 2, 3, 4),
+    batches=(32, 64, 128, 256, 512),
+    vgg_channels=VGG_CHANNELS,
+)
 PLANS: dict[str, Plan] = {
     # Machinery only (tests, CI): tiny widths, batch 8 (4 and 8 on the batch axis), K = 1.
     'smoke': Plan(
@@ -136,19 +143,13 @@ PLANS: dict[str, Plan] = {
     # 2 CPU cores: one LDRL step per point (tens of seconds to minutes), 3 windows of the
     # others.
     'cpu': Plan(
-        vgg_blocks=(2, 3, 4, 5),
-        resnet_stages=(1, 2, 3, 4),
-        batches=(32, 64, 128, 256, 512),
-        vgg_channels=VGG_CHANNELS,
+        **_FULL_AXES,
         resnet_width=16,
         speed=SpeedPlan(warmup=2, rounds=1, inner=3, steps=2, ldrl_steps=1, ldrl_warmup=0),
     ),
     # A GPU: the full-width ResNet, more windows.
     'paper': Plan(
-        vgg_blocks=(2, 3, 4, 5),
-        resnet_stages=(1, 2, 3, 4),
-        batches=(32, 64, 128, 256, 512),
-        vgg_channels=VGG_CHANNELS,
+        **_FULL_AXES,
         resnet_width=64,
         speed=SpeedPlan(warmup=5, rounds=3, inner=3, steps=10, ldrl_steps=2, ldrl_warmup=1),
     ),
