@@ -197,3 +197,39 @@ def test_eager_and_bad_args():
     conv2d(x, w, (1, 1, 1), impl="fast")
   with pytest.raises(ValueError):
     conv2d(x, w, impl="nope")
+
+
+@pytest.mark.parametrize(
+    "kwargs,fast",
+    [
+        (dict(strides=(2, 2), padding="SAME"), True),
+        (dict(strides=(1, 2), padding=((1, 0), (0, 2))), True),
+        (dict(padding="VALID", use_bias=False), True),
+        (dict(kernel_dilation=(2, 2)), False),  # beyond conv2d: lax's own convolution
+        (dict(feature_group_count=2), False),
+    ],
+)
+def test_flax_conv_general_dilated_is_nn_conv_with_the_fast_derivatives(kwargs, fast):
+  """nn.Conv(conv_general_dilated=flax_conv_general_dilated('fast')) has the values and
+  the input and parameter gradients of the plain nn.Conv, stages tp_conv2d where conv2d
+  covers the call, and falls back to lax where it does not."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(len(str(kwargs)))
+  n, h, w_, c, f = (int(v) for v in rng.integers(2, 9, size=5))
+  c, f = 2 * c, 2 * f  # even, for feature_group_count=2
+  kernel = tuple(int(k) for k in rng.integers(1, 4, size=2))
+  plain = nn.Conv(f, kernel, **kwargs)
+  ours = nn.Conv(
+      f, kernel, conv_general_dilated=conv_mod.flax_conv_general_dilated("fast"), **kwargs
+  )
+  x = _rand(rng, (n, h + 4, w_ + 4, c))
+  params = plain.init(jax.random.key(0), x)
+  loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+  _close(ours.apply(params, x), plain.apply(params, x))
+  got, want = (jax.jit(jax.grad(loss(m), argnums=(0, 1)))(params, x) for m in (ours, plain))
+  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4), got, want)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(ours)))(params, x))
+  assert ("tp_conv2d" in jaxpr) == fast
+  with pytest.raises(ValueError, match="impl must be one of"):
+    conv_mod.flax_conv_general_dilated("cudnn")

@@ -85,6 +85,7 @@ CASES = {
     'transpose': (lambda: L.Transpose((2, 1)), _tokens),
     'layernorm': (lambda: L.LayerNorm(), _tokens),
     'norm_dense': (lambda: L.NormDense(_draw(2, 6)), _tokens),
+    'norm_dense_tokens': (lambda: L.NormDense(_draw(2, 6), mix_tokens=True), _tokens),
     'conv_tanh_pool': (
         lambda: L.Sequential(
             [L.Conv(4, (3, 3)), L.Activation('tanh'), L.MaxPool((3, 3), (2, 2), ((1, 1), (1, 1)))]
@@ -105,6 +106,7 @@ INEXACT = [
     ('elu', 'tjmc'),
     ('layernorm', 'tjmc'),
     ('norm_dense', 'hadamard'),
+    ('norm_dense_tokens', 'hadamard'),
     ('conv_tanh_pool', 'tjmc'),
     ('residual_mlp', 'tjmc'),
     ('coupling', 'hadamard'),
@@ -176,8 +178,9 @@ def _abstract_params(net, shape):
 def test_shared_heads_are_the_exact_weight_layers_above_the_nonlinear_feedback():
   """Under varsigma a ResNet identity unit shares its second conv, the head block its
   dense, a Mixer channel unit its second dense; LeNet's and VGG's pooling heads hold no
-  weights and are not shared (so the main job's step is unchanged). Under Hadamard
-  the Mixer's token unit shares (dense, act, transpose): only LayerNorm is inexact."""
+  weights and are not shared (so the main job's step is unchanged), nor is the Mixer
+  token unit's (act, transpose) above its NormDense, whose LayerNorm is inexact: the
+  whole G of that unit is linear under Hadamard and runs once, on t - h."""
   resnet = models.resnet18(width=4)
   assert dtp.shared_heads(resnet, _abstract_params(resnet, (1, 16, 16, 3)), L.TJMC) == (
       (0, 1, 1, 0, 1, 0, 1, 0, 1, 1)
@@ -185,7 +188,7 @@ def test_shared_heads_are_the_exact_weight_layers_above_the_nonlinear_feedback()
   mixer = models.mlp_mixer(num_blocks=1)
   mixer_params = _abstract_params(mixer, (1, 32, 32, 3))
   assert dtp.shared_heads(mixer, mixer_params, L.TJMC) == (0, 0, 1, 0, 0)
-  assert dtp.shared_heads(mixer, mixer_params, L.TJMC_HADAMARD) == (0, 3, 1, 0, 0)
+  assert dtp.shared_heads(mixer, mixer_params, L.TJMC_HADAMARD) == (0, 0, 1, 0, 0)
   for net, shape in (
       (models.lenet(), (1, 28, 28, 1)),
       (models.simple_vgg(channels=(4, 4)), (1, 8, 8, 3)),

@@ -48,7 +48,7 @@ from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-__all__ = ["conv2d", "resolve_impl", "IMPLS"]
+__all__ = ["conv2d", "flax_conv_general_dilated", "resolve_impl", "IMPLS"]
 
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "xla", "fast")
@@ -335,3 +335,56 @@ def conv2d(x, w, strides: Sequence[int] = (1, 1), padding: Padding = "SAME", *, 
     raise ValueError(f"expected NHWC x and HWIO w, got {x.shape}, {w.shape}")
   pads = _normalize_padding(padding, x.shape, w.shape, strides)
   return _conv_bind(x, w, strides, pads)
+
+
+def flax_conv_general_dilated(impl: str = "auto"):
+  """``conv2d`` as ``flax.linen.Conv``'s ``conv_general_dilated`` argument, so a plain
+  Flax convolution gets the fast derivatives too:
+  ``nn.Conv(64, (3, 3), conv_general_dilated=flax_conv_general_dilated())``.
+
+  Why: on XLA:CPU a plain ``nn.Conv``'s weight gradient is a backward-filter convolution,
+  and inside LDRL's feedback training XLA compiles it to convolutions with windows as
+  large as the feature map (BENCHMARKS, the ResNet LDRL slowdown). Calls ``conv2d`` lacks
+  (dilation, feature groups, an explicit precision, other layouts) go to
+  ``lax.conv_general_dilated`` unchanged.
+  """
+  resolve_impl(impl)  # a bad name fails here, at model build, not at trace time
+
+  def conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=None,
+      rhs_dilation=None,
+      dimension_numbers=None,
+      feature_group_count=1,
+      precision=None,
+      **kwargs,
+  ):
+    plain = lambda d: d is None or all(int(v) == 1 for v in d)
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
+    if (
+        plain(lhs_dilation)
+        and plain(rhs_dilation)
+        and feature_group_count == 1
+        and precision is None
+        and not kwargs
+        and lhs.ndim == 4
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+    ):
+      return conv2d(lhs, rhs, window_strides, padding, impl=impl)
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        precision=precision,
+        **kwargs,
+    )
+
+  return conv_general_dilated

@@ -560,30 +560,49 @@ def _layer_norm_feedback(t: Array, gamma: Array, s: Array) -> Array:
 
 
 class NormDense(Layer):
-  """Dense(LayerNorm(x)) as one layer: y = x_hat (gamma W) + (beta W + b), G*(t) =
-  LayerNorm's G*(t W^T) (TJMC and learned feedback only, as LayerNorm).
+  """Dense(LayerNorm(x)) as one layer, regrouped so that LayerNorm's gamma and beta get
+  their gradients from products W's gradient needs anyway; G*(t) = LayerNorm's G* of
+  the dense's transpose (TJMC and learned feedback only, as LayerNorm).
 
-  The same map as ``Sequential([LayerNorm(), Dense(features)])``, regrouped so that the
-  gradients of gamma and beta come from x_hat^T dy, the product W's gradient needs
-  anyway. The plain form gets them from dy W^T, one extra (batch x out x in) matmul
-  whenever x's own gradient is not needed, as at the start of a DTP block: the Mixer's
-  channel units. Parameters: ``norm_scale``, ``norm_bias`` (LayerNorm's gamma, beta),
-  ``kernel``, ``bias`` (Dense's).
+  - ``mix_tokens=False`` (the Mixer's channel unit): the same map as
+    ``Sequential([LayerNorm(), Dense(features)])``, y = x_hat (gamma W) + (beta W + b).
+  - ``mix_tokens=True`` (its token unit; x is (batch, tokens, channels)): the same map as
+    ``Sequential([LayerNorm(), Transpose((2, 1)), Dense(features)])``, the dense over the
+    tokens: y = gamma * (x_hat^T W) + beta (1^T W) + b, (batch, channels, features).
+
+  The plain forms get gamma's and beta's gradients from dy W^T, one extra (batch x out x
+  in) matmul whenever x's own gradient is not needed, as at the start of a DTP block.
+  Parameters: ``norm_scale``, ``norm_bias`` (LayerNorm's gamma, beta), ``kernel``,
+  ``bias`` (Dense's).
   """
 
   features: int
   use_bias: bool = True
   epsilon: float = 1e-5
   kernel_init: Callable = torch_default_init
+  mix_tokens: bool = False
 
   @nn.compact
   def fwd(self, x):
+    if self.mix_tokens and x.ndim != 3:
+      raise ValueError(
+          f'NormDense(mix_tokens=True) (name={self.name!r}) needs x of shape (batch, tokens, '
+          f'channels), got {x.shape}'
+      )
     d = x.shape[-1]
     gamma = self.param('norm_scale', nn.initializers.ones, (d,))
     beta = self.param('norm_bias', nn.initializers.zeros, (d,))
-    w_IxO = self.param('kernel', self.kernel_init, (d, self.features))
+    w_IxO = self.param(
+        'kernel', self.kernel_init, (x.shape[-2 if self.mix_tokens else -1], self.features)
+    )
     x_hat, s = _standardise(x, self.epsilon)
-    y = x_hat @ (gamma[:, None] * w_IxO) + beta @ w_IxO
+    if self.mix_tokens:
+      # gamma scales the product's free channel axis: its gradient is dy * (x_hat^T W),
+      # the stored forward product, elementwise
+      xw_BxCxO = jnp.einsum('btc,to->bco', x_hat, w_IxO)
+      y = gamma[:, None] * xw_BxCxO + beta[:, None] * jnp.sum(w_IxO, axis=0)
+    else:
+      y = x_hat @ (gamma[:, None] * w_IxO) + beta @ w_IxO
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y, s
@@ -594,7 +613,10 @@ class NormDense(Layer):
     params = self.variables['params']
     w_IxO = params['kernel']
     _check_last_dim('NormDense feedback', t, w_IxO.shape[1], f'kernel {w_IxO.shape}')
-    return _layer_norm_feedback(t @ w_IxO.T, params['norm_scale'], s)
+    u = t @ w_IxO.T
+    if self.mix_tokens:
+      u = jnp.swapaxes(u, 1, 2)  # back to (batch, tokens, channels)
+    return _layer_norm_feedback(u, params['norm_scale'], s)
 
   def feedback_is_linear(self, mode):
     return True

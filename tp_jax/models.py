@@ -10,6 +10,7 @@ from typing import Callable
 
 import flax.linen as nn
 
+from tp_jax import conv as conv_lib
 from tp_jax import data
 from tp_jax import derived
 from tp_jax import layers as L
@@ -64,10 +65,9 @@ def simple_vgg(
 
 
 def _mixer_token_mlp(tokens: int, act: L.Activation) -> L.Sequential:
-  """Act(FC(Norm(x)^T))^T: the token-mixing map of a Mixer block."""
-  return L.Sequential(
-      [L.LayerNorm(), L.Transpose((2, 1)), L.Dense(tokens), act, L.Transpose((2, 1))]
-  )
+  """Act(FC(Norm(x)^T))^T: the token-mixing map of a Mixer block (Norm, transpose and FC
+  as one ``NormDense``, regrouped: one product less in the block's backward)."""
+  return L.Sequential([L.NormDense(tokens, mix_tokens=True), act, L.Transpose((2, 1))])
 
 
 def _mixer_channel_mlp(channel_dim: int, out: int, act: L.Activation) -> L.Sequential:
@@ -204,18 +204,27 @@ class PreActDownsample(nn.Module):
   """The pre-activation unit that changes resolution and width (He et al. 2016b, with
   the projection shortcut on the pre-activated input): a = act(GN(x)),
   F(x) = conv3x3(act(GN(conv3x3/s(a)))) + conv1x1/s(a). A plain Flax module: its
-  feedback (g* + P^T, with P the projection) is derived by autodiff."""
+  feedback (g* + P^T, with P the projection) is derived by autodiff. Its ``nn.Conv``s
+  run on ``tp_jax.conv`` (``conv_impl`` as ``layers.Conv``'s): XLA:CPU's own weight
+  gradient made LDRL's feedback training 16-30x slower here (BENCHMARKS)."""
 
   features: int
   strides: tuple[int, int] = (2, 2)
   act: str = 'elu'
   negative_slope: float = 0.01
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
     sigma = L.ACTIVATIONS[self.act](self.negative_slope).f
     conv = lambda k, s, **kw: nn.Conv(
-        self.features, k, s, padding='SAME', kernel_init=L.torch_default_init, **kw
+        self.features,
+        k,
+        s,
+        padding='SAME',
+        kernel_init=L.torch_default_init,
+        conv_general_dilated=conv_lib.flax_conv_general_dilated(self.conv_impl),
+        **kw,
     )
     a = sigma(_group_norm(x.shape[-1])(x))
     y = conv((3, 3), self.strides)(a)
@@ -251,7 +260,7 @@ def resnet18(
   for stage, c in enumerate(width * m for m in (1, 2, 4, 8)[:stages]):
     for unit in range(2):
       if stage > 0 and unit == 0:
-        blocks.append(PreActDownsample(c, (2, 2), act, negative_slope))
+        blocks.append(PreActDownsample(c, (2, 2), act, negative_slope, conv_impl))
       else:
         blocks.append(
             L.Residual(L.Sequential([_group_norm(c), a(), conv(c), _group_norm(c), a(), conv(c)]))
