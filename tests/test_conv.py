@@ -207,6 +207,7 @@ def test_eager_and_bad_args():
         (dict(padding="VALID", use_bias=False), True),
         (dict(kernel_dilation=(2, 2)), False),  # beyond conv2d: lax's own convolution
         (dict(feature_group_count=2), False),
+        (dict(padding="SAME", one_d=True), False),  # a 1-d conv (3-d input): lax's
     ],
 )
 def test_flax_conv_general_dilated_is_nn_conv_with_the_fast_derivatives(kwargs, fast):
@@ -218,12 +219,13 @@ def test_flax_conv_general_dilated_is_nn_conv_with_the_fast_derivatives(kwargs, 
   rng = np.random.default_rng(len(str(kwargs)))
   n, h, w_, c, f = (int(v) for v in rng.integers(2, 9, size=5))
   c, f = 2 * c, 2 * f  # even, for feature_group_count=2
-  kernel = tuple(int(k) for k in rng.integers(1, 4, size=2))
+  one_d = kwargs.pop("one_d", False)
+  kernel = tuple(int(k) for k in rng.integers(1, 4, size=1 if one_d else 2))
   plain = nn.Conv(f, kernel, **kwargs)
   ours = nn.Conv(
       f, kernel, conv_general_dilated=conv_mod.flax_conv_general_dilated("fast"), **kwargs
   )
-  x = _rand(rng, (n, h + 4, w_ + 4, c))
+  x = _rand(rng, (n, h + 4, c) if one_d else (n, h + 4, w_ + 4, c))
   params = plain.init(jax.random.key(0), x)
   loss = lambda m: lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
   _close(ours.apply(params, x), plain.apply(params, x))

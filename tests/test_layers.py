@@ -525,7 +525,8 @@ def test_norm_dense_is_layernorm_then_dense_with_one_product_fewer(seed, mix_tok
   product = 2 * n * channels * d_in * d_out
   # mixing tokens, gamma's elementwise products with the (batch, channels, out) product
   # cost back a few of the d_in-fold larger product's flops
-  assert 0.75 * product < flops['plain'] - flops['fused'] < 1.1 * product
+  low = 0.75 if mix_tokens else 0.9
+  assert low * product < flops['plain'] - flops['fused'] < 1.1 * product
 
   for mode in (L.TJMC, L.LEARNED):
 

@@ -363,15 +363,15 @@ def flax_conv_general_dilated(impl: str = "auto"):
       **kwargs,
   ):
     plain = lambda d: d is None or all(int(v) == 1 for v in d)
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
     if (
-        plain(lhs_dilation)
+        lhs.ndim == 4  # first: the NHWC spec below only parses 4-d shapes
+        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMENSION_NUMBERS)
+        and plain(lhs_dilation)
         and plain(rhs_dilation)
         and feature_group_count == 1
         and precision is None
         and not kwargs
-        and lhs.ndim == 4
-        and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
     ):
       return conv2d(lhs, rhs, window_strides, padding, impl=impl)
     return lax.conv_general_dilated(

@@ -206,7 +206,7 @@ class PreActDownsample(nn.Module):
   F(x) = conv3x3(act(GN(conv3x3/s(a)))) + conv1x1/s(a). A plain Flax module: its
   feedback (g* + P^T, with P the projection) is derived by autodiff. Its ``nn.Conv``s
   run on ``tp_jax.conv`` (``conv_impl`` as ``layers.Conv``'s): XLA:CPU's own weight
-  gradient made LDRL's feedback training 16-30x slower here (BENCHMARKS)."""
+  gradient made LDRL's step 9-17x slower at 2-4 stages (BENCHMARKS)."""
 
   features: int
   strides: tuple[int, int] = (2, 2)
