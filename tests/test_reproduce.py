@@ -222,8 +222,9 @@ def test_profiles_are_config_overrides():
   assert paper.eval_every_steps == 0  # the epoch ends' evaluations only
   cpu = tables.make_config(col, 'ldrl', tables.PROFILES['cpu'], 0, 3, train_seconds=12.5)
   assert list(cpu.feedback.iterations) == [41, 51, 24]  # LDRL's K is never cut in cpu
-  assert (cpu.epochs, cpu.steps_per_epoch, cpu.train_seconds) == (tables._CPU_EPOCHS[1], 0, 12.5)
-  assert cpu.num_seeds == 3 and cpu.eval_every_steps == tables._CPU_LDRL_EVAL_STEPS
+  # The profile's description: LeNet 1 epoch; LDRL syncs (checks its budget) every step.
+  assert (cpu.epochs, cpu.steps_per_epoch, cpu.train_seconds) == (1, 0, 12.5)
+  assert (cpu.num_seeds, cpu.check_every_steps, cpu.eval_every_steps) == (3, 1, 10)
   assert tables.make_config(col, 'bp', tables.PROFILES['cpu'], 0).eval_every_steps == 234 // 4
   assert tables.PROFILES['cpu'].seeds == (0, 1, 2) and tables.PROFILES['cpu'].ldrl_budget
   smoke = tables.make_config(tables.TABLES[3][0], 'ldrl', tables.PROFILES['smoke'], 0)
