@@ -57,6 +57,27 @@ def test_plot_one_and_two_runs(tmp_path):
   assert plot.run_label(tp).startswith('tjml_dtp (lenet')
 
 
+@pytest.mark.parametrize('ncols', [1, 3])
+def test_a_long_title_stays_inside_the_figure(tmp_path, monkeypatch, ncols):
+  import matplotlib.backends.backend_agg  # pylint: disable=g-import-not-at-top
+  import matplotlib.figure  # pylint: disable=g-import-not-at-top
+
+  saved, savefig = [], matplotlib.figure.Figure.savefig
+  monkeypatch.setattr(
+      matplotlib.figure.Figure,
+      'savefig',
+      lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1],
+  )
+  panel = plot.Panel('a panel', 'x', 'y', [plot.Line('l', [0, 1], [0, 1])])
+  title = 'LeNet on MNIST, Fashion-MNIST and CIFAR-10: accuracy against training time ' * ncols
+  plot.save_figure([[panel] * ncols], tmp_path / 'f.png', title=title)
+  (fig,) = saved
+  renderer = matplotlib.backends.backend_agg.FigureCanvasAgg(fig).get_renderer()
+  box = fig._suptitle.get_window_extent(renderer)  # pylint: disable=protected-access
+  assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+  assert fig._suptitle.get_text().split() == title.split()  # pylint: disable=protected-access
+
+
 def test_missing_or_empty_metrics_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='metrics.jsonl not found'):
     plot.plot_runs([tmp_path])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -86,7 +87,9 @@ def save_figure(
       if panel.lines:
         ax.legend(fontsize=7)
   if title:
-    fig.suptitle(title)
+    # Wrapped to the figure's width (about 11 characters an inch at suptitle's size):
+    # a table's title runs past a single panel's edges.
+    fig.suptitle(textwrap.fill(title, width=int(11 * panel_size[0] * ncols)))
   fig.tight_layout()
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def main(argv):
 def define_flags() -> None:
   """Defined only when run as a program, so that importing the package (tests) never
   collides with another binary's flags of the same name."""
-  flags.DEFINE_integer('table', None, 'Table to reproduce: 1, 2, 3 or 4.')
+  flags.DEFINE_integer('table', None, 'Table to reproduce: 1-4, or 5 (ResNet-18, ours).')
   flags.DEFINE_string(
       'figure',
       None,
