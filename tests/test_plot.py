@@ -63,11 +63,12 @@ def test_a_long_title_stays_inside_the_figure(tmp_path, monkeypatch, ncols):
   import matplotlib.figure  # pylint: disable=g-import-not-at-top
 
   saved, savefig = [], matplotlib.figure.Figure.savefig
-  monkeypatch.setattr(
-      matplotlib.figure.Figure,
-      'savefig',
-      lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1],
-  )
+
+  def recording_savefig(fig, *args, **kwargs):
+    saved.append(fig)
+    return savefig(fig, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', recording_savefig)
   panel = plot.Panel('a panel', 'x', 'y', [plot.Line('l', [0, 1], [0, 1])])
   title = 'LeNet on MNIST, Fashion-MNIST and CIFAR-10: accuracy against training time ' * ncols
   plot.save_figure([[panel] * ncols], tmp_path / 'f.png', title=title)
