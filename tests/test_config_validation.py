@@ -26,6 +26,7 @@ from ml_collections import config_flags
 import numpy as np
 import pytest
 
+from experiments import synthetic
 from tp_jax import algorithms
 from tp_jax import config as config_lib
 from tp_jax import data
@@ -50,14 +51,7 @@ def _ldrl_lenet():
 
 
 def _dataset(shape=(28, 28, 1), n_train=32, n_test=8):
-  r = np.random.RandomState(0)
-  return data.Dataset(
-      jnp.asarray(r.randn(n_train, *shape), jnp.float32),
-      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
-      jnp.asarray(r.randn(n_test, *shape), jnp.float32),
-      jnp.asarray(r.randint(0, 10, n_test), jnp.int32),
-      data.info('mnist'),
-  )
+  return synthetic.dataset('mnist', n_train, n_test, image_shape=shape)
 
 
 def _set(cfg, path: str, value) -> None:

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+from experiments import synthetic
 from tp_jax import algorithms
 from tp_jax import config as config_lib
-from tp_jax import data
 from tp_jax import diagnostics
 from tp_jax import jml
 from tp_jax import layers
@@ -191,14 +191,7 @@ def test_config_refuses_a_non_bool():
 
 
 def _dataset(n_train=48, n_test=16):
-  r = np.random.RandomState(0)
-  return data.Dataset(
-      r.randn(n_train, 28, 28, 1).astype(np.float32),
-      r.randint(0, 10, n_train).astype(np.int32),
-      r.randn(n_test, 28, 28, 1).astype(np.float32),
-      r.randint(0, 10, n_test).astype(np.int32),
-      data.info('mnist'),
-  )
+  return synthetic.dataset('mnist', n_train, n_test)
 
 
 def _cfg(method, diagnostics_on):

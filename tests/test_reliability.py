@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import synthetic
 from tp_jax import config as config_lib
 from tp_jax import data
 from tp_jax import train
@@ -24,16 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dataset(n_train=64, n_test=16, seed=0, poison=()):
-  r = np.random.RandomState(seed)
-  x = r.randn(n_train, 28, 28, 1).astype(np.float32)
-  x[list(poison)] = np.inf
-  return data.Dataset(
-      jnp.asarray(x),
-      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
-      jnp.asarray(r.randn(n_test, 28, 28, 1), jnp.float32),
-      jnp.asarray(r.randint(0, 10, n_test), jnp.int32),
-      data.info('mnist'),
-  )
+  ds = synthetic.dataset('mnist', n_train, n_test, seed)
+  return ds._replace(x_train=ds.x_train.at[np.asarray(poison, int)].set(jnp.inf))
 
 
 def _mlp(method='tjml_dtp'):

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
@@ -29,6 +28,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.tensorflow_stub import errors as tb_errors
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as tb_records
 
+from experiments import synthetic
 from tp_jax import config as config_lib
 from tp_jax import data
 from tp_jax import metrics_writer
@@ -38,14 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dataset(n_train: int = 96, n_test: int = 32, seed: int = 0) -> data.Dataset:
-  r = np.random.RandomState(seed)
-  return data.Dataset(
-      jnp.asarray(r.randn(n_train, 28, 28, 1), jnp.float32),
-      jnp.asarray(r.randint(0, 10, n_train), jnp.int32),
-      jnp.asarray(r.randn(n_test, 28, 28, 1), jnp.float32),
-      jnp.asarray(r.randint(0, 10, n_test), jnp.int32),
-      data.info('mnist'),
-  )
+  return synthetic.dataset('mnist', n_train, n_test, seed)
 
 
 def _config(method: str = 'ldrl'):

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import synthetic
 from experiments.configs import lenet_mnist
 from experiments.configs import mlp_mnist
 from tp_jax import config as config_lib
@@ -32,14 +33,7 @@ FIRST_SEED = 5  # not 0: seed s must be FIRST_SEED + s, not s
 
 
 def _dataset(n_train: int = 64, n_test: int = 16, seed: int = 0) -> data.Dataset:
-  r = np.random.RandomState(seed)
-  return data.Dataset(
-      r.randn(n_train, 28, 28, 1).astype(np.float32),
-      r.randint(0, 10, n_train).astype(np.int32),
-      r.randn(n_test, 28, 28, 1).astype(np.float32),
-      r.randint(0, 10, n_test).astype(np.int32),
-      data.info('mnist'),
-  )
+  return synthetic.dataset('mnist', n_train, n_test, seed)
 
 
 def _mlp(method: str):

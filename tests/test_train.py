@@ -8,20 +8,13 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import synthetic
 from tp_jax import config as config_lib
-from tp_jax import data
 from tp_jax import train
 
 
 def _dataset(n_train=48, n_test=16, seed=0):
-  r = np.random.RandomState(seed)
-  return data.Dataset(
-      r.randn(n_train, 28, 28, 1).astype(np.float32),
-      r.randint(0, 10, n_train).astype(np.int32),
-      r.randn(n_test, 28, 28, 1).astype(np.float32),
-      r.randint(0, 10, n_test).astype(np.int32),
-      data.info('mnist'),
-  )
+  return synthetic.dataset('mnist', n_train, n_test, seed)
 
 
 def _mlp():
