@@ -15,16 +15,19 @@ Where each value comes from:
 * LDRL (K, sigma, feedback lr per block, blocks 2..10 = the eight units and the
   head): scalingDTP has no ResNet configuration that we could find, so these are ours.
   K and sigma are VGG's per-block values mapped by stage (the two units of stage s take
-  VGG block s + 1's, the head VGG's head's). The feedback lr is VGG's first trained
-  block's, 1e-4, for every unit (the head keeps VGG's head's 0.18): with VGG's values
-  mapped by stage (up to 8e-3) the last unit's feedback weights became non-finite in
-  the first step (measured: width 8, batch 32, one step).
+  VGG block s + 1's, the head VGG's head's). The feedback lr per stage, 3e-6, 3e-6,
+  1e-5, 3e-5 (the head keeps VGG's head's 0.18), is the largest of 1e-6...1e-4 in steps
+  of about 3x that kept every block's feedback weights finite over its K iterations on
+  one CIFAR-10 batch of 128 from the initial weights at widths 16 and 64 (BUILD_NOTES).
+  VGG's 1e-4 for every unit made stage 1's weights non-finite at width 16.
 """
 
 from experiments.configs import vgg_cifar10
 
-# LDRL values per stage (VGG's for its blocks 2..5; the lr ours) and for the head.
-_PER_STAGE = dict(iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2), lr=(1e-4,) * 4)
+# LDRL values per stage (K and sigma VGG's for its blocks 2..5; the lr ours) and for the head.
+_PER_STAGE = dict(
+    iterations=(20, 30, 35, 55), noise=(0.4, 0.4, 0.2, 0.2), lr=(3e-6, 3e-6, 1e-5, 3e-5)
+)
 _HEAD = dict(iterations=20, noise=0.08, lr=0.18)
 
 
