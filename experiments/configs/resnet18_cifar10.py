@@ -16,10 +16,11 @@ Where each value comes from:
   head): scalingDTP has no ResNet configuration that we could find, so these are ours.
   K and sigma are VGG's per-block values mapped by stage (the two units of stage s take
   VGG block s + 1's, the head VGG's head's). The feedback lr per stage, 3e-6, 3e-6,
-  1e-5, 3e-5 (the head keeps VGG's head's 0.18), is the largest of 1e-6...1e-4 in steps
-  of about 3x that kept every block's feedback weights finite over its K iterations on
-  one CIFAR-10 batch of 128 from the initial weights at widths 16 and 64 (BUILD_NOTES).
-  VGG's 1e-4 for every unit made stage 1's weights non-finite at width 16.
+  1e-5, 3e-5 (the head keeps VGG's head's 0.18), sits a 3x step or more below where, on
+  one CIFAR-10 batch of 128 from the initial weights, a block's feedback weights went
+  non-finite within its K iterations or its gradient norm grew several-fold, at widths
+  16 and 64 (the measurements: BUILD_NOTES). VGG's 1e-4 for every unit made stage 1's
+  weights non-finite at width 16.
 """
 
 from experiments.configs import vgg_cifar10
