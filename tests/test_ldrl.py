@@ -41,12 +41,14 @@ def _normal(shape, seed):
 
 
 def three_call_ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
-  """The reference's form of the loss: r = G(y), dr = G(F(x + dx)) - r, dr_y = G(y + dy) - r."""
+  """The reference's form of the loss: r = G(y), dr = G(F(x + dx)) - r, dr_y = G(y + dy) - r,
+  G(F(x + dx)) with the noisy forward's routing (its argmax) and the clean rest."""
   k_x, k_y = jax.random.split(key)
   dx = sigma * jax.random.normal(k_x, x.shape, x.dtype)
   dy = sigma * jax.random.normal(k_y, y.shape, y.dtype)
   r = fbt.learned_feedback(net, n, b, y, ctx)
   y_noisy, ctx_noisy = network.block_forward(net, n, p, x + dx)
+  ctx_noisy = network.block_noisy_reconstruction_ctx(net, n, ctx, ctx_noisy)
   dr = fbt.learned_feedback(net, n, b, y_noisy, ctx_noisy) - r
   dr_y = fbt.learned_feedback(net, n, b, y + dy, ctx) - r
   return (-2.0 * jnp.sum(dx * dr) + jnp.sum(jnp.square(dr_y))) / x.shape[0]
@@ -92,6 +94,27 @@ def test_feedback_differences_equal_separate_calls(model, mode):
     )
     assert got.shape == expected.shape
     _assert_close(got, expected, f'{model} block {n}')
+
+
+@pytest.mark.parametrize('model', sorted(SMALL_MODELS))
+def test_noisy_reconstruction_takes_only_the_routing_from_the_noisy_forward(model):
+  """LDRL's G(F(x + dx)) keeps the noisy input's max-pool argmax (the only integer ctx
+  leaves here) and every other ctx leaf (frozen statistics, activations, a derived
+  block's linearisation) from the clean forward."""
+  net, x, params, _ = _setup(model, 2)
+  hs = (x,) + network.forward(net, params, x)[0]
+  routed = 0
+  for n in range(len(net)):
+    _, ctx = network.block_forward(net, n, params[n], hs[n])
+    _, noisy = network.block_forward(net, n, params[n], hs[n] + 0.3 * _normal(hs[n].shape, n))
+    got = network.block_noisy_reconstruction_ctx(net, n, ctx, noisy)
+    assert jax.tree.structure(got) == jax.tree.structure(ctx), (model, n)
+    for g, c, z in zip(*(jax.tree.leaves(t) for t in (got, ctx, noisy)), strict=True):
+      routing = jnp.issubdtype(jnp.asarray(c).dtype, jnp.integer)
+      assert g is (z if routing else c), (model, n, jnp.asarray(c).dtype)
+      routed += routing
+  has_pool = any(isinstance(m, L.MaxPool) for b in net.blocks for m in getattr(b, 'layers', ()))
+  assert bool(routed) == has_pool, (model, routed)
 
 
 def test_lenet_conv_and_dense_take_the_difference_path():

@@ -145,6 +145,17 @@ class Layer(nn.Module):
       return self.feedback(t - h, ctx, mode)
     return self.feedback(t, ctx, mode) - self.feedback(h, ctx, mode)
 
+  def noisy_reconstruction_ctx(self, ctx: Any, noisy_ctx: Any) -> Any:
+    """The ctx with which LDRL reconstructs a noisy input, G(F(x + dx)), given the clean
+    and the noisy forward ctxs. G must be one map for the three reconstructions, so its
+    linearisation state (frozen statistics, a derived Jacobian's point) is the clean
+    input's: with the noisy one, G(F(x + dx)) - G(y) gains a term that follows dx and
+    that ||dr_y||^2 does not penalise, and LDRL's loss has no minimum near J^T
+    (BUILD_NOTES, "LDRL and the linearisation point"). Routing that a forward call
+    decides (max-pool's argmax) is the noisy input's, as in the reference code."""
+    del noisy_ctx
+    return ctx
+
   def __call__(self, x: Array) -> Array:
     return self.fwd(x)[0]
 
@@ -409,6 +420,10 @@ class MaxPool(Layer):
 
   def feedback_is_vjp(self, mode):
     return mode.weights == 'transpose'
+
+  def noisy_reconstruction_ctx(self, ctx, noisy_ctx):
+    del ctx
+    return noisy_ctx  # the noisy input's own argmax (reference)
 
 
 # --------------------------------------------------------------------------------------
@@ -743,6 +758,12 @@ class Sequential(Layer):
     """g_1 . ... . g_split (t), the feedback of the first ``split`` layers."""
     return sequence_feedback(self.layers[:split], ctx[:split], t, mode)
 
+  def noisy_reconstruction_ctx(self, ctx, noisy_ctx):
+    return tuple(
+        layer.noisy_reconstruction_ctx(c, n)
+        for layer, c, n in zip(self.layers, ctx, noisy_ctx, strict=True)
+    )
+
 
 def sequence_fwd(layers_: Sequence[Layer], x: Array) -> tuple[Array, tuple[Any, ...]]:
   """f_k . ... . f_1 (x) for ``layers_`` (bound) and their ctxs."""
@@ -810,6 +831,9 @@ class Residual(Layer):
     if mode.weights != 'transpose':
       raise self._refuse(mode, mode.weights)
     return self.inner.feedback_difference(t, h, ctx, mode) + (t - h)
+
+  def noisy_reconstruction_ctx(self, ctx, noisy_ctx):
+    return self.inner.noisy_reconstruction_ctx(ctx, noisy_ctx)
 
 
 def _as_layer(module: Any) -> Layer:

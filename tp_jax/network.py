@@ -89,6 +89,12 @@ def block_feedback_difference(
     return net.blocks[n].apply({'params': p}, t, h, ctx, mode, method='feedback_difference')
 
 
+def block_noisy_reconstruction_ctx(net: Net, n: int, ctx: Any, noisy_ctx: Any) -> Any:
+  """The ctx for block n's reconstruction of a noisy input in LDRL: the clean ctx with
+  the noisy forward's routing (``Layer.noisy_reconstruction_ctx``)."""
+  return net.blocks[n].apply({}, ctx, noisy_ctx, method='noisy_reconstruction_ctx')
+
+
 def block_feedback_differences(
     net: Net,
     n: int,

@@ -20,7 +20,10 @@ Where each value comes from:
   one CIFAR-10 batch of 128 from the initial weights, a block's feedback weights went
   non-finite within its K iterations or its gradient norm grew several-fold, at widths
   16 and 64 (the measurements: BUILD_NOTES). VGG's 1e-4 for every unit made stage 1's
-  weights non-finite at width 16.
+  weights non-finite at width 16. These were measured before LDRL's noisy
+  reconstruction took the clean input's linearisation (BUILD_NOTES, "LDRL and the
+  linearisation point"), which removed the growth that made LDRL diverge here; not
+  re-tuned since.
 """
 
 from experiments.configs import vgg_cifar10

@@ -6,7 +6,10 @@ forward update through the learned feedback.
   LDRL = -2 <dx, dr> + ||dr_y||^2        (summed over features, batch mean)
 
 G(F(x + dx)) unpools at the noisy input's argmax, the other two at the clean one's,
-as in the reference code: the ctx travels with each forward call. The reference calls
+as in the reference code. Every other part of G's ctx (a LayerNorm's frozen s, a
+derived block's linearisation point) is the clean input's in all three, so that they
+go through one G (``Layer.noisy_reconstruction_ctx``: with the noisy point's, the
+ResNet's feedback weights grew without bound; BUILD_NOTES). The reference calls
 G three times; here dr and dr_y come from one ``network.block_feedback_differences``:
 G(y) goes only through the parameter-free first maps of G (unpool, activation), and the
 two differences share one call, and one weight gradient, of the feedback conv or dense
@@ -33,6 +36,7 @@ def ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
   dx = sigma * jax.random.normal(k_x, x.shape, x.dtype)
   dy = sigma * jax.random.normal(k_y, y.shape, y.dtype)
   y_noisy, ctx_noisy = network.block_forward(net, n, p, x + dx)
+  ctx_noisy = network.block_noisy_reconstruction_ctx(net, n, ctx, ctx_noisy)
   dr, dr_y = network.block_feedback_differences(
       net, n, b, (y_noisy, y + dy), (ctx_noisy, ctx), y, ctx, layers.LEARNED
   )
