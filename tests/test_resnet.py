@@ -135,8 +135,8 @@ def test_every_method_takes_a_step(method):
 
 
 def _ldrl_on_cifar10(data_dir, width, batch):
-  """The config's LDRL on a narrow ResNet-18: (cfg, net, x, params, hs, ctxs, txs), x
-  the first ``batch`` CIFAR-10 training images."""
+  """The config's LDRL on a narrow ResNet-18: (cfg, net, x, params, hs, ctxs), x the
+  first ``batch`` CIFAR-10 training images."""
   cfg = resnet18_cifar10.get_config()
   cfg.method = 'ldrl'
   cfg.model_kwargs.width = width
@@ -144,7 +144,21 @@ def _ldrl_on_cifar10(data_dir, width, batch):
   x = data.load_dataset('cifar10', data_dir, download=False).x_train[:batch]
   params = network.init(net, jax.random.key(0), x)
   hs, ctxs = network.forward(net, params, x)
-  return cfg, net, x, params, hs, ctxs, feedback_training.optimizers(cfg, net)
+  return cfg, net, x, params, hs, ctxs
+
+
+def _train_feedback(cfg, net, x, params, hs, ctxs, fb):
+  """One LDRL feedback training (the config's K, sigma, lr per block) from ``fb``:
+  (trained feedback weights, final loss per trained block)."""
+  txs = feedback_training.optimizers(cfg, net)
+  state = feedback_training.init_state(fb, txs)
+  train = jax.jit(
+      lambda fb: feedback_training.train(
+          net, ldrl.ldrl_loss, cfg, txs, params, fb, state, x, hs, ctxs, jax.random.key(3)
+      )
+  )
+  fb, _, losses = train(fb)
+  return fb, losses
 
 
 @pytest.mark.slow
@@ -153,27 +167,10 @@ def test_ldrl_feedback_lr_keeps_every_block_finite_on_cifar10(real_data_dir):
   initial weights of a width-16 ResNet-18 on a CIFAR-10 batch keeps every block's
   feedback weights and final loss finite. VGG's 1e-4 for every unit does not (random
   inputs did not show it: BUILD_NOTES)."""
-  cfg, net, x, params, hs, ctxs, txs = _ldrl_on_cifar10(real_data_dir, 16, 32)
-  fb = network.init_feedback(params, jax.random.key(1))
-
-  @jax.jit
-  def train(fb):
-    fb, _, losses = feedback_training.train(
-        net,
-        ldrl.ldrl_loss,
-        cfg,
-        txs,
-        params,
-        fb,
-        feedback_training.init_state(fb, txs),
-        x,
-        hs,
-        ctxs,
-        jax.random.key(3),
-    )
-    return fb, losses
-
-  fb, losses = train(fb)
+  cfg, net, x, params, hs, ctxs = _ldrl_on_cifar10(real_data_dir, 16, 32)
+  fb, losses = _train_feedback(
+      cfg, net, x, params, hs, ctxs, network.init_feedback(params, jax.random.key(1))
+  )
   finite = [bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(fb[1:])]
   assert all(finite) and bool(jnp.all(jnp.isfinite(losses))), (finite, losses)
 
@@ -184,25 +181,14 @@ def test_ldrl_feedback_of_a_unit_stays_below_its_transposed_jacobian(real_data_d
   identity, its body near 0) grows toward J^T and its largest singular value stays
   below J^T's. With the noisy input's linearisation of the GroupNorms in G(F(x + dx))
   (``Layer.noisy_reconstruction_ctx``), the loss rewarded a G far larger than J^T: at
-  60 iterations its largest singular value was ~3x J^T's, and the weights went
-  non-finite near 140."""
-  cfg, net, _, params, hs, ctxs, _ = _ldrl_on_cifar10(real_data_dir, 8, 32)
-  n, iterations = 1, 60
-  tx = optax.sgd(feedback_training.per_block(cfg, 'lr', net)[n - 1], cfg.feedback.momentum)
-  sigma = feedback_training.per_block(cfg, 'noise', net)[n - 1]
-  b = network.init_feedback(params, jax.random.key(1), cfg.feedback.init_scale)[n]
-
-  @jax.jit
-  def train(b):
-    def it(carry, i):
-      b, s = carry
-      loss = lambda b: ldrl.ldrl_loss(
-          net, n, params[n], b, hs[n - 1], hs[n], ctxs[n], jax.random.key(i), sigma
-      )
-      u, s = tx.update(jax.grad(loss)(b), s, b)
-      return (optax.apply_updates(b, u), s), None
-
-    return jax.lax.scan(it, (b, tx.init(b)), jnp.arange(iterations))[0][0]
+  60 iterations its largest singular value was 2.6x J^T's (40.1 against 15.4), and in a
+  longer probe the weights went non-finite near 140 iterations."""
+  cfg, net, x, params, hs, ctxs = _ldrl_on_cifar10(real_data_dir, 8, 32)
+  n = 1
+  cfg.feedback.iterations = (60,) + (1,) * (len(net) - 2)  # the first unit's alone, mostly
+  fb = network.init_feedback(params, jax.random.key(1), cfg.feedback.init_scale)
+  fb, _ = _train_feedback(cfg, net, x, params, hs, ctxs, fb)
+  b = fb[n]
 
   def largest_singular_value(p, mode):
     g = lambda v: network.block_feedback_difference(net, n, p, hs[n] + v, hs[n], ctxs[n], mode)
@@ -212,7 +198,6 @@ def test_ldrl_feedback_of_a_unit_stays_below_its_transposed_jacobian(real_data_d
       v = g_t(g(v / jnp.linalg.norm(v)))[0]
     return float(jnp.sqrt(jnp.linalg.norm(v)))
 
-  b = train(b)
   assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(b))
   learned = largest_singular_value(b, L.LEARNED)
   exact = largest_singular_value(params[n], L.TJMC)
