@@ -255,8 +255,8 @@ def fused_sweep(
     backwards.append(backward)
   t = first_target(hs[-1], labels, beta)
   targets, losses, grads = [t], [], [None] * len(net)
+  loss, cotangent = jax.value_and_grad(block_loss)(hs[-1], t)
   for n in range(len(net) - 1, -1, -1):
-    loss, cotangent = jax.value_and_grad(block_loss)(hs[n], t)
     losses.append(loss)
     grads[n], shared = backwards[n](cotangent)
     if n == 0:
@@ -278,4 +278,11 @@ def fused_sweep(
     else:
       t = hs[n - 1] + network.block_feedback_difference(net, n, params[n], t, hs[n], ctxs[n], mode)
     targets.append(t)
+    if fused[n] and (n == 1 or fused[n - 1]):
+      # t_{n-1} feeds no feedback pass (block 1 has none; a fused block takes its
+      # vjp), so its loss and cotangent come from h - t = B * shared, never formed:
+      # XLA held those arrays beside the backward's (BUILD_NOTES, "Fused backward sweep").
+      loss, cotangent = 0.5 * batch * jnp.sum(jnp.square(shared)), shared
+    else:
+      loss, cotangent = jax.value_and_grad(block_loss)(hs[n - 1], t)
   return tuple(grads), hs[-1], jnp.stack(losses[::-1]), tuple(reversed(targets))
