@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from tp_jax import dtp
 from tp_jax import layers
 from tp_jax import models
 from tp_jax import network
+from tp_jax.algorithms import bp as bp_lib
 from tp_jax.algorithms import feedback_training
 
 # The real data, by the loader's own lookup; conftest's fixture fails under CI when absent.
@@ -69,13 +71,7 @@ def build(cfg, x):
 
 
 def mean_ce(net, params, x, y):
-  return float(
-      jax.jit(
-          lambda p: optax.softmax_cross_entropy_with_integer_labels(
-              network.apply(net, p, x), y
-          ).mean()
-      )(params)
-  )
+  return float(jax.jit(lambda p: bp_lib.mean_cross_entropy(net, p, x, y)[0])(params))
 
 
 PAIRS = [
@@ -117,9 +113,7 @@ def test_tjml_dtp_update_tends_to_bp_gradient(mode, norm_tol):
   params = network.init(net, jax.random.key(1), x)
   beta = 1e-4
   tp, _ = dtp.local_grads(net, params, None, mode, beta, x, y)
-  bp = jax.grad(
-      lambda p: optax.softmax_cross_entropy_with_integer_labels(network.apply(net, p, x), y).mean()
-  )(params)
+  bp = bp_lib.gradient(net, params, x, y)
   for n in range(len(net)):
     for name, g_tp in jax.tree_util.tree_leaves_with_path(tp[n]):
       g_bp = jax.tree_util.tree_leaves(bp[n])[
@@ -148,6 +142,27 @@ def test_local_grads_ignore_other_blocks_losses():
   np.testing.assert_allclose(
       grads[2]['layers_0']['kernel'], head_only['layers_0']['kernel'], rtol=1e-5, atol=1e-7
   )
+
+
+def test_bp_step_descends_the_bp_gradient():
+  """With plain SGD the BP step moves the parameters by -lr * bp.gradient, and its loss
+  metric is bp.mean_cross_entropy before the step (so the reference gradient the TP
+  diagnostics compare with is the one BP trains on); a changed label changes both."""
+  net = models.mlp(widths=(8, 8), act='tanh')
+  x = jax.random.normal(jax.random.key(0), (4, 4, 4, 1))
+  y = jnp.arange(4) % 10
+  lr = 0.5
+  algo = algorithms.bp.make(net, None, optax.sgd(lr), {})
+  state = algo.init(jax.random.key(1), x)
+  new, metrics = jax.jit(algo.step)(state, (x, y), jax.random.key(2))
+  grads = bp_lib.gradient(net, state.params, x, y)
+  moved = jax.tree_util.tree_map(lambda a, b: (a - b) / lr, state.params, new.params)
+  chex.assert_trees_all_close(moved, grads, rtol=1e-5, atol=1e-7)
+  loss, logits = bp_lib.mean_cross_entropy(net, state.params, x, y)
+  np.testing.assert_allclose(metrics['loss'], loss, rtol=1e-6)
+  assert logits.shape == (4, 10)
+  other = bp_lib.gradient(net, state.params, x, (y + 1) % 10)
+  assert not np.allclose(other[-1]['layers_0']['kernel'], grads[-1]['layers_0']['kernel'])
 
 
 def test_ijml_dtp_targets_are_exact_inverses():

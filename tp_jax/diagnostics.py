@@ -37,7 +37,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tp_jax import algorithms
@@ -113,11 +112,7 @@ def block_diagnostics(
   ``fb_params`` None: the feedback is built from ``params`` (the analytical methods,
   as in ``dtp.local_grads``). ``tjml`` takes the first ``TJML_EXAMPLES`` of ``x``."""
   tp, _ = dtp.local_grads(net, params, fb_params, mode, beta, x, labels)
-  bp = jax.grad(
-      lambda p: optax.softmax_cross_entropy_with_integer_labels(
-          network.apply(net, p, x), labels
-      ).mean()
-  )(params)
+  bp = algorithms.bp.gradient(net, params, x, labels)
   flat = [(_flat(t), _flat(b)) for t, b in zip(tp, bp)]
   hs, _ = network.forward(net, params, x)
   fb = params if fb_params is None else fb_params

@@ -23,17 +23,30 @@ def validate(cfg, net) -> None:
   del cfg, net
 
 
+def mean_cross_entropy(
+    net: network.Net, params: network.Params, x: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(the mean cross-entropy of the forward pass, which BP descends; the logits)."""
+  logits = network.apply(net, params, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+
+def gradient(
+    net: network.Net, params: network.Params, x: jax.Array, labels: jax.Array
+) -> network.Params:
+  """BP's gradient of the mean cross-entropy: what every TP update is compared with."""
+  return jax.grad(lambda p: mean_cross_entropy(net, p, x, labels)[0])(params)
+
+
 def make(net: network.Net, cfg, tx: optax.GradientTransformation, hparams) -> common.Algorithm:
   del cfg, hparams  # the optimiser's are in tx
-
-  def loss_fn(params, x, labels):
-    logits = network.apply(net, params, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
 
   def step(state, batch, key):
     del key
     x, labels = batch
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, x, labels)
+    (loss, logits), grads = jax.value_and_grad(
+        lambda p: mean_cross_entropy(net, p, x, labels), has_aux=True
+    )(state.params)
     params, opt_state = common.apply_grads(tx, state.params, state.opt_state, grads)
     metrics = dict(
         loss=loss,
