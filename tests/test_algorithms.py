@@ -147,7 +147,7 @@ def test_local_grads_ignore_other_blocks_losses():
 def test_bp_step_descends_the_bp_gradient():
   """With plain SGD the BP step moves the parameters by -lr * bp.gradient, and its loss
   metric is bp.mean_cross_entropy before the step (so the reference gradient the TP
-  diagnostics compare with is the one BP trains on); a changed label changes both."""
+  diagnostics compare with is the one BP trains on); a changed label changes the gradient."""
   net = models.mlp(widths=(8, 8), act='tanh')
   x = jax.random.normal(jax.random.key(0), (4, 4, 4, 1))
   y = jnp.arange(4) % 10

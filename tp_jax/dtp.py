@@ -280,8 +280,10 @@ def fused_sweep(
     targets.append(t)
     if fused[n] and (n == 1 or fused[n - 1]):
       # t_{n-1} feeds no feedback pass (block 1 has none; a fused block takes its
-      # vjp), so its loss and cotangent come from h - t = B * shared, never formed:
-      # XLA held those arrays beside the backward's (BUILD_NOTES, "Fused backward sweep").
+      # vjp), so its loss and cotangent (h - t)/B come from h - t = B * shared, never
+      # formed: XLA held those arrays beside the backward's (BUILD_NOTES, "Fused
+      # backward sweep"). block_loss(B * shared, 0) is the same loss but measured
+      # 16 MiB more on VGG, hence the written-out 1/2 B ||shared||^2.
       loss, cotangent = 0.5 * batch * jnp.sum(jnp.square(shared)), shared
     else:
       loss, cotangent = jax.value_and_grad(block_loss)(hs[n - 1], t)
