@@ -1,10 +1,11 @@
 """LDRL's loss computed in one batched feedback call equals the reference's three calls.
 
 The reference (scalingDTP) evaluates G(y), G(F(x + dx)) and G(y + dy) separately.
-``ldrl.ldrl_loss`` sends the points through G together
-(``network.block_feedback_differences``), and only the differences through a block's
-linear, ctx-free tail (its conv or dense). Same keys, same numbers to float32 round-off:
-the losses and gradients per iteration, and the feedback weights after training.
+``ldrl.ldrl_loss`` sends only the differences through a block's linear, ctx-free tail
+(its conv or dense; ``network.block_feedback_differences``), and takes <dx, dr> from
+that tail's weight gradient where the weights enter only there, linearly
+(``network.block_feedback_pairing``). Same keys, same numbers to float32 round-off: the
+losses and gradients per iteration, and the feedback weights after training.
 """
 
 from __future__ import annotations
@@ -128,6 +129,76 @@ def test_lenet_conv_and_dense_take_the_difference_path():
   p = pool_first.init(jax.random.key(0), x, method='fwd')['params']
   _, ctx = pool_first.apply({'params': p}, x, method='fwd')
   assert pool_first.shared_linear_tail(ctx, L.LEARNED) == 0
+
+
+@pytest.mark.parametrize(
+    'model',
+    [m if m in ('lenet', 'mlp') else pytest.param(m, marks=pytest.mark.slow) for m in SMALL_MODELS],
+)
+@pytest.mark.parametrize('mode', [L.LEARNED, L.TJMC_HADAMARD])
+def test_feedback_pairing_equals_the_pairing_with_the_difference(model, mode):
+  """<c, G(t) - G(t0)> and its gradient w.r.t. G's weights, whether the pairing takes
+  the weight-gradient path (LeNet's, VGG's and the MLP's blocks) or forms the difference."""
+  batch = int(_RNG.integers(2, 5))
+  net, x, params, fb = _setup(model, batch)
+  weights = fb if mode == L.LEARNED else params
+  hs = (x,) + network.forward(net, params, x)[0]
+  for n in range(1, len(net)):
+    y, ctx = network.block_forward(net, n, params[n], hs[n])
+    t, t_ctx = network.block_forward(net, n, params[n], hs[n] + 0.3 * _normal(hs[n].shape, n))
+    c = _normal(hs[n].shape, 20 + n)
+
+    def expected(b, n=n, t=t, t_ctx=t_ctx, y=y, ctx=ctx, c=c):
+      G = lambda t, ctx: network.block_feedback(net, n, b, t, ctx, mode)
+      return jnp.sum(c * (G(t, t_ctx) - G(y, ctx)))
+
+    got = jax.value_and_grad(
+        lambda b, n=n, t=t, t_ctx=t_ctx, y=y, ctx=ctx, c=c: network.block_feedback_pairing(
+            net, n, b, c, t, t_ctx, y, ctx, mode
+        )
+    )(weights[n])
+    _assert_close(got, jax.value_and_grad(expected)(weights[n]), f'{model} block {n}')
+
+
+def test_pairing_takes_the_weight_gradient_only_where_the_weights_enter_linearly():
+  """LeNet's blocks read their feedback weights once, linearly, in the tail. A pinv dense
+  (not linear in W), a tail of two dense layers (quadratic) and weights above the tail
+  are computed from the difference, and give the same pairing."""
+  net, x, params, _ = _setup('lenet', 2)
+  _, ctxs = network.forward(net, params, x)
+  for n, block in enumerate(net.blocks):
+    split = block.shared_linear_tail(ctxs[n], L.LEARNED)
+    assert block.apply(
+        {'params': params[n]}, split, L.LEARNED, method='tail_is_linear_in_params'
+    ), n
+  x = _normal((3, 6), 0)
+  cases = {
+      'pinv': (L.Sequential([L.Dense(5, use_bias=False)]), L.PJMC, False),
+      'two dense': (L.Sequential([L.Dense(5), L.Dense(4)]), L.LEARNED, False),
+      'weights above the tail': (
+          L.Sequential([L.Dense(5), L.Activation('elu'), L.Dense(4)]),
+          L.LEARNED,
+          False,
+      ),
+      'dense': (L.Sequential([L.Dense(5), L.Activation('elu')]), L.LEARNED, True),
+  }
+  for name, (block, mode, linear) in cases.items():
+    net = network.Net((block,), name=name)
+    p = network.init(net, jax.random.key(1), x)[0]
+    y, ctx = network.block_forward(net, 0, p, x)
+    t, t_ctx = network.block_forward(net, 0, p, x + 0.5)
+    split = block.shared_linear_tail(ctx, mode)
+    assert (
+        bool(split)
+        and block.apply({'params': p}, split, mode, method='tail_is_linear_in_params') == linear
+    ), name
+    c = _normal(x.shape, 3)
+    G = lambda b, t, ctx: network.block_feedback(net, 0, b, t, ctx, mode)
+    want = jax.value_and_grad(lambda b: jnp.sum(c * (G(b, t, t_ctx) - G(b, y, ctx))))(p)
+    got = jax.value_and_grad(
+        lambda b: network.block_feedback_pairing(net, 0, b, c, t, t_ctx, y, ctx, mode)
+    )(p)
+    _assert_close(got, want, name)
 
 
 @pytest.mark.parametrize('model', ['lenet', pytest.param('mlp_mixer', marks=pytest.mark.slow)])

@@ -128,6 +128,12 @@ class Layer(nn.Module):
     both its gradient and the next target (``dtp.local_grads``). False is always safe."""
     return False
 
+  def feedback_is_linear_in_params(self, mode: FeedbackMode) -> bool:
+    """For a fixed t and ctx, is the feedback linear in this layer's parameters (t W^T is
+    in W)? ``network.block_feedback_pairing`` then needs only its weight gradient. False
+    is always safe."""
+    return False
+
   def shared_linear_tail(self, ctx: Any, mode: FeedbackMode = TJMC) -> int:
     """How many first layers of this one form a linear tail of G whose ctx holds no
     arrays (``Sequential`` finds them; a single layer keeps all of G in its head)."""
@@ -239,6 +245,9 @@ class Dense(Layer):
   def feedback_is_vjp(self, mode):
     return mode.weights == 'transpose'
 
+  def feedback_is_linear_in_params(self, mode):
+    return mode.weights == 'transpose'  # t W^T; W^-1 and W^+ are not
+
 
 # --------------------------------------------------------------------------------------
 # Convolution
@@ -317,6 +326,9 @@ class Conv(Layer):
   def feedback_is_vjp(self, mode):
     return mode.weights == 'transpose'
 
+  def feedback_is_linear_in_params(self, mode):
+    return mode.weights == 'transpose'
+
 
 # --------------------------------------------------------------------------------------
 # Max-pooling
@@ -374,11 +386,27 @@ def _max_pool_argmax_jvp(window, strides, padding, primals, tangents):
   return (y, argmax), (dy, np.zeros(argmax.shape, jax.dtypes.float0))
 
 
+def materialize(x: Array) -> Array:
+  """x, computed once into memory before its consumers read it.
+
+  XLA:CPU fuses a producer into each consumer loop and recomputes it per read, and it
+  drops ``lax.optimization_barrier`` before fusion. A conditional is a fusion boundary
+  that survives, if its branches differ (XLA merges identical ones): x where x's first
+  element equals itself, else x + 0 (only a NaN there takes it, and it changes only
+  the sign of zeros). Off CPU, and where a vmap batches x (the cond becomes a select),
+  this is only x."""
+  if jax.default_backend() != 'cpu' or not x.size:
+    return x
+  first = x.ravel()[0]
+  return lax.cond(first == first, lambda x: x, lambda x: x + 0.0, x)
+
+
 def max_unpool(t_NHWC: Array, argmax: Array, in_hw, window, strides, padding) -> Array:
   """Scatter-add each value of t to its forward argmax (transpose of max-pooling)."""
   pads = _pool_pads(in_hw, window, strides, padding)
   padded_hw = [in_hw[a] + pads[a][0] + pads[a][1] for a in range(2)]
   out_hw = t_NHWC.shape[1:3]
+  t_NHWC = materialize(t_NHWC)
   total = 0.0
   for k, (i, j) in enumerate(_window_offsets(window)):
     part = jnp.where(argmax == k, t_NHWC, 0.0)
@@ -757,6 +785,21 @@ class Sequential(Layer):
   def feedback_tail(self, t, ctx, mode=TJMC, split=0):
     """g_1 . ... . g_split (t), the feedback of the first ``split`` layers."""
     return sequence_feedback(self.layers[:split], ctx[:split], t, mode)
+
+  def tail_is_linear_in_params(self, split: int, mode=TJMC) -> bool:
+    """Does G read the block's parameters only in one layer of its first ``split``, and
+    linearly there? Then G's tail output is linear in the whole parameter pytree. Call
+    it bound: it reads which layers hold parameters."""
+    holds = [bool(jax.tree.leaves(layer.variables)) for layer in self.layers]
+    return (
+        not any(holds[split:])
+        and sum(holds[:split]) == 1
+        and all(
+            layer.feedback_is_linear_in_params(mode)
+            for layer, h in zip(self.layers[:split], holds)
+            if h
+        )
+    )
 
   def noisy_reconstruction_ctx(self, ctx, noisy_ctx):
     return tuple(

@@ -127,6 +127,40 @@ def block_feedback_differences(
     return g.reshape(*d.shape[:2], *g.shape[1:])
 
 
+def block_feedback_pairing(
+    net: Net,
+    n: int,
+    p: dict,
+    c: Array,
+    t: Array,
+    ctx: Any,
+    t0: Array,
+    ctx0: Any,
+    mode: layers.FeedbackMode = layers.TJMC,
+) -> Array:
+  """<c, G_n(t; ctx) - G_n(t0; ctx0)>, summed over all axes, as a function of G_n's
+  parameters p (LDRL's <dx, dr>).
+
+  Where G_n reads p only in its shared linear tail, and linearly (LeNet's and VGG's
+  blocks: unpool, activation, then the transposed conv or dense;
+  ``Sequential.tail_is_linear_in_params``), the pairing is linear in p. Its gradient
+  g is then the tail's weight gradient against c, and its value is <p, g> (Euler's
+  identity), so the tail's output is never formed. Elsewhere the difference is formed."""
+  block = net.blocks[n]
+  split = block.shared_linear_tail(ctx0, mode)
+  tail_linear = split and block.apply({'params': p}, split, mode, method='tail_is_linear_in_params')
+  if not tail_linear:
+    (d,) = block_feedback_differences(net, n, p, (t,), (ctx,), t0, ctx0, mode)
+    return jnp.sum(c * d)
+  head = lambda t, ctx: block.apply({'params': p}, t, ctx, mode, split, method='feedback_head')
+  with _naming_block(net, n):
+    d = head(t, ctx) - head(t0, ctx0)
+    tail = lambda p: block.apply({'params': p}, d, ctx0, mode, split, method='feedback_tail')
+    (g,) = jax.vjp(tail, p)[1](c)
+  g = jax.lax.stop_gradient(g)
+  return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(g)))
+
+
 @contextlib.contextmanager
 def _naming_block(net: Net, n: int):
   """A FeedbackError (a mode the block cannot give) says which block refused."""

@@ -9,11 +9,12 @@ G(F(x + dx)) unpools at the noisy input's argmax, the other two at the clean one
 as in the reference code. Every other part of G's ctx (a LayerNorm's frozen s, a
 derived block's linearisation point) is the clean input's in all three, so that they
 go through one G (``Layer.noisy_reconstruction_ctx``: with the noisy point's, the
-ResNet's feedback weights grew without bound; BUILD_NOTES). The reference calls
-G three times; here dr and dr_y come from one ``network.block_feedback_differences``:
-G(y) goes only through the parameter-free first maps of G (unpool, activation), and the
-two differences share one call, and one weight gradient, of the feedback conv or dense
-(``tests/test_ldrl.py`` keeps it equal to the three calls).
+ResNet's feedback weights grew without bound; BUILD_NOTES). The reference calls G three
+times. Here G(y) goes only through the parameter-free first maps of G (unpool,
+activation; ``network.block_feedback_differences``), and where G's weights enter only
+through its last, linear map (the transposed conv or dense) <dx, dr> is computed from
+that map's weight gradient alone (``network.block_feedback_pairing``), so dr is never
+formed. ``tests/test_ldrl.py`` keeps the loss and its gradient equal to the three calls.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ def ldrl_loss(net, n, p, b, x, y, ctx, key, sigma):
   dy = sigma * jax.random.normal(k_y, y.shape, y.dtype)
   y_noisy, ctx_noisy = network.block_forward(net, n, p, x + dx)
   ctx_noisy = network.block_noisy_reconstruction_ctx(net, n, ctx, ctx_noisy)
-  dr, dr_y = network.block_feedback_differences(
-      net, n, b, (y_noisy, y + dy), (ctx_noisy, ctx), y, ctx, layers.LEARNED
-  )
-  return (-2.0 * jnp.sum(dx * dr) + jnp.sum(jnp.square(dr_y))) / x.shape[0]
+  dx_dr = network.block_feedback_pairing(net, n, b, dx, y_noisy, ctx_noisy, y, ctx, layers.LEARNED)
+  (dr_y,) = network.block_feedback_differences(net, n, b, (y + dy,), (ctx,), y, ctx, layers.LEARNED)
+  return (-2.0 * dx_dr + jnp.sum(jnp.square(dr_y))) / x.shape[0]
 
 
 def make(net, cfg, tx, hparams):
