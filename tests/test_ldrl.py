@@ -77,7 +77,10 @@ def _assert_close(a, b, what):
     [m if m in ('lenet', 'mlp') else pytest.param(m, marks=pytest.mark.slow) for m in SMALL_MODELS],
 )
 @pytest.mark.parametrize('mode', [L.LEARNED, L.TJMC_HADAMARD])
-def test_feedback_differences_equal_separate_calls(model, mode):
+def test_feedback_differences_and_pairing_equal_separate_calls(model, mode):
+  """The differences, and <c, G(t) - G(y)> with its gradient w.r.t. G's weights, whether
+  the pairing takes the weight-gradient path (LeNet's, VGG's and the MLP's blocks) or
+  forms the difference."""
   batch = int(_RNG.integers(2, 5))
   net, x, params, fb = _setup(model, batch)
   weights = fb if mode == L.LEARNED else params
@@ -95,6 +98,18 @@ def test_feedback_differences_equal_separate_calls(model, mode):
     )
     assert got.shape == expected.shape
     _assert_close(got, expected, f'{model} block {n}')
+
+    c = _normal(hs[n].shape, 20 + n)
+    G_b = lambda b, t, t_ctx: network.block_feedback(net, n, b, t, t_ctx, mode)
+    direct = lambda b: jnp.sum(c * (G_b(b, y_noisy, ctx_noisy) - G_b(b, y, ctx)))
+    pairing = lambda b: network.block_feedback_pairing(
+        net, n, b, c, y_noisy, ctx_noisy, y, ctx, mode
+    )
+    _assert_close(
+        jax.value_and_grad(pairing)(weights[n]),
+        jax.value_and_grad(direct)(weights[n]),
+        f'{model} block {n} pairing',
+    )
 
 
 @pytest.mark.parametrize('model', sorted(SMALL_MODELS))
@@ -129,35 +144,6 @@ def test_lenet_conv_and_dense_take_the_difference_path():
   p = pool_first.init(jax.random.key(0), x, method='fwd')['params']
   _, ctx = pool_first.apply({'params': p}, x, method='fwd')
   assert pool_first.shared_linear_tail(ctx, L.LEARNED) == 0
-
-
-@pytest.mark.parametrize(
-    'model',
-    [m if m in ('lenet', 'mlp') else pytest.param(m, marks=pytest.mark.slow) for m in SMALL_MODELS],
-)
-@pytest.mark.parametrize('mode', [L.LEARNED, L.TJMC_HADAMARD])
-def test_feedback_pairing_equals_the_pairing_with_the_difference(model, mode):
-  """<c, G(t) - G(t0)> and its gradient w.r.t. G's weights, whether the pairing takes
-  the weight-gradient path (LeNet's, VGG's and the MLP's blocks) or forms the difference."""
-  batch = int(_RNG.integers(2, 5))
-  net, x, params, fb = _setup(model, batch)
-  weights = fb if mode == L.LEARNED else params
-  hs = (x,) + network.forward(net, params, x)[0]
-  for n in range(1, len(net)):
-    y, ctx = network.block_forward(net, n, params[n], hs[n])
-    t, t_ctx = network.block_forward(net, n, params[n], hs[n] + 0.3 * _normal(hs[n].shape, n))
-    c = _normal(hs[n].shape, 20 + n)
-
-    def expected(b, n=n, t=t, t_ctx=t_ctx, y=y, ctx=ctx, c=c):
-      G = lambda t, ctx: network.block_feedback(net, n, b, t, ctx, mode)
-      return jnp.sum(c * (G(t, t_ctx) - G(y, ctx)))
-
-    got = jax.value_and_grad(
-        lambda b, n=n, t=t, t_ctx=t_ctx, y=y, ctx=ctx, c=c: network.block_feedback_pairing(
-            net, n, b, c, t, t_ctx, y, ctx, mode
-        )
-    )(weights[n])
-    _assert_close(got, jax.value_and_grad(expected)(weights[n]), f'{model} block {n}')
 
 
 def test_pairing_takes_the_weight_gradient_only_where_the_weights_enter_linearly():
